@@ -6,7 +6,7 @@ ringlib.transport and ringlib.runtime.
 """
 
 from .dtypes import DType
-from .errors import InvalidBuffer, RingError, UnsupportedDtype, UnsupportedOp
+from .errors import InvalidBuffer, RingError, UnsupportedBuffer, UnsupportedDtype, UnsupportedOp
 from .ops import Op
 from .partition import chunk, chunk_bounds, sub_chunks
 from .reduce import reduce_into
@@ -18,6 +18,7 @@ __all__ = [
     "InvalidBuffer",
     "Op",
     "RingError",
+    "UnsupportedBuffer",
     "UnsupportedDtype",
     "UnsupportedOp",
     "chunk",

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidBuffer, UnsupportedDtype
+from .errors import InvalidBuffer, UnsupportedBuffer, UnsupportedDtype
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def typed_storage(x: Any, what: str = "buffer") -> tuple[np.ndarray, DType]:
     if is_tensor(x):
         return _tensor_storage(x, what)
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"{what} must be a numpy array or torch tensor, not {type(x).__name__}")
+        raise UnsupportedBuffer(f"{what} must be a numpy array or torch tensor, "
+                                f"not {type(x).__name__}")
     dtype = _BY_NUMPY.get(x.dtype) or lookup(x.dtype.name)  # ml_dtypes' bfloat16 by name
     if not x.flags.c_contiguous:
         raise InvalidBuffer(f"{what} of shape {x.shape} is not C-contiguous")
@@ -112,7 +113,7 @@ def raw_storage(buf: Any, dtype: DType, what: str = "buffer") -> np.ndarray:
     try:
         view = memoryview(buf)
     except TypeError:
-        raise TypeError(f"{what} must be an array, a tensor or a bytes-like object, "
+        raise UnsupportedBuffer(f"{what} must be an array, a tensor or a bytes-like object, "
                         f"not {type(buf).__name__}") from None
     if not view.c_contiguous:
         raise InvalidBuffer(f"{what} is not C-contiguous")

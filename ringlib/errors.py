@@ -11,7 +11,11 @@ class RingError(Exception):
     """Root of every error ringlib raises on purpose."""
 
 
-class UnsupportedDtype(RingError, TypeError):
+class UnsupportedBuffer(RingError, TypeError):
+    """An object of a kind ringlib cannot use as a buffer (a list, a str, ...)."""
+
+
+class UnsupportedDtype(UnsupportedBuffer):
     """A buffer's dtype is not one the compiled core reduces, or two buffers' dtypes differ."""
 
 
