@@ -1,0 +1,4 @@
+"""ringlib.bench: benchmarks that measure ringlib beside what it replaces, in one run.
+
+    python -m ringlib.bench.kernels     (also: ringlib bench kernels)
+"""
