@@ -128,11 +128,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="1KiB,1MiB,64MiB",
                         help="comma-separated buffer sizes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="operand seed (default: fresh)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch's intra-op threads for its baseline (default: torch's own)")
     parser.add_argument("--no-cold-start", action="store_true",
                         help="skip timing the first call in fresh processes")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**32)
     sizes = [parse_size(s) for s in args.sizes.split(",")]
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
     print(format_table(run(sizes, DEFAULT_CASES, seed)))
     print(f"seed {seed}; ratio = baseline time / ringlib time (>1: ringlib faster)")
     if not args.no_cold_start:
