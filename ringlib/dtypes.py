@@ -23,7 +23,6 @@ class DType:
     """
 
     name: str
-    code: int
     storage: np.dtype
     arith: type | None = None
     pair_storage: np.dtype | None = None
@@ -38,17 +37,16 @@ class DType:
 
 
 _TABLE = [
-    DType("float32", 1, np.dtype(np.float32), np.float32),
-    DType("float64", 2, np.dtype(np.float64), np.float64),
-    DType("float16", 3, np.dtype(np.int16), np.float32),
-    DType("bfloat16", 4, np.dtype(np.uint16), np.float32, np.dtype(np.uint32)),
-    DType("int8", 5, np.dtype(np.int8)),
-    DType("uint8", 6, np.dtype(np.uint8)),
-    DType("int32", 7, np.dtype(np.int32)),
-    DType("int64", 8, np.dtype(np.int64)),
+    DType("float32", np.dtype(np.float32), np.float32),
+    DType("float64", np.dtype(np.float64), np.float64),
+    DType("float16", np.dtype(np.int16), np.float32),
+    DType("bfloat16", np.dtype(np.uint16), np.float32, np.dtype(np.uint32)),
+    DType("int8", np.dtype(np.int8)),
+    DType("uint8", np.dtype(np.uint8)),
+    DType("int32", np.dtype(np.int32)),
+    DType("int64", np.dtype(np.int64)),
 ]
 BY_NAME: dict[str, DType] = {d.name: d for d in _TABLE}
-BY_CODE: dict[int, DType] = {d.code: d for d in _TABLE}
 # Keyed by numpy dtype objects: looking up `arr.dtype` is ~50x faster than `arr.dtype.name`.
 _BY_NUMPY: dict[np.dtype, DType] = {np.dtype(d.name): d for d in _TABLE if d.name != "bfloat16"}
 SUPPORTED = ", ".join(BY_NAME)

@@ -3,13 +3,13 @@
 Each kernel is a pure `(out, src, n)` function (mean adds `count`) with no I/O, compiled
 by Numba with `nogil=True`, so the ring can run it in a worker thread while the event loop
 keeps moving bytes, and with `cache=True`, so a new process loads it instead of compiling.
-One kernel per op serves every dtype: Numba specialises it on the storage type, and the
-`widen`/`narrow` codecs below say how an element becomes arithmetic and back.
+One kernel per op serves every dtype: Numba specialises it on the storage type, and
+`apply` below says how a stored element becomes an arithmetic value and back.
 
-Half-precision values have no Numba type on the CPU, so they travel as 16-bit integers:
-int16 storage holds float16 bits and uint16 storage holds bfloat16 bits (neither int16 nor
-uint16 is a user dtype, so the storage type alone names the codec). Both compute in
-float32 and round back to nearest-even once, as torch does.
+Half-precision values have no Numba type on the CPU, so they travel as integers: int16
+storage holds float16 bits, uint16 storage one bfloat16, and uint32 storage two bfloat16
+(the fast path; see apply). None of these is a user dtype, so the storage type alone names
+the codec. Half types compute in float32 and round back to nearest-even once, as torch does.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 _JIT = dict(nogil=True, cache=True, boundscheck=False)
+_I16, _I32 = ir.IntType(16), ir.IntType(32)
 
 
 @intrinsic
@@ -37,12 +38,9 @@ def _f32_to_f16_bits(typingctx, value):
     """float32 to float16 bits (int16), rounded to nearest-even (fptrunc)."""
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), _I16)
 
     return types.int16(types.float32), codegen
-
-
-_I16, _I32 = ir.IntType(16), ir.IntType(32)
 
 
 def _i32(value):

@@ -70,6 +70,8 @@ def _mean_divisor(dtype: DType, count: int) -> tuple[Any]:
 
 
 def _launch(kernel: Any, out: np.ndarray, src: np.ndarray, dtype: DType, extra: tuple) -> None:
+    """Run `kernel` over all elements: on pairs of elements where the dtype has a faster
+    pair storage (bfloat16), then on a last odd element alone."""
     n = out.size
     if dtype.pair_storage is not None and n > 1:
         even = n - n % 2
