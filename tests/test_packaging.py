@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,12 @@ def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedP
 
 
 def test_the_built_wheel_installs_everything_inside_the_ringlib_namespace(tmp_path):
+    # setuptools writes build/ into the source tree: build from a private copy.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"))
     built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w",
-                str(tmp_path / "dist"), str(ROOT), cwd=tmp_path)
+                str(tmp_path / "dist"), str(source), cwd=tmp_path)
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("ringlib-*.whl")
     site = tmp_path / "site"
