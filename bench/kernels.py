@@ -25,6 +25,7 @@ import ringlib
 from .timing import format_size, interleaved_medians, parse_size, repeat_for
 
 NUMPY_UFUNCS = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}
+TORCH_DTYPES = ("float16", "bfloat16")  # numpy has no bfloat16: compare these with torch
 DEFAULT_CASES = [(d, "sum") for d in ("float32", "float64", "int8", "uint8", "int32", "int64",
                                        "float16", "bfloat16")]
 DEFAULT_CASES += [("float32", op) for op in ("prod", "min", "max")]
@@ -50,7 +51,7 @@ class Row:
 
 def _operands(dtype: str, nbytes: int, rng: np.random.Generator):
     n = nbytes // _itemsize(dtype)
-    if dtype in ("float16", "bfloat16"):
+    if dtype in TORCH_DTYPES:
         import torch
 
         make = lambda: torch.from_numpy(rng.standard_normal(n, np.float32)).to(getattr(torch, dtype))
@@ -66,7 +67,7 @@ def _itemsize(dtype: str) -> int:
 
 
 def _baseline(dtype: str, op: str, dst, src) -> tuple[str, Callable[[], object]]:
-    if dtype in ("float16", "bfloat16"):
+    if dtype in TORCH_DTYPES:
         import torch
 
         torch_ops = {"sum": torch.Tensor.add_, "prod": torch.Tensor.mul_,

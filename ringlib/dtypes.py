@@ -58,7 +58,11 @@ def lookup(name: str) -> DType:
     try:
         return BY_NAME[name]
     except KeyError:
-        raise UnsupportedDtype(f"dtype {name} is not supported; use one of {SUPPORTED}") from None
+        raise _unsupported(name) from None
+
+
+def _unsupported(name: object) -> UnsupportedDtype:
+    return UnsupportedDtype(f"dtype {name} is not supported; use one of {SUPPORTED}")
 
 
 def is_tensor(x: Any) -> bool:
@@ -83,7 +87,7 @@ def typed_storage(x: Any, what: str = "buffer") -> tuple[np.ndarray, DType]:
 def _tensor_storage(t: Any, what: str) -> tuple[np.ndarray, DType]:
     entry = _torch_table().get(t.dtype)
     if entry is None:
-        raise UnsupportedDtype(f"dtype {t.dtype} is not supported; use one of {SUPPORTED}")
+        raise _unsupported(t.dtype)
     dtype, numpy_view = entry
     if t.device.type != "cpu":
         raise InvalidBuffer(f"{what} is on device {t.device}; ringlib reduces CPU tensors")
@@ -112,7 +116,7 @@ def raw_storage(buf: Any, dtype: DType, what: str = "buffer") -> np.ndarray:
         view = memoryview(buf)
     except TypeError:
         raise UnsupportedBuffer(f"{what} must be an array, a tensor or a bytes-like object, "
-                        f"not {type(buf).__name__}") from None
+                                f"not {type(buf).__name__}") from None
     if not view.c_contiguous:
         raise InvalidBuffer(f"{what} is not C-contiguous")
     if view.nbytes % dtype.itemsize:

@@ -35,8 +35,8 @@ def reduce_into(dst: Buffer, src: Any, op: Op | str = Op.SUM, *, count: int = 2)
     count: for "mean", the number of contributions dst + src sums up; the result is
         (dst + src) / count. The default 2 gives the mean of the two.
 
-    Raises UnsupportedDtype (a TypeError) or InvalidBuffer / UnsupportedOp (ValueErrors)
-    before touching any data.
+    Raises UnsupportedBuffer / UnsupportedDtype (TypeErrors) or InvalidBuffer /
+    UnsupportedOp (ValueErrors) before touching any data.
     """
     op = Op.parse(op)
     out, dtype = typed_storage(dst, "dst")
