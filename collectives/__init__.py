@@ -1,6 +1,12 @@
 """ringlib.collectives: ring all-reduce, reduce-scatter, all-gather, broadcast, barrier.
 
-Built on the compiled core (ringlib.reduce_into, ringlib.partition) and on the transport's
-send/receive interface only; it never touches sockets. The algorithms arrive with the ring
-issue, one per file.
+Built on the compiled core (ringlib.reduce, ringlib.partition) and on the transport's
+send/receive interface, seen through a Channel; it never touches sockets. One algorithm
+per file, each opening with its cost; choose.py picks one by buffer size.
 """
+
+from .channel import Channel
+from .choose import SMALL_BYTES, all_gather, all_reduce, barrier, broadcast, reduce_scatter, step_reducers
+
+__all__ = ["Channel", "SMALL_BYTES", "all_gather", "all_reduce", "barrier", "broadcast",
+           "reduce_scatter", "step_reducers"]

@@ -1,28 +1,42 @@
 """ringlib: an asyncio peer-to-peer ring all-reduce runtime over ZeroMQ, with a compiled core.
 
-Users import only this package. What it exports today is the compiled reduction core;
-the ring itself (connect, init, the collectives) is built on it in ringlib.collectives,
-ringlib.transport and ringlib.runtime.
+Users import only this package: connect() (asyncio) and init() (blocking) join a ring
+whose collectives run over ringlib.transport and ringlib.collectives, with reductions in
+the compiled core (reduce_into, Numba kernels).
 """
 
 from .dtypes import DType
-from .errors import InvalidBuffer, RingError, UnsupportedBuffer, UnsupportedDtype, UnsupportedOp
+from .errors import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError,
+                     ProtocolError, RendezvousError, RendezvousTimeout, RingClosed, RingError,
+                     UnsupportedBuffer, UnsupportedDtype, UnsupportedOp)
 from .ops import Op
 from .partition import chunk, chunk_bounds, sub_chunks
 from .reduce import reduce_into
+from .runtime import BlockingRing, Ring, connect, init
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockingRing",
+    "CollectiveTimeout",
     "DType",
+    "InvalidArgument",
     "InvalidBuffer",
+    "MismatchError",
     "Op",
+    "ProtocolError",
+    "RendezvousError",
+    "RendezvousTimeout",
+    "Ring",
+    "RingClosed",
     "RingError",
     "UnsupportedBuffer",
     "UnsupportedDtype",
     "UnsupportedOp",
     "chunk",
     "chunk_bounds",
+    "connect",
+    "init",
     "reduce_into",
     "sub_chunks",
     "__version__",

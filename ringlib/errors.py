@@ -25,3 +25,31 @@ class UnsupportedOp(RingError, ValueError):
 
 class InvalidBuffer(RingError, ValueError):
     """A buffer that cannot be used as is: non-contiguous, read-only, or of the wrong length."""
+
+
+class RingClosed(RingError):
+    """An operation on a ring (or a transport endpoint) that has been closed."""
+
+
+class RendezvousError(RingError):
+    """Rank, world size or peer addresses are missing or inconsistent, or binding failed."""
+
+
+class RendezvousTimeout(RendezvousError, TimeoutError):
+    """Peers that did not show up during start-up; the message names their ranks and addresses."""
+
+
+class CollectiveTimeout(RingError, TimeoutError):
+    """A collective waited past its deadline for a peer's message."""
+
+
+class MismatchError(RingError, ValueError):
+    """Ranks called a collective with different arguments (size, dtype, op or root)."""
+
+
+class ProtocolError(RingError):
+    """A message that is not ringlib's: bad framing, a bad header, a wrong protocol version."""
+
+
+class InvalidArgument(RingError, ValueError):
+    """An argument out of range for this ring, such as a broadcast root that is no rank."""

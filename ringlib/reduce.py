@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+import functools
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -48,6 +49,17 @@ def reduce_into(dst: Buffer, src: Any, op: Op | str = Op.SUM, *, count: int = 2)
     extra = _mean_divisor(dtype, count) if op is Op.MEAN else ()
     _launch(_KERNELS[op], out, source, dtype, extra)
     return dst
+
+
+def storage_reducer(dtype: DType, op: Op | str, count: int = 2) -> Callable[[np.ndarray, np.ndarray], None]:
+    """`reducer(out, src)` over storage views (see dtypes.typed_storage) of `dtype`, for
+    callers that checked their buffers once and reduce many pieces of them: the collectives.
+
+    Raises UnsupportedOp up front where the op is undefined for the dtype (integer mean).
+    """
+    op = Op.parse(op)
+    extra = _mean_divisor(dtype, count) if op is Op.MEAN else ()
+    return functools.partial(_launch, _KERNELS[op], dtype=dtype, extra=extra)
 
 
 def _source_storage(src: Any, dtype: DType) -> np.ndarray:

@@ -1,5 +1,13 @@
 """ringlib.transport: moves buffers between ranks over ZeroMQ; knows nothing of reductions.
 
-The bottom layer. The collectives above it see only a small send/receive interface, so
-they can also run over an in-memory link in tests. Its sockets arrive with the ring issue.
+The bottom layer: an Endpoint per peer (a PULL socket it binds, a PUSH socket per peer it
+sends to), a msgpack header per message with the payload in its own zero-copy frame, and
+an inbox that files messages by collective, step and sender.
 """
+
+from .endpoint import Endpoint, context, wait_sent
+from .frames import PROTOCOL_VERSION, Header, Kind
+from .inbox import Inbox, Message
+
+__all__ = ["Endpoint", "Header", "Inbox", "Kind", "Message", "PROTOCOL_VERSION", "context",
+           "wait_sent"]

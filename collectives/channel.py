@@ -1,0 +1,96 @@
+"""What an algorithm sees of the network: send and receive pieces of one collective.
+
+A Channel is made per collective call. It stamps every message with the collective's
+sequence number, names the peers in errors, checks that what arrives is the size and dtype
+this rank expects, keeps the trackers of buffers shared with ZeroMQ, and runs compiled
+kernels off the event loop when a piece is large enough to be worth the thread hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ringlib.errors import MismatchError
+from ringlib.partition import sub_chunks
+from ringlib.transport import Endpoint, Header, Kind, wait_sent
+
+# Pieces below this many bytes are reduced or copied on the event-loop thread: a thread hop
+# costs about as much as the kernel on 256 KiB.
+INLINE_BYTES = 256 << 10
+
+
+@dataclass
+class Channel:
+    endpoint: Endpoint
+    world_size: int
+    seq: int
+    name: str              # the collective, for error messages: "all_reduce"
+    dtype: str             # the element type's name, stamped on every header
+    storage: np.dtype      # the element type as the kernels see it
+    executor: Executor
+    segment_elems: int     # the largest piece sent as one message
+    sent: dict[Any, list] = field(default_factory=lambda: defaultdict(list))
+    waiting_for: tuple[int, int] | None = None  # (peer, step), for timeout messages
+
+    @property
+    def rank(self) -> int:
+        return self.endpoint.rank
+
+    def pieces(self, bounds: list[int], c: int) -> list[tuple[int, int]]:
+        """The [start, stop) ranges chunk `c` of `bounds` travels in, one message each."""
+        return sub_chunks(bounds[c], bounds[c + 1], self.segment_elems)
+
+    async def send(self, to: int, step: int, chunk: int, payload: Any, region: Any = None) -> None:
+        """Send one piece. With `region`, the piece is a view of a buffer that this collective
+        changes later: its tracker is kept under `region` for before_overwrite()."""
+        count = payload.size if isinstance(payload, np.ndarray) else len(payload) // self.storage.itemsize
+        header = Header(Kind.DATA, self.seq, step, chunk, self.dtype, count, self.rank)
+        tracker = await self.endpoint.send(to, header, payload)
+        if region is not None and tracker is not None:
+            self.sent[region].append(tracker)
+
+    async def recv(self, frm: int, step: int, chunk: int, count: int) -> tuple[np.ndarray, Any]:
+        """Receive one piece of `count` elements from rank `frm`: its storage view (read-only,
+        in ZeroMQ's buffer) and the frame itself, which may be forwarded without a copy."""
+        self.waiting_for = (frm, step)
+        message = await self.endpoint.recv((Kind.DATA, self.seq, step, chunk, frm))
+        self.waiting_for = None
+        header = message.header
+        if header.dtype != self.dtype or header.count != count:
+            raise MismatchError(
+                f"{self.name} #{self.seq} on rank {self.rank}: rank {frm} "
+                f"({self.endpoint.peer_addresses.get(frm)}) sent {header.count} {header.dtype} "
+                f"elements at step {step} where {count} {self.dtype} were expected; "
+                "do all ranks pass the same shape and dtype?")
+        frame = message.payload
+        if frame is None:
+            return np.empty(0, self.storage), frame
+        return np.frombuffer(frame.buffer, self.storage), frame
+
+    async def run(self, fn: Callable[..., None], out: np.ndarray, src: np.ndarray) -> None:
+        """fn(out, src), in the worker thread when the piece is large."""
+        if out.nbytes < INLINE_BYTES:
+            fn(out, src)
+        else:
+            await asyncio.get_running_loop().run_in_executor(self.executor, fn, out, src)
+
+    async def before_overwrite(self, region: Any) -> None:
+        """Wait until ZeroMQ has sent every piece of `region` shared with it."""
+        trackers = self.sent.pop(region, ())
+        if trackers:
+            await wait_sent(trackers, timeout=float("inf"))
+
+    async def drain(self) -> None:
+        """Wait until every buffer shared with ZeroMQ has left, so the caller may change it."""
+        for region in list(self.sent):
+            await self.before_overwrite(region)
+
+
+def copy_into(out: np.ndarray, src: np.ndarray) -> None:
+    np.copyto(out, src)

@@ -1,0 +1,33 @@
+"""Ring all-gather: every rank ends with every rank's chunk.
+
+Cost (N ranks, S bytes in all): N-1 steps; each rank sends and receives (N-1)/N x S
+bytes, bandwidth-optimal. A received piece is passed on as the very ZeroMQ frame it came
+in, so forwarding copies nothing and needs no tracker; only the rank's own chunk is sent
+from the caller's buffer, and the collective waits for it to leave before returning.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .channel import Channel, copy_into
+from .ring_schedule import all_gather_chunks, neighbours
+
+
+async def all_gather_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
+                           first_step: int = 0) -> None:
+    """Fill every chunk of `buf` (a storage view) from the rank that holds it complete:
+    chunk i from rank i. Steps are numbered from `first_step` in message headers."""
+    n, r = ch.world_size, ch.rank
+    left, right = neighbours(r, n)
+    for k, (a, b) in enumerate(ch.pieces(bounds, r)):
+        await ch.send(right, first_step, k, buf[a:b], region=r)
+    for step in range(n - 1):
+        _, c = all_gather_chunks(r, n, step)
+        await ch.before_overwrite(c)  # the reduce-scatter phase may still be sending it
+        for k, (a, b) in enumerate(ch.pieces(bounds, c)):
+            piece, frame = await ch.recv(left, first_step + step, k, b - a)
+            await ch.run(copy_into, buf[a:b], piece)
+            if step < n - 2:
+                await ch.send(right, first_step + step + 1, k, frame)
+    await ch.drain()

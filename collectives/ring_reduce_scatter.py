@@ -1,0 +1,37 @@
+"""Ring reduce-scatter: after N-1 steps rank r holds chunk r of the element-wise reduction.
+
+Cost (N ranks, S bytes): N-1 steps; each rank sends and receives (N-1)/N x S bytes and
+reduces as many, which is bandwidth-optimal. Each chunk travels in pieces of at most
+segment_elems elements, so sending piece k to the right overlaps reducing piece k+1 from
+the left: ZeroMQ's I/O thread moves bytes while the worker thread runs the kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .channel import Channel
+from .ring_schedule import neighbours, reduce_scatter_chunks
+
+Reducer = Callable[[np.ndarray, np.ndarray], None]
+
+
+async def reduce_scatter_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
+                               partial: Reducer, final: Reducer) -> None:
+    """Reduce `buf` (a storage view) in place so that chunk `ch.rank` of `bounds` holds the
+    full reduction; `final` is the reducer of the last step (the division of a mean)."""
+    n, r = ch.world_size, ch.rank
+    left, right = neighbours(r, n)
+    first, _ = reduce_scatter_chunks(r, n, 0)
+    for k, (a, b) in enumerate(ch.pieces(bounds, first)):
+        await ch.send(right, 0, k, buf[a:b], region=first)
+    for step in range(n - 1):
+        _, c = reduce_scatter_chunks(r, n, step)
+        last = step == n - 2
+        for k, (a, b) in enumerate(ch.pieces(bounds, c)):
+            piece, _ = await ch.recv(left, step, k, b - a)
+            await ch.run(final if last else partial, buf[a:b], piece)
+            if not last:  # the chunk reduced at step s is the one sent at step s+1
+                await ch.send(right, step + 1, k, buf[a:b], region=c)

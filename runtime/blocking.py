@@ -1,0 +1,107 @@
+"""The blocking facade: a Ring whose event loop runs in a background thread.
+
+For ordinary training loops: init() takes connect()'s arguments, and every collective
+takes the same arguments as the Ring's and returns its result instead of a coroutine.
+Calls from one thread run in the order they are made; a Ctrl-C while one waits cancels it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import functools
+import threading
+from typing import Any, Callable, Coroutine, TypeVar
+
+from ringlib.errors import RingClosed
+
+from .ring import COLLECTIVE_TIMEOUT, CONNECT_TIMEOUT, Ring, connect
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """An asyncio event loop running forever in a daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # KeyboardInterrupt while waiting: stop the coroutine too
+            raise
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+def _blocking(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def call(self: BlockingRing, *args: Any, **kwargs: Any) -> T:
+        if self._thread is None:
+            raise RingClosed(f"rank {self.rank}: the ring is closed")
+        return self._thread.run(method(self.ring, *args, **kwargs))
+    return call
+
+
+class BlockingRing:
+    """A Ring for synchronous code; `ring.all_reduce(grad, op="mean")` blocks until done."""
+
+    def __init__(self, ring: Ring, thread: _LoopThread) -> None:
+        self.ring = ring
+        self._thread = thread
+        self.rank, self.world_size, self.local_rank = ring.rank, ring.world_size, ring.local_rank
+        self.peers = ring.peers
+        atexit.register(self.close)
+
+    def __repr__(self) -> str:
+        return f"<BlockingRing rank {self.rank} of {self.world_size} at {self.ring.address}>"
+
+    all_reduce = _blocking(Ring.all_reduce)
+    reduce_scatter = _blocking(Ring.reduce_scatter)
+    all_gather = _blocking(Ring.all_gather)
+    broadcast = _blocking(Ring.broadcast)
+    barrier = _blocking(Ring.barrier)
+
+    def close(self) -> None:
+        """Leave the ring and stop the loop thread. Idempotent; also runs at interpreter exit."""
+        atexit.unregister(self.close)
+        if self._thread is None:
+            return
+        thread, self._thread = self._thread, None
+        try:
+            thread.run(self.ring.close())
+        finally:
+            thread.stop()
+
+    def __enter__(self) -> BlockingRing:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def init(rank: int | None = None, world_size: int | None = None,
+         peers: list[str] | None = None, *, timeout: float = CONNECT_TIMEOUT,
+         collective_timeout: float = COLLECTIVE_TIMEOUT) -> BlockingRing:
+    """Join the ring from synchronous code; the arguments are connect()'s."""
+    where = connect(rank, world_size, peers, timeout=timeout,
+                    collective_timeout=collective_timeout)
+    thread = _LoopThread("ringlib-loop")
+    try:
+        ring = thread.run(_await(where))
+    except BaseException:
+        thread.stop()
+        raise
+    return BlockingRing(ring, thread)
+
+
+async def _await(connecting: Any) -> Ring:
+    return await connecting

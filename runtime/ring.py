@@ -1,0 +1,216 @@
+"""The Ring: a connected peer's collectives as coroutines, and connect() that makes one."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable, Generator, TypeVar
+
+import numpy as np
+
+from ringlib import collectives
+from ringlib.collectives import Channel, step_reducers
+from ringlib.collectives.ring_schedule import neighbours
+from ringlib.dtypes import BY_NAME, DType
+from ringlib.errors import CollectiveTimeout, InvalidArgument, RingClosed
+from ringlib.ops import Op
+from ringlib.transport import Endpoint
+
+from .buffers import empty_like, like, storage
+from .environment import Placement, placement
+from .rendezvous import bind_and_exchange, greet_neighbours
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT = 60.0       # seconds to wait for the neighbours at start-up
+COLLECTIVE_TIMEOUT = 300.0   # default deadline of one collective
+SEGMENT_BYTES = 1 << 20      # the largest message a ring step sends; pieces pipeline
+
+
+class Ring:
+    """A rank's membership of a ring. Every rank must issue the same collectives in the same
+    order; several may be in flight at once (asyncio.gather), and their messages never mix.
+
+    Buffers are C-contiguous numpy arrays or CPU torch tensors of a dtype the compiled core
+    supports; ops are "sum", "mean", "min", "max", "prod" or an Op. Every collective takes
+    `timeout` (seconds), defaulting to the ring's `collective_timeout`.
+    """
+
+    def __init__(self, where: Placement, endpoint: Endpoint | None, peers: list[str],
+                 executor: ThreadPoolExecutor, collective_timeout: float) -> None:
+        self.rank = where.rank
+        self.world_size = where.world_size
+        self.local_rank = where.local_rank
+        self.peers = peers
+        self.collective_timeout = collective_timeout
+        self.segment_bytes = int(os.environ.get("RINGLIB_SEGMENT_BYTES", SEGMENT_BYTES))
+        self.small_bytes = int(os.environ.get("RINGLIB_SMALL_BYTES", collectives.SMALL_BYTES))
+        self._endpoint = endpoint
+        self._executor = executor
+        self._seq = itertools.count(1)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Ring rank {self.rank} of {self.world_size} at {self.address}>"
+
+    @property
+    def address(self) -> str | None:
+        """The address this rank receives at (None in a ring of one)."""
+        return self._endpoint.address if self._endpoint else None
+
+    async def all_reduce(self, x: T, op: Op | str = Op.SUM, *, timeout: float | None = None) -> T:
+        """Reduce x element-wise across all ranks, in place; return x."""
+        op = Op.parse(op)
+        buf, dtype = storage(x, "x", writable=True)
+        step_reducers(dtype, op, self.world_size)  # an integer mean fails here, before sending
+        if self._needs_peers(buf.size):
+            await self._run("all_reduce", dtype, timeout, collectives.all_reduce,
+                            buf, dtype, op, self.small_bytes)
+        return x
+
+    async def reduce_scatter(self, x: Any, op: Op | str = Op.SUM, *,
+                             timeout: float | None = None) -> Any:
+        """This rank's chunk of the reduction of flattened x (chunk sizes differ by at most
+        one element; see ringlib.chunk_bounds). x itself is left unchanged."""
+        op = Op.parse(op)
+        src, dtype = storage(x, "x", writable=False)
+        step_reducers(dtype, op, self.world_size)
+        work = src.copy()
+        start, stop = 0, work.size
+        if self._needs_peers(work.size):
+            start, stop = await self._run("reduce_scatter", dtype, timeout,
+                                          collectives.reduce_scatter, work, dtype, op)
+        return like(x, work[start:stop])
+
+    async def all_gather(self, x: Any, *, timeout: float | None = None) -> Any:
+        """A new array or tensor of shape (world_size, *x.shape): row i is rank i's x."""
+        src, dtype = storage(x, "x", writable=False)
+        out, out_buf = empty_like(x, (self.world_size, *x.shape))
+        out_buf[self.rank * src.size:(self.rank + 1) * src.size] = src
+        if self._needs_peers(src.size):
+            await self._run("all_gather", dtype, timeout, collectives.all_gather, out_buf)
+        return out
+
+    async def broadcast(self, x: T, root: int = 0, *, timeout: float | None = None) -> T:
+        """Overwrite x on every rank with root's x, in place; return x."""
+        if not 0 <= root < self.world_size:
+            raise InvalidArgument(f"broadcast root {root} is not a rank of this ring "
+                                  f"(world size {self.world_size})")
+        buf, dtype = storage(x, "x", writable=self.rank != root)
+        if self._needs_peers(buf.size):
+            await self._run("broadcast", dtype, timeout, collectives.broadcast,
+                            buf, root, self.small_bytes)
+        return x
+
+    async def barrier(self, *, timeout: float | None = None) -> None:
+        """Return once every rank has entered the barrier."""
+        if self._needs_peers(1):
+            await self._run("barrier", BY_NAME["uint8"], timeout, collectives.barrier)
+
+    def _needs_peers(self, size: int) -> bool:
+        """Whether a collective over `size` elements must talk to other ranks. Ranks agree
+        on it without talking, since they pass the same sizes."""
+        if self._closed:
+            raise RingClosed(f"rank {self.rank}: the ring is closed")
+        return self.world_size > 1 and size > 0
+
+    async def _run(self, name: str, dtype: DType, timeout: float | None,
+                   algorithm: Callable[..., Awaitable[T]], *args: Any) -> T:
+        # The sequence number is taken before the first await, so concurrent collectives
+        # are numbered in the order they were called, the same on every rank.
+        ch = Channel(self._endpoint, self.world_size, next(self._seq), name, dtype.name,
+                     dtype.storage, self._executor, max(1, self.segment_bytes // dtype.itemsize))
+        limit = self.collective_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                return await algorithm(ch, *args)
+        except TimeoutError:
+            raise self._timed_out(ch, limit) from None
+
+    def _timed_out(self, ch: Channel, limit: float) -> CollectiveTimeout:
+        where = f"{ch.name} #{ch.seq} on rank {self.rank} ({self.address})"
+        if ch.waiting_for is None:
+            return CollectiveTimeout(f"{where} timed out after {limit:g} s sending to its peers")
+        peer, step = ch.waiting_for
+        return CollectiveTimeout(f"{where} timed out after {limit:g} s waiting for rank {peer} "
+                                 f"({self.peers[peer]}) at step {step}")
+
+    async def close(self) -> None:
+        """Leave the ring: close the sockets (queued messages are still delivered) and the
+        worker thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._endpoint is not None:
+            await self._endpoint.close()
+        self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> Ring:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class Connecting:
+    """What connect() returns: await it for a Ring, or use it as `async with`."""
+
+    def __init__(self, opening: Callable[[], Awaitable[Ring]]) -> None:
+        self._opening = opening
+        self._ring: Ring | None = None
+
+    def __await__(self) -> Generator[Any, None, Ring]:
+        return self._opening().__await__()
+
+    async def __aenter__(self) -> Ring:
+        self._ring = await self._opening()
+        return self._ring
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._ring.close()
+
+
+def connect(rank: int | None = None, world_size: int | None = None,
+            peers: list[str] | None = None, *, timeout: float = CONNECT_TIMEOUT,
+            collective_timeout: float = COLLECTIVE_TIMEOUT) -> Connecting:
+    """Join the ring: `ring = await connect(...)` or `async with connect(...) as ring`.
+
+    rank, world_size, peers: this process's rank, the number of ranks, and every rank's
+        address (tcp://host:port, ipc:///path, inproc://name); whatever is not given comes
+        from the environment (RINGLIB_*, torchrun, mpirun or srun variables; see
+        ringlib.runtime.environment). With none at all the process is a ring of one.
+    timeout: seconds to wait for the peers at start-up before RendezvousTimeout, which
+        names the ranks and addresses that were not reached.
+    collective_timeout: the default deadline of each collective (CollectiveTimeout).
+    """
+    where = placement(rank, world_size, peers)
+    return Connecting(lambda: _open(where, timeout, collective_timeout))
+
+
+async def _open(where: Placement, timeout: float, collective_timeout: float) -> Ring:
+    executor = ThreadPoolExecutor(1, thread_name_prefix=f"ringlib-rank{where.rank}")
+    warm = asyncio.get_running_loop().run_in_executor(executor, _warm_kernels)
+    if where.world_size == 1:
+        await warm
+        return Ring(where, None, [], executor, collective_timeout)
+    endpoint = Endpoint(where.rank)
+    try:
+        peers = await bind_and_exchange(endpoint, where, timeout)
+        endpoint.set_peers(peers)
+        await greet_neighbours(endpoint, *neighbours(where.rank, where.world_size), timeout)
+        await warm
+    except BaseException:
+        await endpoint.close()
+        executor.shutdown(wait=False)
+        raise
+    return Ring(where, endpoint, peers, executor, collective_timeout)
+
+
+def _warm_kernels() -> None:
+    """Load the float32 kernels while the peers gather: the first call pays Numba's set-up."""
+    partial, final = step_reducers(BY_NAME["float32"], Op.MEAN, 2)
+    buf = np.zeros(2, np.float32)
+    partial(buf, buf)
+    final(buf, buf)

@@ -1,0 +1,90 @@
+"""Run a ring of real processes on free ports or private ipc paths, and clean up after it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+PEER = Path(__file__).with_name("ring_peer.py")
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel just handed out as free (held open together, so all distinct)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def peer_addresses(world: int, transport: str, ipc_dir: str) -> list[str]:
+    if transport == "ipc":
+        return [f"ipc://{ipc_dir}/r{i}" for i in range(world)]
+    return [f"tcp://127.0.0.1:{p}" for p in free_ports(world)]
+
+
+@dataclass
+class Finished:
+    rank: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def ringlib_env(rank: int, world: int, peers: list[str]) -> dict[str, str]:
+    return {"RINGLIB_RANK": str(rank), "RINGLIB_WORLD_SIZE": str(world),
+            "RINGLIB_PEERS": ",".join(peers)}
+
+
+def run_ranks(args: list[str], envs: list[dict[str, str]], timeout: float = 180) -> list[Finished]:
+    """Start one process per env (added to a clean copy of os.environ), wait for all, and
+    kill every one still running if any fails or the time runs out."""
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("RINGLIB_", "OMPI_", "SLURM_", "MASTER_", "PMIX_"))
+            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    procs = [subprocess.Popen([sys.executable, *args], env={**base, **env}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True)
+             for env in envs]
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline or any(p.returncode not in (None, 0) for p in procs):
+                break
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        outs = [p.communicate() for p in procs]
+    return [Finished(i, p.returncode, *out) for i, (p, out) in enumerate(zip(procs, outs))]
+
+
+def run_ring(scenario: str, world: int, transport: str, seed: int,
+             extra_env: dict[str, str] | None = None, timeout: float = 180) -> list[Finished]:
+    """Run ring_peer.py SCENARIO on `world` ranks wired by RINGLIB_PEERS."""
+    with tempfile.TemporaryDirectory(prefix="rl-") as ipc_dir:  # short: ipc paths cap at 107
+        peers = peer_addresses(world, transport, ipc_dir)
+        envs = [{**ringlib_env(r, world, peers), **(extra_env or {})} for r in range(world)]
+        finished = run_ranks([str(PEER), scenario, str(seed)], envs, timeout)
+        leftovers = os.listdir(ipc_dir)
+    assert not leftovers, f"ipc socket files left behind: {leftovers}"
+    return finished
+
+
+def assert_all_agree(finished: list[Finished]) -> str:
+    """Every rank exited 0 and printed the same digest; return that digest."""
+    report = "\n".join(f"--- rank {f.rank} exit {f.returncode}\n{f.stdout}{f.stderr[-3000:]}"
+                       for f in finished)
+    assert all(f.returncode == 0 for f in finished), report
+    digests = {f.stdout.split()[-1] for f in finished}
+    assert len(digests) == 1, f"ranks disagree:\n{report}"
+    return digests.pop()

@@ -1,0 +1,69 @@
+"""ZeroMQ endpoint addresses: checking them, and turning an advertised address into one to bind.
+
+A peer advertises one address (what the others connect to) and binds the same endpoint.
+tcp:// takes a host name or IP and a port; ipc:// a filesystem path (peers on one host);
+inproc:// a name (peers that are threads or tasks of one process, as in the tests).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from ringlib.errors import RendezvousError
+
+SCHEMES = ("tcp", "ipc", "inproc")
+
+
+def check(address: str) -> str:
+    """Return `address` unchanged if it is a usable peer address, else raise RendezvousError."""
+    scheme, sep, rest = address.partition("://")
+    if not sep or scheme not in SCHEMES or not rest:
+        raise RendezvousError(f"peer address {address!r} is not tcp://host:port, "
+                              "ipc:///path or inproc://name")
+    if scheme == "tcp":
+        split_host_port(address)
+    return address
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """('host', port) of a tcp:// address; IPv6 hosts come in brackets: tcp://[::1]:5555."""
+    rest = address.removeprefix("tcp://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RendezvousError(f"tcp address {address!r} needs a host and a port 1-65535")
+    return host.strip("[]"), int(port)
+
+
+def bind_address(address: str) -> str:
+    """The endpoint to bind for an advertised address: tcp host names become an IP."""
+    if not address.startswith("tcp://"):
+        return address
+    host, port = split_host_port(address)
+    if host == "*":
+        return address
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = ipaddress.ip_address(resolve(host))
+    return f"tcp://[{ip}]:{port}" if ip.version == 6 else f"tcp://{ip}:{port}"
+
+
+def resolve(host: str) -> str:
+    """One IP address of `host`, or a RendezvousError naming it."""
+    try:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+    except OSError as exc:
+        raise RendezvousError(f"cannot resolve host {host!r}: {exc}") from None
+
+
+def route_to(host: str) -> str:
+    """This host's IP on the route towards `host` (no packet is sent: UDP connect only)."""
+    ip = resolve(host)
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((ip, 9))
+        except OSError as exc:
+            raise RendezvousError(f"no route from this host to {host!r} ({ip}): {exc}") from None
+        return probe.getsockname()[0]

@@ -1,0 +1,74 @@
+"""The wire format: a msgpack header frame, optionally followed by one payload frame.
+
+The header is a flat msgpack array, cheap to pack and unpack:
+
+    [version, kind, seq, step, chunk, dtype, count, sender]
+
+seq numbers collectives in the order every rank issues them, step and chunk place a
+message inside one collective, dtype and count describe the payload (opaque to the
+transport), sender is the sending rank. Payloads travel as their own frame so they can be
+sent and received without copying.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import msgpack
+
+from ringlib.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+
+class Kind(enum.IntEnum):
+    """What a message is for. DATA carries collective payloads; the rest are control."""
+
+    DATA = 0
+    HELLO = 1      # a peer announces itself to a neighbour during start-up
+    JOIN = 2       # rendezvous: a rank tells the seed rank its own address
+    TABLE = 3      # rendezvous: the seed rank sends every rank the full address table
+
+
+class Header(NamedTuple):
+    kind: Kind
+    seq: int
+    step: int
+    chunk: int
+    dtype: str
+    count: int
+    sender: int
+
+    @property
+    def key(self) -> tuple[int, int, int, int, int]:
+        """What a receiver waits on: the message's place, independent of its contents."""
+        return (self.kind, self.seq, self.step, self.chunk, self.sender)
+
+
+_FIELDS = len(Header._fields)
+
+
+def encode(header: Header) -> bytes:
+    return msgpack.packb((PROTOCOL_VERSION, *header))
+
+
+def decode(frame: bytes | memoryview) -> Header:
+    """Parse a header frame, or raise ProtocolError saying what is wrong with it."""
+    try:
+        fields = msgpack.unpackb(frame, use_list=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad bytes
+        raise ProtocolError(f"undecodable header ({type(exc).__name__}: {exc})") from None
+    if not isinstance(fields, tuple) or len(fields) != _FIELDS + 1:
+        raise ProtocolError(f"header is not a {_FIELDS + 1}-field array: {fields!r:.80}")
+    if fields[0] != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {fields[0]!r}, expected {PROTOCOL_VERSION}")
+    kind, seq, step, chunk, dtype, count, sender = fields[1:]
+    if not all(type(v) is int and v >= 0 for v in (kind, seq, step, chunk, count, sender)):
+        raise ProtocolError(f"header fields must be non-negative integers: {fields!r:.80}")
+    if not isinstance(dtype, str) or kind not in _KINDS:
+        raise ProtocolError(f"bad kind or dtype in header: {fields!r:.80}")
+    return Header(Kind(kind), seq, step, chunk, dtype, count, sender)
+
+
+_KINDS = frozenset(Kind)
