@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("kernels",)
+BENCHMARKS = ("kernels", "allreduce")
 
 
 def main(argv: list[str] | None = None) -> int:

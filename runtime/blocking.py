@@ -15,7 +15,7 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 from ringlib.errors import RingClosed
 
-from .ring import COLLECTIVE_TIMEOUT, CONNECT_TIMEOUT, Ring, connect
+from .ring import CONNECT_TIMEOUT, Ring, connect
 
 T = TypeVar("T")
 
@@ -90,10 +90,9 @@ class BlockingRing:
 
 def init(rank: int | None = None, world_size: int | None = None,
          peers: list[str] | None = None, *, timeout: float = CONNECT_TIMEOUT,
-         collective_timeout: float = COLLECTIVE_TIMEOUT) -> BlockingRing:
+         **settings: Any) -> BlockingRing:
     """Join the ring from synchronous code; the arguments are connect()'s."""
-    where = connect(rank, world_size, peers, timeout=timeout,
-                    collective_timeout=collective_timeout)
+    where = connect(rank, world_size, peers, timeout=timeout, **settings)
     thread = _LoopThread("ringlib-loop")
     try:
         ring = thread.run(_await(where))

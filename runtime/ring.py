@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generator, TypeVar
 
 import numpy as np
@@ -39,14 +40,14 @@ class Ring:
     """
 
     def __init__(self, where: Placement, endpoint: Endpoint | None, peers: list[str],
-                 executor: ThreadPoolExecutor, collective_timeout: float) -> None:
+                 executor: ThreadPoolExecutor, settings: Settings) -> None:
         self.rank = where.rank
         self.world_size = where.world_size
         self.local_rank = where.local_rank
         self.peers = peers
-        self.collective_timeout = collective_timeout
-        self.segment_bytes = int(os.environ.get("RINGLIB_SEGMENT_BYTES", SEGMENT_BYTES))
-        self.small_bytes = int(os.environ.get("RINGLIB_SMALL_BYTES", collectives.SMALL_BYTES))
+        self.collective_timeout = settings.collective_timeout
+        self.segment_bytes = settings.segment_bytes
+        self.small_bytes = settings.small_bytes
         self._endpoint = endpoint
         self._executor = executor
         self._seq = itertools.count(1)
@@ -172,9 +173,27 @@ class Connecting:
         await self._ring.close()
 
 
+@dataclass(frozen=True)
+class Settings:
+    """A ring's tunables; see connect()."""
+
+    collective_timeout: float = COLLECTIVE_TIMEOUT
+    segment_bytes: int = field(default_factory=lambda: _env_int("RINGLIB_SEGMENT_BYTES",
+                                                                SEGMENT_BYTES))
+    small_bytes: int = field(default_factory=lambda: _env_int("RINGLIB_SMALL_BYTES",
+                                                              collectives.SMALL_BYTES))
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise InvalidArgument(f"{name}={os.environ[name]!r} is not an integer") from None
+
+
 def connect(rank: int | None = None, world_size: int | None = None,
             peers: list[str] | None = None, *, timeout: float = CONNECT_TIMEOUT,
-            collective_timeout: float = COLLECTIVE_TIMEOUT) -> Connecting:
+            **settings: Any) -> Connecting:
     """Join the ring: `ring = await connect(...)` or `async with connect(...) as ring`.
 
     rank, world_size, peers: this process's rank, the number of ranks, and every rank's
@@ -184,17 +203,22 @@ def connect(rank: int | None = None, world_size: int | None = None,
     timeout: seconds to wait for the peers at start-up before RendezvousTimeout, which
         names the ranks and addresses that were not reached.
     collective_timeout: the default deadline of each collective (CollectiveTimeout).
+    segment_bytes: the largest message of a ring step; larger chunks travel in pieces that
+        pipeline (default RINGLIB_SEGMENT_BYTES or 1 MiB).
+    small_bytes: buffers up to this size take the latency-optimal algorithms (default
+        RINGLIB_SMALL_BYTES or collectives.SMALL_BYTES).
     """
     where = placement(rank, world_size, peers)
-    return Connecting(lambda: _open(where, timeout, collective_timeout))
+    tunables = Settings(**settings)
+    return Connecting(lambda: _open(where, timeout, tunables))
 
 
-async def _open(where: Placement, timeout: float, collective_timeout: float) -> Ring:
+async def _open(where: Placement, timeout: float, settings: Settings) -> Ring:
     executor = ThreadPoolExecutor(1, thread_name_prefix=f"ringlib-rank{where.rank}")
     warm = asyncio.get_running_loop().run_in_executor(executor, _warm_kernels)
     if where.world_size == 1:
         await warm
-        return Ring(where, None, [], executor, collective_timeout)
+        return Ring(where, None, [], executor, settings)
     endpoint = Endpoint(where.rank)
     try:
         peers = await bind_and_exchange(endpoint, where, timeout)
@@ -205,7 +229,7 @@ async def _open(where: Placement, timeout: float, collective_timeout: float) -> 
         await endpoint.close()
         executor.shutdown(wait=False)
         raise
-    return Ring(where, endpoint, peers, executor, collective_timeout)
+    return Ring(where, endpoint, peers, executor, settings)
 
 
 def _warm_kernels() -> None:

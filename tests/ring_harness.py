@@ -56,8 +56,9 @@ def run_ranks(args: list[str], envs: list[dict[str, str]], timeout: float = 180)
              for env in envs]
     deadline = time.monotonic() + timeout
     try:
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline or any(p.returncode not in (None, 0) for p in procs):
+        while True:
+            codes = [p.poll() for p in procs]
+            if None not in codes or any(codes) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
     finally:

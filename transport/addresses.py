@@ -15,22 +15,23 @@ from ringlib.errors import RendezvousError
 SCHEMES = ("tcp", "ipc", "inproc")
 
 
-def check(address: str) -> str:
-    """Return `address` unchanged if it is a usable peer address, else raise RendezvousError."""
+def check(address: str, bind: bool = False) -> str:
+    """Return `address` unchanged if it is a usable peer address, else raise RendezvousError.
+    With `bind`, a tcp port of 0 (any free port) is allowed too."""
     scheme, sep, rest = address.partition("://")
     if not sep or scheme not in SCHEMES or not rest:
         raise RendezvousError(f"peer address {address!r} is not tcp://host:port, "
                               "ipc:///path or inproc://name")
     if scheme == "tcp":
-        split_host_port(address)
+        split_host_port(address, bind)
     return address
 
 
-def split_host_port(address: str) -> tuple[str, int]:
+def split_host_port(address: str, bind: bool = False) -> tuple[str, int]:
     """('host', port) of a tcp:// address; IPv6 hosts come in brackets: tcp://[::1]:5555."""
     rest = address.removeprefix("tcp://")
     host, sep, port = rest.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not (0 if bind else 1) <= int(port) < 65536:
         raise RendezvousError(f"tcp address {address!r} needs a host and a port 1-65535")
     return host.strip("[]"), int(port)
 
@@ -39,7 +40,7 @@ def bind_address(address: str) -> str:
     """The endpoint to bind for an advertised address: tcp host names become an IP."""
     if not address.startswith("tcp://"):
         return address
-    host, port = split_host_port(address)
+    host, port = split_host_port(address, bind=True)
     if host == "*":
         return address
     try:

@@ -63,7 +63,7 @@ class Endpoint:
     def bind(self, address: str) -> str:
         """Bind the receiving socket at `address` (tcp port 0 picks a free port); return
         the address the other peers should connect to."""
-        addresses.check(address)
+        addresses.check(address, bind=True)
         endpoint = addresses.bind_address(address)
         try:
             if endpoint.endswith(":0"):

@@ -1,0 +1,94 @@
+"""The all-reduce benchmark, run for real: its table, its failures, and its clean-up.
+
+Every run carries a unique RINGLIB_BENCH_TEST_TAG in its environment, which the ranks it
+spawns inherit, so /proc tells whether any of them outlived the benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(),
+                                reason="finds leftover ranks through /proc")
+
+BENCH = [sys.executable, "-m", "ringlib.bench.allreduce"]
+
+
+def tagged_env(**extra: str) -> tuple[str, dict[str, str]]:
+    tag = f"RINGLIB_BENCH_TEST_TAG={uuid.uuid4().hex}"
+    name, value = tag.split("=")
+    return tag, {**os.environ, name: value, **extra}
+
+
+def processes_with(tag: str) -> list[int]:
+    """Live processes whose environment holds `tag` (NAME=value)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            if tag.encode() in environ:
+                found.append(int(entry.name))
+    return found
+
+
+def assert_none_left(tag: str, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while processes_with(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes_with(tag), "benchmark ranks outlived the benchmark"
+
+
+@pytest.mark.timeout(60)
+def test_it_prints_a_checked_row_per_size_and_leaves_no_process(tmp_path):
+    tag, env = tagged_env()
+    run = subprocess.run([*BENCH, "--sizes", "8B,64KiB", "--iters", "5"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=50)
+    assert run.returncode == 0, run.stderr
+    rows = {m[1]: int(m[2]) for m in re.finditer(
+        r"^\s*(8 B|64 KiB)\s+(\d+)\s+float32\s+5\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\w+$",
+        run.stdout, re.MULTILINE)}
+    assert rows == {"8 B": 2, "64 KiB": 16384}, run.stdout
+    assert "busbw = algbw * 2(n-1)/n" in run.stdout and "2 ranks on tcp" in run.stdout
+    assert_none_left(tag)
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_rank_fails_the_run_with_its_stderr_and_leaves_no_process(tmp_path):
+    tag, env = tagged_env(RINGLIB_SEGMENT_BYTES="lots")  # every rank fails at start-up
+    run = subprocess.run([*BENCH, "--sizes", "8B", "--iters", "5"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=50)
+    assert run.returncode != 0
+    assert "exited non-zero" in run.stderr and "'lots'" in run.stderr, run.stderr
+    assert_none_left(tag)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_stopping_the_benchmark_mid_run_stops_every_rank(tmp_path, sig):
+    tag, env = tagged_env()
+    bench = subprocess.Popen([*BENCH, "--sizes", "16MiB", "--iters", "100000"], env=env,
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert "p50 us" in bench.stdout.readline()  # the ranks are connected and timing
+        assert len(processes_with(tag)) == 3
+        bench.send_signal(sig)
+        bench.wait(timeout=20)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        bench.communicate()
+    assert bench.returncode != 0
+    assert_none_left(tag)

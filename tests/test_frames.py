@@ -1,0 +1,52 @@
+"""The wire header: it round-trips, and any other bytes give ProtocolError, never a crash."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ringlib import ProtocolError, RingError
+from ringlib.transport import PROTOCOL_VERSION, Header, Kind
+from ringlib.transport.frames import decode, encode
+
+headers = st.builds(Header, st.sampled_from(Kind), st.integers(0, 2**63), st.integers(0, 2**31),
+                    st.integers(0, 2**31), st.sampled_from(["float32", "bfloat16", ""]),
+                    st.integers(0, 2**40), st.integers(0, 4096))
+
+
+@given(headers)
+def test_headers_round_trip(header):
+    assert decode(encode(header)) == header
+
+
+@given(st.binary(max_size=64))
+def test_random_bytes_are_a_protocol_error_or_a_valid_header(data):
+    try:
+        header = decode(data)
+    except ProtocolError:
+        return
+    assert decode(encode(header)) == header
+
+
+@given(headers, st.integers(0, 40))
+def test_truncated_headers_are_protocol_errors(header, cut):
+    data = encode(header)
+    if cut < len(data):
+        with pytest.raises(ProtocolError):
+            decode(data[:cut])
+
+
+@pytest.mark.parametrize("fields, why", [
+    ((PROTOCOL_VERSION + 1, 0, 1, 0, 0, "float32", 3, 0), "protocol version"),
+    ((PROTOCOL_VERSION, 9, 1, 0, 0, "float32", 3, 0), "bad kind"),
+    ((PROTOCOL_VERSION, 0, -1, 0, 0, "float32", 3, 0), "non-negative"),
+    ((PROTOCOL_VERSION, 0, 1, 0, 0, 5, 3, 0), "dtype"),
+    ((PROTOCOL_VERSION, 0, 1, 0), "array"),
+    ({"seq": 1}, "array"),
+])
+def test_foreign_headers_say_what_is_wrong(fields, why):
+    with pytest.raises(ProtocolError, match=why) as caught:
+        decode(msgpack.packb(fields))
+    assert isinstance(caught.value, RingError)

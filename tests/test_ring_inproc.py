@@ -1,0 +1,196 @@
+"""Rings of several ranks inside one process, over ZeroMQ's inproc transport: the API's
+behaviour, its errors and its concurrency, quickly. Real processes: test_ring_processes.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+import ringlib
+from ringlib import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError,
+                     RendezvousTimeout, RingClosed, RingError, UnsupportedBuffer, UnsupportedOp)
+from ringlib.transport import Endpoint, Header, Inbox, Kind, Message
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def addresses(n: int) -> list[str]:
+    run = uuid.uuid4().hex[:8]
+    return [f"inproc://{run}-{i}" for i in range(n)]
+
+
+@contextlib.asynccontextmanager
+async def ring_of(n: int, **kwargs):
+    peers = addresses(n)
+    rings = await asyncio.gather(*[ringlib.connect(r, n, peers, timeout=10, **kwargs)
+                                   for r in range(n)])
+    try:
+        yield rings
+    finally:
+        await asyncio.gather(*[r.close() for r in rings])
+
+
+async def test_a_ring_of_one_needs_no_sockets_and_leaves_data_as_it_is(rng):
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    original = x.copy()
+    async with ringlib.connect(0, 1) as ring:
+        assert ring.address is None and ring.world_size == 1
+        for op in ("sum", "mean", "min", "max", "prod"):
+            assert await ring.all_reduce(x, op) is x
+        np.testing.assert_array_equal(x, original)
+        np.testing.assert_array_equal(await ring.reduce_scatter(x), original.reshape(-1))
+        gathered = await ring.all_gather(x)
+        assert gathered.shape == (1, 3, 4) and np.array_equal(gathered[0], original)
+        await ring.broadcast(x, root=0)
+        await ring.barrier()
+        with pytest.raises(UnsupportedOp, match="mean is undefined for integer"):
+            await ring.all_reduce(np.ones(3, np.int32), "mean")
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 5])
+async def test_many_collectives_in_flight_at_once_do_not_mix(world, rng):
+    sizes = rng.integers(0, 200_000, 12)
+    data = [[rng.standard_normal(n).astype(np.float32) for n in sizes] for _ in range(world)]
+    expected = [sum(data[r][i].astype(np.float64) for r in range(world)) for i in range(len(sizes))]
+    async with ring_of(world, segment_bytes=4096) as rings:
+        calls = []
+        for r, ring in enumerate(rings):
+            for i in range(len(sizes)):
+                calls.append(ring.all_reduce(data[r][i]))
+                if i % 4 == 0:
+                    calls.append(ring.barrier())
+        await asyncio.gather(*calls)
+    for r in range(world):
+        for i in range(len(sizes)):
+            np.testing.assert_allclose(data[r][i], expected[i], rtol=1e-5, atol=1e-4,
+                                       err_msg=f"rank {r}, collective {i}")
+            np.testing.assert_array_equal(data[r][i], data[0][i])
+
+
+async def test_numpy_and_torch_buffers_can_meet_in_one_collective(rng):
+    a = rng.standard_normal(1000)
+    b = torch.from_numpy(rng.standard_normal(1000))
+    expected = a + b.numpy()
+    async with ring_of(2) as (r0, r1):
+        await asyncio.gather(r0.all_reduce(a), r1.all_reduce(b))
+    np.testing.assert_array_equal(a, expected)
+    np.testing.assert_array_equal(b.numpy(), expected)
+
+
+def read_only() -> np.ndarray:
+    x = np.ones(4, np.float32)
+    x.setflags(write=False)
+    return x
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (lambda: np.ones(4, np.float32)[::2], InvalidBuffer, "not C-contiguous"),
+    (read_only, InvalidBuffer, "read-only"),
+    (lambda: [1.0, 2.0], UnsupportedBuffer, "numpy array or torch tensor"),
+    (lambda: np.ones(4, np.complex64), UnsupportedBuffer, "complex64"),
+])
+async def test_bad_buffers_fail_on_the_calling_rank_before_anything_is_sent(bad, error, message):
+    buffer = bad()
+    async with ring_of(2) as (r0, r1):
+        with pytest.raises(error, match=message):
+            await r0.all_reduce(buffer)
+        # Nothing was sent and no sequence number was used: the ring carries on.
+        x0, x1 = np.ones(3), np.ones(3)
+        await asyncio.gather(r0.all_reduce(x0), r1.all_reduce(x1))
+        assert x0.tolist() == [2.0, 2.0, 2.0]
+
+
+async def test_bad_arguments_fail_before_anything_is_sent():
+    async with ring_of(2) as (r0, _):
+        with pytest.raises(UnsupportedOp, match="unknown reduction op 'avg'"):
+            await r0.all_reduce(np.ones(3), "avg")
+        with pytest.raises(UnsupportedOp, match="integer dtype int64"):
+            await r0.all_reduce(np.ones(3, np.int64), "mean")
+        with pytest.raises(InvalidArgument, match="root 2 is not a rank"):
+            await r0.broadcast(np.ones(3), root=2)
+
+
+@pytest.mark.parametrize("sizes", [(10, 12), (300_000, 300_001)])
+async def test_ranks_passing_different_sizes_get_a_mismatch_error_naming_the_peer(sizes):
+    async with ring_of(2) as rings:
+        results = await asyncio.gather(
+            *[ring.all_reduce(np.ones(n, np.float32), timeout=5) for ring, n in zip(rings, sizes)],
+            return_exceptions=True)
+    assert any(isinstance(r, MismatchError) for r in results), results
+    for r in results:
+        if isinstance(r, MismatchError):
+            assert "inproc://" in str(r) and "elements" in str(r)
+
+
+async def test_a_rank_that_never_calls_makes_the_others_time_out_naming_it():
+    async with ring_of(3) as rings:
+        with pytest.raises(CollectiveTimeout) as caught:
+            await asyncio.gather(rings[0].all_reduce(np.ones(5), timeout=0.3),
+                                 rings[1].all_reduce(np.ones(5), timeout=0.3))
+        message = str(caught.value)
+        assert "all_reduce" in message and "rank 2" in message and rings[2].address in message
+        assert isinstance(caught.value, TimeoutError) and isinstance(caught.value, RingError)
+
+
+async def test_connect_names_the_neighbours_it_could_not_reach():
+    peers = addresses(4)
+    with pytest.raises(RendezvousTimeout) as caught:
+        await ringlib.connect(0, 4, peers, timeout=0.3)
+    message = str(caught.value)
+    assert f"rank 1 at {peers[1]}" in message and f"rank 3 at {peers[3]}" in message
+    assert "rank 2" not in message  # not a neighbour of rank 0
+
+
+async def test_a_closed_ring_refuses_collectives():
+    async with ring_of(2) as (r0, _):
+        pass
+    with pytest.raises(RingClosed):
+        await r0.all_reduce(np.ones(3))
+    await r0.close()  # idempotent
+
+
+async def test_cancelling_a_collective_leaves_the_ring_usable_for_a_clean_close():
+    async with ring_of(2) as (r0, r1):
+        pending = asyncio.ensure_future(r0.all_reduce(np.ones(1000)))
+        await asyncio.sleep(0.05)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+
+
+async def test_a_cancelled_receive_does_not_swallow_the_message():
+    a, b = Endpoint(0), Endpoint(1)
+    peers = addresses(2)
+    try:
+        a.bind(peers[0])
+        b.bind(peers[1])
+        a.set_peers(peers)
+        key = Header(Kind.DATA, 1, 0, 0, "uint8", 0, 0)
+        waiting = asyncio.ensure_future(b.recv(key.key))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await a.send(1, key, np.empty(0, np.uint8))
+        message = await asyncio.wait_for(b.recv(key.key), 5)
+        assert message.header == key
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_message_handed_to_a_waiter_cancelled_before_it_resumes_is_kept():
+    inbox = Inbox()
+    header = Header(Kind.DATA, 1, 0, 0, "uint8", 0, 0)
+    waiting = asyncio.ensure_future(inbox.get(header.key))
+    await asyncio.sleep(0)
+    inbox.deliver(Message(header, None))
+    waiting.cancel()  # in the same step: the waiter has its message but has not resumed
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert (await inbox.get(header.key)).header == header
