@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ringlib.errors import MismatchError
+from ringlib.errors import MismatchError, ProtocolError
 from ringlib.partition import sub_chunks
 from ringlib.transport import Endpoint, Header, Kind, wait_sent
 
@@ -49,7 +49,8 @@ class Channel:
     async def send(self, to: int, step: int, chunk: int, payload: Any, region: Any = None) -> None:
         """Send one piece. With `region`, the piece is a view of a buffer that this collective
         changes later: its tracker is kept under `region` for before_overwrite()."""
-        count = payload.size if isinstance(payload, np.ndarray) else len(payload) // self.storage.itemsize
+        nbytes = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
+        count = nbytes // self.storage.itemsize
         header = Header(Kind.DATA, self.seq, step, chunk, self.dtype, count, self.rank)
         tracker = await self.endpoint.send(to, header, payload)
         if region is not None and tracker is not None:
@@ -69,8 +70,11 @@ class Channel:
                 f"elements at step {step} where {count} {self.dtype} were expected; "
                 "do all ranks pass the same shape and dtype?")
         frame = message.payload
-        if frame is None:
-            return np.empty(0, self.storage), frame
+        if frame is None or len(frame) != count * self.storage.itemsize:
+            raise ProtocolError(
+                f"{self.name} #{self.seq} on rank {self.rank}: rank {frm} "
+                f"({self.endpoint.peer_addresses.get(frm)}) sent a payload of "
+                f"{0 if frame is None else len(frame)} bytes under a header of {count} elements")
         return np.frombuffer(frame.buffer, self.storage), frame
 
     async def run(self, fn: Callable[..., None], out: np.ndarray, src: np.ndarray) -> None:
@@ -90,7 +94,3 @@ class Channel:
         """Wait until every buffer shared with ZeroMQ has left, so the caller may change it."""
         for region in list(self.sent):
             await self.before_overwrite(region)
-
-
-def copy_into(out: np.ndarray, src: np.ndarray) -> None:
-    np.copyto(out, src)

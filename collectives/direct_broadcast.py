@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .channel import Channel, copy_into
+from .channel import Channel
 
 
 async def direct_broadcast(ch: Channel, buf: np.ndarray, root: int) -> None:
     """Overwrite `buf` (a storage view) on every rank with the root's."""
     if ch.rank != root:
         piece, _ = await ch.recv(root, 0, 0, buf.size)
-        copy_into(buf, piece)
+        np.copyto(buf, piece)
         return
     for to in range(ch.world_size):
         if to != root:

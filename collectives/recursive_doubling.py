@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .channel import Channel, copy_into
+from .channel import Channel
 from .ring_reduce_scatter import Reducer
 
 
@@ -29,7 +29,7 @@ async def recursive_doubling(ch: Channel, buf: np.ndarray, partial: Reducer,
         await ch.send(r - p, 0, 0, buf, region=0)
         result, _ = await ch.recv(r - p, result_step, 0, buf.size)
         await ch.before_overwrite(0)
-        copy_into(buf, result)
+        np.copyto(buf, result)
         return
     if r < n - p:
         piece, _ = await ch.recv(r + p, 0, 0, buf.size)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .channel import Channel, copy_into
+from .channel import Channel
 from .ring_schedule import all_gather_chunks, neighbours
 
 
@@ -27,7 +27,7 @@ async def all_gather_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
         await ch.before_overwrite(c)  # the reduce-scatter phase may still be sending it
         for k, (a, b) in enumerate(ch.pieces(bounds, c)):
             piece, frame = await ch.recv(left, first_step + step, k, b - a)
-            await ch.run(copy_into, buf[a:b], piece)
+            await ch.run(np.copyto, buf[a:b], piece)
             if step < n - 2:
                 await ch.send(right, first_step + step + 1, k, frame)
     await ch.drain()

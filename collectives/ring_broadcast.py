@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .channel import Channel, copy_into
+from .channel import Channel
 from .ring_schedule import neighbours
 
 
@@ -24,6 +24,6 @@ async def ring_broadcast(ch: Channel, buf: np.ndarray, root: int) -> None:
         return
     for k, (a, b) in enumerate(pieces):
         piece, frame = await ch.recv(left, 0, k, b - a)
-        await ch.run(copy_into, buf[a:b], piece)
+        await ch.run(np.copyto, buf[a:b], piece)
         if right != root:
             await ch.send(right, 0, k, frame)

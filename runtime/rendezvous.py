@@ -1,7 +1,7 @@
 """Start-up without a server: learn every rank's address, then meet the two neighbours.
 
 When only rank 0's seed address is known, every other rank binds a free port on the
-interface that routes towards rank 0, tells rank 0 (JOIN), and gets the whole table back
+interface that routes towards rank 0 (or on RINGLIB_HOST, where set), tells rank 0 (JOIN), and gets the whole table back
 (TABLE). Rank 0 does this in its own runtime, as the peer it is; nothing passes through
 it afterwards. Then each rank greets its left and right neighbours (HELLO) and waits,
 up to the start-up timeout, to be greeted back.
@@ -10,12 +10,14 @@ up to the start-up timeout, to be greeted back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from typing import Iterable
 
 import msgpack
 
 from ringlib.errors import RendezvousTimeout
-from ringlib.transport import Endpoint, Header, Kind
+from ringlib.transport import Endpoint, Header, Kind, Message
 from ringlib.transport import addresses
 
 from .environment import Placement
@@ -38,28 +40,22 @@ async def bind_and_exchange(endpoint: Endpoint, where: Placement, timeout: float
     endpoint.bind(f"tcp://[{own_host}]:0" if ":" in own_host else f"tcp://{own_host}:0")
     endpoint.connect(0, where.seed)
     await endpoint.send(0, _header(Kind.JOIN, where.rank), endpoint.address.encode())
-    try:
-        async with asyncio.timeout(timeout):
-            message = await endpoint.recv(_header(Kind.TABLE, 0).key)
-    except TimeoutError:
+    got, missing = await _receive_from(endpoint, Kind.TABLE, [0], timeout)
+    if missing:
         raise RendezvousTimeout(
             f"rank {where.rank} ({endpoint.address}) got no address table from rank 0 at "
-            f"{where.seed} within {timeout:g} s; is rank 0 running and reachable?") from None
-    return [a for a in msgpack.unpackb(message.payload.bytes)]
+            f"{where.seed} within {timeout:g} s; is rank 0 running and reachable?")
+    return [addresses.check(a) for a in msgpack.unpackb(got[0].payload.bytes)]
 
 
 async def _collect_joins(endpoint: Endpoint, where: Placement, timeout: float) -> list[str]:
-    table = [endpoint.address] + [""] * (where.world_size - 1)
-    try:
-        async with asyncio.timeout(timeout):
-            for rank in range(1, where.world_size):
-                message = await endpoint.recv(_header(Kind.JOIN, rank).key)
-                table[rank] = addresses.check(message.payload.bytes.decode())
-    except TimeoutError:
-        missing = [r for r in range(1, where.world_size) if not table[r]]
+    joins, missing = await _receive_from(endpoint, Kind.JOIN, range(1, where.world_size), timeout)
+    if missing:
         raise RendezvousTimeout(
             f"rank 0 waited {timeout:g} s at {where.seed} for ranks {missing} to join; "
-            "they never reached it") from None
+            "they never reached it")
+    table = [endpoint.address] + [addresses.check(joins[r].payload.bytes.decode())
+                                  for r in range(1, where.world_size)]
     packed = msgpack.packb(table)
     for rank in range(1, where.world_size):
         endpoint.connect(rank, table[rank])
@@ -73,15 +69,21 @@ async def greet_neighbours(endpoint: Endpoint, left: int, right: int, timeout: f
     for rank in neighbours:
         endpoint.connect(rank, endpoint.peer_addresses[rank])
         await endpoint.send(rank, _header(Kind.HELLO, endpoint.rank))
-    heard: set[int] = set()
-    try:
+    _, missing = await _receive_from(endpoint, Kind.HELLO, neighbours, timeout)
+    if missing:
+        silent = ", ".join(f"rank {r} at {endpoint.peer_addresses[r]}" for r in missing)
+        raise RendezvousTimeout(f"rank {endpoint.rank} ({endpoint.address}) could not reach "
+                                f"{silent} within {timeout:g} s")
+
+
+async def _receive_from(endpoint: Endpoint, kind: Kind, ranks: Iterable[int],
+                        timeout: float) -> tuple[dict[int, Message], list[int]]:
+    """The `kind` messages that `ranks` sent within `timeout`, and the ranks that sent none."""
+    got: dict[int, Message] = {}
+
+    async def one(rank: int) -> None:
+        got[rank] = await endpoint.recv(_header(kind, rank).key)
+    with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
-            for rank in neighbours:
-                await endpoint.recv(_header(Kind.HELLO, rank).key)
-                heard.add(rank)
-    except TimeoutError:
-        silent = ", ".join(f"rank {r} at {endpoint.peer_addresses[r]}"
-                           for r in neighbours if r not in heard)
-        raise RendezvousTimeout(
-            f"rank {endpoint.rank} ({endpoint.address}) could not reach {silent} within "
-            f"{timeout:g} s") from None
+            await asyncio.gather(*map(one, ranks))
+    return got, [r for r in ranks if r not in got]

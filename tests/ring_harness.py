@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from ringlib.transport.addresses import free_tcp_ports, local_addresses
+
 PEER = Path(__file__).with_name("ring_peer.py")
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel just handed out as free (held open together, so all distinct)."""
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-
-
-def peer_addresses(world: int, transport: str, ipc_dir: str) -> list[str]:
-    if transport == "ipc":
-        return [f"ipc://{ipc_dir}/r{i}" for i in range(world)]
-    return [f"tcp://127.0.0.1:{p}" for p in free_ports(world)]
 
 
 @dataclass
@@ -73,7 +58,7 @@ def run_ring(scenario: str, world: int, transport: str, seed: int,
              extra_env: dict[str, str] | None = None, timeout: float = 180) -> list[Finished]:
     """Run ring_peer.py SCENARIO on `world` ranks wired by RINGLIB_PEERS."""
     with tempfile.TemporaryDirectory(prefix="rl-") as ipc_dir:  # short: ipc paths cap at 107
-        peers = peer_addresses(world, transport, ipc_dir)
+        peers = local_addresses(world, transport, ipc_dir)
         envs = [{**ringlib_env(r, world, peers), **(extra_env or {})} for r in range(world)]
         finished = run_ranks([str(PEER), scenario, str(seed)], envs, timeout)
         leftovers = os.listdir(ipc_dir)

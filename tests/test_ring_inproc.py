@@ -14,6 +14,7 @@ import torch
 import ringlib
 from ringlib import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError,
                      RendezvousTimeout, RingClosed, RingError, UnsupportedBuffer, UnsupportedOp)
+from ringlib.transport.addresses import free_tcp_ports
 from ringlib.transport import Endpoint, Header, Inbox, Kind, Message
 
 pytestmark = pytest.mark.timeout(60)
@@ -194,3 +195,35 @@ async def test_a_message_handed_to_a_waiter_cancelled_before_it_resumes_is_kept(
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert (await inbox.get(header.key)).header == header
+
+
+async def test_peers_that_know_only_rank_0s_address_meet_through_it(monkeypatch, rng):
+    seed = f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}"
+    monkeypatch.setenv("RINGLIB_SEED", seed)
+    rings = await asyncio.gather(*[ringlib.connect(r, 3, timeout=10) for r in range(3)])
+    try:
+        assert rings[0].address == seed
+        assert all(r.peers == rings[0].peers for r in rings) and len(set(rings[0].peers)) == 3
+        xs = [rng.standard_normal(10) for _ in rings]
+        expected = sum(xs)
+        await asyncio.gather(*[r.all_reduce(x) for r, x in zip(rings, xs)])
+        np.testing.assert_allclose(xs[2], expected)
+    finally:
+        await asyncio.gather(*[r.close() for r in rings])
+
+
+async def test_rank_0_names_the_ranks_that_never_joined(monkeypatch):
+    seed = f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}"
+    monkeypatch.setenv("RINGLIB_SEED", seed)
+    joined = asyncio.ensure_future(ringlib.connect(2, 3, timeout=0.5))
+    with pytest.raises(RendezvousTimeout, match=r"rank 0 waited 0.5 s at .* for ranks \[1\]"):
+        await ringlib.connect(0, 3, timeout=0.5)
+    with pytest.raises(RendezvousTimeout):
+        await joined
+
+
+async def test_a_rank_names_the_seed_it_could_not_reach(monkeypatch):
+    seed = f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}"
+    monkeypatch.setenv("RINGLIB_SEED", seed)
+    with pytest.raises(RendezvousTimeout, match=f"rank 1 .* no address table from rank 0 at {seed}"):
+        await ringlib.connect(1, 2, timeout=0.3)

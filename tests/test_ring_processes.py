@@ -9,7 +9,8 @@ import zlib
 
 import pytest
 
-from ring_harness import assert_all_agree, free_ports, run_ranks, run_ring, PEER
+from ring_harness import PEER, assert_all_agree, run_ranks, run_ring
+from ringlib.transport.addresses import free_tcp_ports
 from ringlib.runtime.environment import JOB_PORTS
 
 pytestmark = pytest.mark.timeout(300)
@@ -47,7 +48,7 @@ def port_for_job(prefix: str) -> tuple[str, int]:
 
 def launcher_envs(launcher: str, world: int) -> list[dict[str, str]]:
     if launcher == "torchrun":
-        master_port = free_ports(1)[0] - 1
+        master_port = free_tcp_ports(1)[0] - 1
         return [{"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r),
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port)}
                 for r in range(world)]

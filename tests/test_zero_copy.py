@@ -18,7 +18,7 @@ import zmq
 import ringlib
 from ringlib.transport import Header, Kind
 from ringlib.transport.frames import decode, encode
-from ring_harness import free_ports
+from ringlib.transport.addresses import free_tcp_ports
 
 N = 16 << 20  # 64 MiB of float32: far more than the kernel's socket buffers can hold
 
@@ -27,7 +27,7 @@ def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
     x0 = rng.standard_normal(N).astype(np.float32)
     x1 = rng.standard_normal(N).astype(np.float32)
     total = x0 + x1
-    peers = [f"tcp://127.0.0.1:{p}" for p in free_ports(2)]
+    peers = [f"tcp://127.0.0.1:{p}" for p in free_tcp_ports(2)]
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
     inbox.rcvhwm, inbox.rcvbuf, inbox.linger = 1, 1 << 16, 0

@@ -7,6 +7,7 @@ inproc:// a name (peers that are threads or tasks of one process, as in the test
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 
@@ -68,3 +69,22 @@ def route_to(host: str) -> str:
         except OSError as exc:
             raise RendezvousError(f"no route from this host to {host!r} ({ip}): {exc}") from None
         return probe.getsockname()[0]
+
+
+def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports that the kernel just handed out as free on `host`."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind((host, 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
+def local_addresses(count: int, transport: str, directory: str) -> list[str]:
+    """Addresses for `count` peers on this host: free tcp ports on loopback, or ipc socket
+    files in `directory` (keep it short: a socket path holds at most 107 bytes)."""
+    if transport == "ipc":
+        return [f"ipc://{directory}/r{i}" for i in range(count)]
+    if transport == "tcp":
+        return [f"tcp://127.0.0.1:{port}" for port in free_tcp_ports(count)]
+    raise RendezvousError(f"transport {transport!r} is not tcp or ipc")
