@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
@@ -40,3 +41,33 @@ def format_size(nbytes: int) -> str:
         if nbytes >= factor and nbytes % factor == 0:
             return f"{nbytes // factor} {suffix}"
     return f"{nbytes} B"
+
+
+def parse_size_list(text: str) -> list[int]:
+    """'256KiB,1MiB' as byte counts, for argparse."""
+    try:
+        sizes = [parse_size(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad sizes {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be at least 1 byte")
+    return sizes
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'8B:64MiB:4' (8 B, then 4x each time, and 64 MiB last even if the factor misses it;
+    the factor defaults to 2) or a comma list '8B,1MiB'."""
+    if ":" not in text:
+        return parse_size_list(text)
+    try:
+        start, stop, *factor = text.split(":")
+        low, high, step = parse_size(start), parse_size(stop), int(factor[0]) if factor else 2
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"bad sizes {text!r}") from None
+    if low < 1 or high < low or step < 2 or len(factor) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: want START:STOP[:FACTOR], "
+                                         "1 <= START <= STOP, FACTOR >= 2")
+    sizes = [low]
+    while sizes[-1] * step <= high:
+        sizes.append(sizes[-1] * step)
+    return sizes if sizes[-1] == high else [*sizes, high]

@@ -20,9 +20,10 @@ from ringlib.errors import MismatchError, ProtocolError
 from ringlib.partition import sub_chunks
 from ringlib.transport import Endpoint, Header, Kind, wait_sent
 
-# Pieces below this many bytes are reduced or copied on the event-loop thread: a thread hop
-# costs about as much as the kernel on 256 KiB.
-INLINE_BYTES = 256 << 10
+# Pieces below this many bytes are reduced or copied on the event-loop thread, where they
+# take tens of microseconds; a hop to the worker thread cost more than that up to 1 MiB
+# (bench/NOTES.md). Larger pieces go to the worker, and the loop keeps moving messages.
+INLINE_BYTES = 1 << 20
 
 
 @dataclass

@@ -27,7 +27,7 @@ from .ring_reduce_scatter import Reducer, reduce_scatter_phase
 # Buffers up to this size take the latency-optimal algorithms (recursive doubling, direct
 # broadcast); larger ones the ring. Measured with `python -m ringlib.bench.allreduce
 # --crossover`: see bench/NOTES.md.
-SMALL_BYTES = 64 << 10
+SMALL_BYTES = 128 << 10
 
 
 @functools.cache

@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT = 60.0       # seconds to wait for the neighbours at start-up
 COLLECTIVE_TIMEOUT = 300.0   # default deadline of one collective
-SEGMENT_BYTES = 1 << 20      # the largest message a ring step sends; pieces pipeline
+SEGMENT_BYTES = 4 << 20      # the largest message a ring step sends; pieces pipeline
 
 
 class Ring:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ringlib.transport.addresses import free_tcp_ports, local_addresses
+from ringlib.transport.addresses import local_addresses
 
 PEER = Path(__file__).with_name("ring_peer.py")
 

@@ -1,7 +1,8 @@
 """The all-reduce benchmark, run for real: its table, its failures, and its clean-up.
 
 Every run carries a unique RINGLIB_BENCH_TEST_TAG in its environment, which the ranks it
-spawns inherit, so /proc tells whether any of them outlived the benchmark.
+spawns inherit, so /proc tells whether any of them outlived the benchmark; and a private
+TMPDIR, which tells whether it removed its temporary directory.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(),
 BENCH = [sys.executable, "-m", "ringlib.bench.allreduce"]
 
 
-def tagged_env(**extra: str) -> tuple[str, dict[str, str]]:
+def tagged_env(tmp: Path, **extra: str) -> tuple[str, dict[str, str]]:
+    """A NAME=value tag and an environment carrying it, with TMPDIR at tmp (created)."""
     tag = f"RINGLIB_BENCH_TEST_TAG={uuid.uuid4().hex}"
     name, value = tag.split("=")
-    return tag, {**os.environ, name: value, **extra}
+    tmp.mkdir()
+    return tag, {**os.environ, name: value, "TMPDIR": str(tmp), **extra}
 
 
 def processes_with(tag: str) -> list[int]:
@@ -52,7 +55,7 @@ def assert_none_left(tag: str, within: float = 5.0) -> None:
 
 @pytest.mark.timeout(60)
 def test_it_prints_a_checked_row_per_size_and_leaves_no_process(tmp_path):
-    tag, env = tagged_env()
+    tag, env = tagged_env(tmp_path / "tmp")
     run = subprocess.run([*BENCH, "--sizes", "8B,64KiB", "--iters", "5"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=50)
     assert run.returncode == 0, run.stderr
@@ -62,25 +65,30 @@ def test_it_prints_a_checked_row_per_size_and_leaves_no_process(tmp_path):
     assert rows == {"8 B": 2, "64 KiB": 16384}, run.stdout
     assert "busbw = algbw * 2(n-1)/n" in run.stdout and "2 ranks on tcp" in run.stdout
     assert_none_left(tag)
+    assert not list((tmp_path / "tmp").iterdir())
 
 
 @pytest.mark.timeout(60)
 def test_a_failing_rank_fails_the_run_with_its_stderr_and_leaves_no_process(tmp_path):
-    tag, env = tagged_env(RINGLIB_SEGMENT_BYTES="lots")  # every rank fails at start-up
+    # Every rank fails as it joins the ring.
+    tag, env = tagged_env(tmp_path / "tmp", RINGLIB_SEGMENT_BYTES="lots")
     run = subprocess.run([*BENCH, "--sizes", "8B", "--iters", "5"], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=50)
     assert run.returncode != 0
     assert "exited non-zero" in run.stderr and "'lots'" in run.stderr, run.stderr
     assert_none_left(tag)
+    assert not list((tmp_path / "tmp").iterdir())
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
 def test_stopping_the_benchmark_mid_run_stops_every_rank(tmp_path, sig):
-    tag, env = tagged_env()
+    tag, env = tagged_env(tmp_path / "tmp")
+    # A shell's background job inherits SIGINT ignored, so restore it for the benchmark.
     bench = subprocess.Popen([*BENCH, "--sizes", "16MiB", "--iters", "100000"], env=env,
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                         signal.SIG_DFL))
     try:
         assert "p50 us" in bench.stdout.readline()  # the ranks are connected and timing
         assert len(processes_with(tag)) == 3
@@ -91,4 +99,6 @@ def test_stopping_the_benchmark_mid_run_stops_every_rank(tmp_path, sig):
             bench.kill()
         bench.communicate()
     assert bench.returncode != 0
-    assert_none_left(tag)
+    assert_none_left(tag)  # after kill -9 the ranks stop themselves: their stdin closed
+    if sig != signal.SIGKILL:  # which leaves only the temporary directory behind
+        assert not list((tmp_path / "tmp").iterdir())

@@ -21,6 +21,7 @@ from ringlib.transport.frames import decode, encode
 from ringlib.transport.addresses import free_tcp_ports
 
 N = 16 << 20  # 64 MiB of float32: far more than the kernel's socket buffers can hold
+PIECE = (1 << 20) // 4  # elements per message, with segment_bytes=1 MiB
 
 
 def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
@@ -30,7 +31,7 @@ def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
     peers = [f"tcp://127.0.0.1:{p}" for p in free_tcp_ports(2)]
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)
-    inbox.rcvhwm, inbox.rcvbuf, inbox.linger = 1, 1 << 16, 0
+    inbox.rcvhwm, inbox.rcvbuf, inbox.linger, inbox.rcvtimeo = 1, 1 << 16, 0, 20_000
     inbox.bind(peers[1])
     outbox = ctx.socket(zmq.PUSH)
     outbox.linger = 0
@@ -38,7 +39,8 @@ def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
     returned, result = threading.Event(), {}
 
     def rank0() -> None:
-        with ringlib.init(0, 2, peers, timeout=20, collective_timeout=60) as ring:
+        with ringlib.init(0, 2, peers, timeout=20, collective_timeout=30,
+                          segment_bytes=PIECE * 4) as ring:
             ring.all_reduce(x0)
             result["sum"] = x0.copy()
             returned.set()
@@ -52,13 +54,13 @@ def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
         # chunk 0 for the reduce-scatter step, and the finished chunk 1 for the all-gather.
         half = N // 2
         for step, data in ((0, x1[:half]), (1, total[half:])):
-            for k, (a, b) in enumerate(ringlib.sub_chunks(0, half, (1 << 20) // 4)):
+            for k, (a, b) in enumerate(ringlib.sub_chunks(0, half, PIECE)):
                 outbox.send_multipart([encode(Header(Kind.DATA, 1, step, k, "float32", b - a, 1)),
                                        data[a:b]])
         time.sleep(1.0)
         assert not returned.is_set(), "all_reduce returned while its frames were still queued"
         received = {}
-        while len(received) < 2 * len(ringlib.sub_chunks(0, half, (1 << 20) // 4)):
+        while len(received) < 2 * len(ringlib.sub_chunks(0, half, PIECE)):
             header, payload = inbox.recv_multipart()
             received[decode(header)[1:5]] = np.frombuffer(payload, np.float32)
         gathered = np.concatenate([v for (_, step, _, _), v in sorted(received.items())
