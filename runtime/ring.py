@@ -204,7 +204,7 @@ def connect(rank: int | None = None, world_size: int | None = None,
         names the ranks and addresses that were not reached.
     collective_timeout: the default deadline of each collective (CollectiveTimeout).
     segment_bytes: the largest message of a ring step; larger chunks travel in pieces that
-        pipeline (default RINGLIB_SEGMENT_BYTES or 1 MiB).
+        pipeline (default RINGLIB_SEGMENT_BYTES or 4 MiB).
     small_bytes: buffers up to this size take the latency-optimal algorithms (default
         RINGLIB_SMALL_BYTES or collectives.SMALL_BYTES).
     """
