@@ -24,20 +24,22 @@ async def recursive_doubling(ch: Channel, buf: np.ndarray, partial: Reducer,
     n, r = ch.world_size, ch.rank
     p = 1 << (n.bit_length() - 1)
     rounds = p.bit_length() - 1
-    result_step = rounds + 1
+    # Rounds are steps 0..rounds-1, like the ring's first steps, so that a rank that took
+    # the ring because its buffer differs meets a size mismatch at once, not a timeout.
+    fold_step, result_step = rounds, rounds + 1
     if r >= p:  # folded out: lend the data to rank r-p, get the result back
-        await ch.send(r - p, 0, 0, buf, region=0)
+        await ch.send(r - p, fold_step, 0, buf, region=0)
         result, _ = await ch.recv(r - p, result_step, 0, buf.size)
         await ch.before_overwrite(0)
         np.copyto(buf, result)
         return
     if r < n - p:
-        piece, _ = await ch.recv(r + p, 0, 0, buf.size)
+        piece, _ = await ch.recv(r + p, fold_step, 0, buf.size)
         await ch.run(partial, buf, piece)
     for i in range(rounds):
         partner = r ^ (1 << i)
-        await ch.send(partner, i + 1, 0, buf, region=0)
-        piece, _ = await ch.recv(partner, i + 1, 0, buf.size)
+        await ch.send(partner, i, 0, buf, region=0)
+        piece, _ = await ch.recv(partner, i, 0, buf.size)
         await ch.before_overwrite(0)
         await ch.run(final if i == rounds - 1 else partial, buf, piece)
     if r < n - p:

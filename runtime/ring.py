@@ -128,7 +128,11 @@ class Ring:
             async with asyncio.timeout(limit):
                 return await algorithm(ch, *args)
         except TimeoutError:
+            self._endpoint.inbox.abandon(ch.seq)
             raise self._timed_out(ch, limit) from None
+        except BaseException:
+            self._endpoint.inbox.abandon(ch.seq)  # its late messages must not pile up
+            raise
 
     def _timed_out(self, ch: Channel, limit: float) -> CollectiveTimeout:
         where = f"{ch.name} #{ch.seq} on rank {self.rank} ({self.address})"

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def data(seq: int, count: int) -> bytes:
     """Rank 1's header for the one step of a 2-rank recursive-doubling all-reduce."""
-    return encode(Header(Kind.DATA, seq, 1, 0, "float32", count, 1))
+    return encode(Header(Kind.DATA, seq, 0, 0, "float32", count, 1))
 
 
 async def test_garbage_is_dropped_and_a_short_payload_is_refused(caplog):

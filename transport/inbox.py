@@ -26,10 +26,13 @@ class Inbox:
         self._waiting: dict[tuple, asyncio.Future] = {}
         self._kept: dict[tuple, Message] = {}
         self._failure: BaseException | None = None
+        self._abandoned: set[int] = set()
 
     def deliver(self, message: Message) -> None:
         """File a message: hand it to its waiter, or keep it for one."""
         key = message.header.key
+        if message.header.seq in self._abandoned:
+            return
         waiter = self._waiting.pop(key, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(message)
@@ -58,6 +61,12 @@ class Inbox:
         finally:
             if self._waiting.get(key) is waiter:
                 del self._waiting[key]
+
+    def abandon(self, seq: int) -> None:
+        """Drop what is kept for collective `seq`, which failed here, and what still comes."""
+        self._abandoned.add(seq)
+        for key in [k for k in self._kept if k[1] == seq]:
+            del self._kept[key]
 
     def fail(self, exc: BaseException) -> None:
         """Make every current and later wait raise `exc` (the endpoint closed or broke)."""
