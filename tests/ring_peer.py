@@ -88,9 +88,11 @@ class Digest:
 
 
 async def grid(ring: ringlib.Ring, seed: int, digest: Digest) -> None:
-    """Every op and dtype on sizes 0, 1, below the world size, primes and a few MiB."""
+    """Every op and dtype on sizes 0, 1, below the world size, primes, two drawn from the
+    seed, and 4 MiB."""
     n_ranks, case = ring.world_size, 0
-    sizes = [0, 1, max(n_ranks - 1, 1), 7, 8191, 65521]
+    drawn = [int(n) for n in np.random.default_rng([seed, 7]).integers(2, 300_000, 2)]
+    sizes = [0, 1, max(n_ranks - 1, 1), 7, 8191, 65521, *drawn]
     for dtype in FLOATS + INTS:
         for op in OPS:
             if op == "mean" and dtype in INTS:
