@@ -1,58 +1,121 @@
-"""`ringlib demo`, the job `make demo` runs: the compiled core on real data.
+"""`ringlib demo`, the job `make demo` runs: a real ring of 4 processes on this host.
 
-It plays four ranks' gradients for a small convolutional network, averages them with
-reduce_into the way a ring's steps do (sum, then a fused mean on the last pass), checks
-the result against a float64 reference, and prints the core's throughput beside numpy's.
+The demo launches 4 peers through `ringlib launch`'s machinery. Each peer draws every
+rank's gradients for a small convolutional network from one seed, so it can compute the
+float64 reference on its own. The peers average their gradients with all_reduce, check
+the other collectives, and time a short latency and bandwidth sweep. Rank 0 prints a
+line per check and the sweep's table.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import hashlib
+import sys
 import time
 
 import numpy as np
 
-from .partition import chunk_bounds
-from .reduce import reduce_into
-
 # Parameter shapes of a small CNN for 28x28 digits: conv 1->16->32, then 1568->128->10.
 MODEL_SHAPES = [(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (128, 1568), (128,), (10, 128), (10,)]
 RANKS = 4
-
-
-def _check_mean(grads: list[list[np.ndarray]]) -> float:
-    """Average the ranks' gradients chunk by chunk as ring steps do; return max abs error."""
-    worst = 0.0
-    for per_rank in zip(*grads):
-        acc = per_rank[0].copy()
-        flat = acc.reshape(-1)
-        bounds = chunk_bounds(flat.size, RANKS)
-        for lo, hi in zip(bounds, bounds[1:]):
-            for step, g in enumerate(per_rank[1:], start=2):
-                op = "mean" if step == RANKS else "sum"
-                reduce_into(flat[lo:hi], g.reshape(-1)[lo:hi], op, count=RANKS)
-        reference = np.mean([g.astype(np.float64) for g in per_rank], axis=0)
-        worst = max(worst, float(np.max(np.abs(acc - reference), initial=0.0)))
-    return worst
+SWEEP = [(8, 200), (64 << 10, 50), (1 << 20, 20), (16 << 20, 5)]  # (bytes, timed calls)
 
 
 def run_demo(seed: int | None = None) -> int:
-    """Run the demo; return the process exit status (0 when every check passed)."""
+    """Launch the 4 peers; return the exit status (0 when every check passed on every rank)."""
+    from ringlib.runtime.hosts import Host, seat
+    from ringlib.runtime.launcher import Supervisor, plan
+
     seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**32)
-    rng = np.random.default_rng(seed)
-    grads = [[rng.standard_normal(s).astype(np.float32) for s in MODEL_SHAPES] for _ in range(RANKS)]
-    n_params = sum(int(np.prod(s)) for s in MODEL_SHAPES)
-    start = time.perf_counter()
-    error = _check_mean(grads)
-    elapsed = time.perf_counter() - start
-    ok = error <= 1e-6
-    print(f"ringlib demo (seed {seed})")
-    print(f"  mean of {RANKS} ranks' gradients, {n_params:,} float32 parameters in "
-          f"{len(MODEL_SHAPES)} tensors, chunked as a {RANKS}-rank ring: "
-          f"max |error| vs float64 {error:.2e} ... {'ok' if ok else 'FAILED'} ({elapsed * 1e3:.0f} ms)")
+    command = [sys.executable, "-m", "ringlib.demo", "--peer", str(seed)]
+    seats = seat(RANKS, [Host("localhost", "127.0.0.1", RANKS)])
+    ranks, reservation = plan(seats, command, "tcp", None, "", "", timeout=30)
+    try:
+        return asyncio.run(Supervisor(ranks).run())
+    finally:
+        reservation.close()
 
-    from ringlib.bench.kernels import format_table, run
 
-    print("\ncompiled core vs numpy / torch (medians, measured side by side):")
-    cases = [("float32", "sum"), ("float32", "max"), ("bfloat16", "sum")]
-    print(format_table(run([1 << 10, 1 << 20, 16 << 20], cases, seed, progress=False)))
-    return 0 if ok else 1
+def gradients(seed: int, rank: int) -> list[np.ndarray]:
+    rng = np.random.default_rng([seed, rank])
+    return [rng.standard_normal(s).astype(np.float32) for s in MODEL_SHAPES]
+
+
+async def checks(ring, seed: int) -> list[tuple[str, bool, str]]:
+    """(what, passed, detail) for each collective, against references every rank computes."""
+    n, rank = ring.world_size, ring.rank
+    everyone = [gradients(seed, r) for r in range(n)]
+    expected = [np.mean([e[i].astype(np.float64) for e in everyone], 0) for i in range(len(MODEL_SHAPES))]
+    mine = everyone[rank]
+    await asyncio.gather(*(ring.all_reduce(g, "mean") for g in mine))
+    error = max(float(np.max(np.abs(g - e))) for g, e in zip(mine, expected))
+    digest = np.frombuffer(hashlib.sha256(b"".join(g.tobytes() for g in mine)).digest()[:8],
+                           np.int64)
+    digests = await ring.all_gather(digest)
+    params = sum(g.size for g in mine)
+    result = [(f"all_reduce mean of {params:,} float32 gradients in {len(mine)} tensors",
+               error <= 1e-6, f"max |error| vs float64 {error:.1e}"),
+              ("every rank holds bit-identical averages", bool(np.all(digests == digests[0])),
+               f"{n} digests compared")]
+    shard = await ring.reduce_scatter(np.full(1001, rank + 1.0))
+    result.append(("reduce_scatter of 1001 elements", bool(np.all(shard == n * (n + 1) / 2)),
+                   f"this rank's chunk: {shard.size} elements"))
+    root_data = np.random.default_rng([seed, 99]).standard_normal(300_000)
+    received = root_data.copy() if rank == n - 1 else np.zeros_like(root_data)
+    await ring.broadcast(received, root=n - 1)
+    result.append((f"broadcast of {received.nbytes >> 10} KiB from rank {n - 1}",
+                   bool(np.array_equal(received, root_data)), "pipelined along the ring"))
+    return result
+
+
+async def sweep(ring) -> list[tuple[int, float]]:
+    """(bytes, median seconds) of back-to-back float32 sum all-reduces, timed on each rank."""
+    rows = []
+    for nbytes, calls in SWEEP:
+        x = np.zeros(nbytes // 4, np.float32)
+        await ring.all_reduce(x)
+        await ring.barrier()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            await ring.all_reduce(x)
+            times.append(time.perf_counter() - start)
+        rows.append((nbytes, float(np.median(times))))
+    return rows
+
+
+def report(results: list[tuple[str, bool, str]], rows: list[tuple[int, float]], seed: int,
+           world: int, elapsed: float) -> None:
+    from ringlib.bench.timing import format_size
+
+    print(f"ringlib demo: {world} peers on this host, one process each, seed {seed}")
+    for what, ok, detail in results:
+        print(f"  {'ok    ' if ok else 'FAILED'} {what} ({detail})")
+    print(f"\n  {'all_reduce':>10} {'p50 us':>10} {'busbw GB/s':>11}   ({world} ranks, tcp, float32 sum)")
+    for nbytes, seconds in rows:
+        busbw = nbytes / seconds * 2 * (world - 1) / world / 1e9
+        print(f"  {format_size(nbytes):>10} {seconds * 1e6:>10.1f} {busbw:>11.3f}")
+    print(f"\n  busbw = bytes / time x 2(n-1)/n; checks and sweep took {elapsed:.1f} s")
+
+
+async def peer(seed: int) -> int:
+    import ringlib
+
+    async with ringlib.connect() as ring:
+        start = time.perf_counter()
+        results = await checks(ring, seed)
+        rows = await sweep(ring)
+        passed = all(ok for _, ok, _ in results)
+        if ring.rank == 0:
+            report(results, rows, seed, ring.world_size, time.perf_counter() - start)
+        elif not passed:
+            print("\n".join(f"FAILED {w} ({d})" for w, ok, d in results if not ok))
+        return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m ringlib.demo")
+    parser.add_argument("--peer", type=int, required=True, help="run one peer with this seed")
+    sys.exit(asyncio.run(peer(parser.parse_args().peer)))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 from ringlib.errors import RingClosed
 
-from .ring import CONNECT_TIMEOUT, Ring, connect
+from .ring import Ring, connect
 
 T = TypeVar("T")
 
@@ -89,7 +89,7 @@ class BlockingRing:
 
 
 def init(rank: int | None = None, world_size: int | None = None,
-         peers: list[str] | None = None, *, timeout: float = CONNECT_TIMEOUT,
+         peers: list[str] | None = None, *, timeout: float | None = None,
          **settings: Any) -> BlockingRing:
     """Join the ring from synchronous code; the arguments are connect()'s."""
     where = connect(rank, world_size, peers, timeout=timeout, **settings)

@@ -182,21 +182,21 @@ class Settings:
     """A ring's tunables; see connect()."""
 
     collective_timeout: float = COLLECTIVE_TIMEOUT
-    segment_bytes: int = field(default_factory=lambda: _env_int("RINGLIB_SEGMENT_BYTES",
+    segment_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SEGMENT_BYTES",
                                                                 SEGMENT_BYTES))
-    small_bytes: int = field(default_factory=lambda: _env_int("RINGLIB_SMALL_BYTES",
+    small_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SMALL_BYTES",
                                                               collectives.SMALL_BYTES))
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_number(name: str, default: float) -> float:
     try:
-        return int(os.environ.get(name, default))
+        return type(default)(os.environ.get(name, default))
     except ValueError:
         raise InvalidArgument(f"{name}={os.environ[name]!r} is not an integer") from None
 
 
 def connect(rank: int | None = None, world_size: int | None = None,
-            peers: list[str] | None = None, *, timeout: float = CONNECT_TIMEOUT,
+            peers: list[str] | None = None, *, timeout: float | None = None,
             **settings: Any) -> Connecting:
     """Join the ring: `ring = await connect(...)` or `async with connect(...) as ring`.
 
@@ -205,7 +205,8 @@ def connect(rank: int | None = None, world_size: int | None = None,
         from the environment (RINGLIB_*, torchrun, mpirun or srun variables; see
         ringlib.runtime.environment). With none at all the process is a ring of one.
     timeout: seconds to wait for the peers at start-up before RendezvousTimeout, which
-        names the ranks and addresses that were not reached.
+        names the ranks and addresses that were not reached (default
+        RINGLIB_CONNECT_TIMEOUT, which `ringlib launch --timeout` sets, or 60).
     collective_timeout: the default deadline of each collective (CollectiveTimeout).
     segment_bytes: the largest message of a ring step; larger chunks travel in pieces that
         pipeline (default RINGLIB_SEGMENT_BYTES or 4 MiB).
@@ -213,6 +214,8 @@ def connect(rank: int | None = None, world_size: int | None = None,
         RINGLIB_SMALL_BYTES or collectives.SMALL_BYTES).
     """
     where = placement(rank, world_size, peers)
+    if timeout is None:
+        timeout = float(_env_number("RINGLIB_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
     tunables = Settings(**settings)
     return Connecting(lambda: _open(where, timeout, tunables))
 

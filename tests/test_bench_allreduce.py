@@ -1,56 +1,26 @@
 """The all-reduce benchmark, run for real: its table, its failures, and its clean-up.
 
-Every run carries a unique RINGLIB_BENCH_TEST_TAG in its environment, which the ranks it
+Every run carries a unique RINGLIB_TEST_TAG in its environment, which the ranks it
 spawns inherit, so /proc tells whether any of them outlived the benchmark; and a private
 TMPDIR, which tells whether it removed its temporary directory.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
+
+from leftovers import assert_none_left, processes_with, tagged_env
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(),
                                 reason="finds leftover ranks through /proc")
 
 BENCH = [sys.executable, "-m", "ringlib.bench.allreduce"]
-
-
-def tagged_env(tmp: Path, **extra: str) -> tuple[str, dict[str, str]]:
-    """A NAME=value tag and an environment carrying it, with TMPDIR at tmp (created)."""
-    tag = f"RINGLIB_BENCH_TEST_TAG={uuid.uuid4().hex}"
-    name, value = tag.split("=")
-    tmp.mkdir()
-    return tag, {**os.environ, name: value, "TMPDIR": str(tmp), **extra}
-
-
-def processes_with(tag: str) -> list[int]:
-    """Live processes whose environment holds `tag` (NAME=value)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                environ = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:  # gone meanwhile, or not ours to read
-                continue
-            if tag.encode() in environ:
-                found.append(int(entry.name))
-    return found
-
-
-def assert_none_left(tag: str, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while processes_with(tag) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not processes_with(tag), "benchmark ranks outlived the benchmark"
 
 
 @pytest.mark.timeout(60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,12 +111,14 @@ def test_python_dash_m_and_the_console_script_agree(tmp_path):
     assert module.stdout == script.stdout == "ringlib 0.1.0\n"
 
 
-def test_the_demo_checks_its_result_and_prints_the_throughput_table(tmp_path):
+def test_the_demo_runs_4_peers_checks_every_collective_and_prints_the_sweep(tmp_path):
     demo = run(sys.executable, "-m", "ringlib", "demo", "--seed", "7", cwd=tmp_path)
     assert demo.returncode == 0, demo.stderr
-    assert "seed 7" in demo.stdout and "... ok" in demo.stdout
-    for row in ("float32   sum", "bfloat16   sum", "16 MiB"):
-        assert row in demo.stdout
+    assert "[0] ringlib demo: 4 peers on this host, one process each, seed 7" in demo.stdout
+    checks = [line for line in demo.stdout.splitlines() if line.startswith("[0]   ok ")]
+    assert len(checks) == 4 and "FAILED" not in demo.stdout
+    for row in ("8 B", "64 KiB", "1 MiB", "16 MiB"):
+        assert re.search(rf"\[0\] +{row} +[\d.]+ +[\d.]+$", demo.stdout, re.M), row
 
 
 def test_the_kernel_benchmark_prints_a_row_per_case_with_a_ratio(tmp_path):

@@ -1,0 +1,256 @@
+"""`ringlib launch`: start the ranks of a ring, relay their output, and stop them together.
+
+    ringlib launch -n N [--hosts h1:2,h2:2 | --hostfile FILE] [--rsh 'ssh {host}']
+                   [--transport tcp|ipc] [--port P] [--timeout S] -- COMMAND ARGS...
+
+Every rank gets RINGLIB_RANK, RINGLIB_LOCAL_RANK, RINGLIB_WORLD_SIZE and RINGLIB_PEERS,
+so that ringlib.connect() and ringlib.init() need no arguments. Each output line comes
+out whole, prefixed with its rank, on the stream it was written to. When a rank fails,
+the others get SIGTERM, then SIGKILL after a grace period, and the launcher exits with
+the failed rank's code (128 + N for signal N). SIGINT and SIGTERM to the launcher are
+passed to every rank, and end it the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import ctypes
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from ringlib.errors import RendezvousError
+
+from .hosts import Host, PortReservation, Seat, parse_hosts, read_hostfile, seat
+
+GRACE_S = 5.0           # between SIGTERM and SIGKILL
+DEFAULT_PORT = 29600    # first port of each remote host's ranks, when --port is not given
+STDERR_TAIL = 12        # lines of a failed rank's stderr repeated in the report
+LINE_LIMIT = 1 << 20    # longest line relayed whole; longer ones come in pieces
+
+
+@dataclass
+class Rank:
+    """One rank's process and what the launcher keeps of its output."""
+
+    seat: Seat
+    argv: list[str]
+    env: dict[str, str]
+    process: asyncio.subprocess.Process | None = None
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL))
+
+    @property
+    def name(self) -> str:
+        return f"rank {self.seat.rank} on {self.seat.host.name}"
+
+
+def plan(seats: list[Seat], command: list[str], transport: str, port: int | None,
+         rsh: str, workdir: str, timeout: float | None) -> tuple[list[Rank], PortReservation | None]:
+    """The ranks to start, and the ports held for them on this host (close it at the end)."""
+    if not command:
+        raise RendezvousError("no command to launch: put it after --, as in "
+                              "`ringlib launch -n 2 -- python train.py`")
+    remote = any(not s.host.local for s in seats)
+    reservation = None
+    if transport == "ipc":
+        if remote:
+            raise RendezvousError("ipc links only join ranks on one host; use --transport tcp")
+        peers = [f"ipc://{workdir}/r{s.rank}" for s in seats]
+    elif remote or port is not None:
+        base = DEFAULT_PORT if port is None else port
+        peers = [f"tcp://{_bracketed(s.host.address)}:{base + s.local_rank}" for s in seats]
+    else:
+        reservation = PortReservation(len(seats))
+        peers = [f"tcp://127.0.0.1:{p}" for p in reservation.ports]
+    ranks = []
+    for s in seats:
+        env = {"RINGLIB_RANK": str(s.rank), "RINGLIB_LOCAL_RANK": str(s.local_rank),
+               "RINGLIB_WORLD_SIZE": str(len(seats)), "RINGLIB_PEERS": ",".join(peers),
+               "PYTHONUNBUFFERED": "1"}
+        if timeout is not None:
+            env["RINGLIB_CONNECT_TIMEOUT"] = str(timeout)
+        if s.host.local:
+            ranks.append(Rank(s, command, {**os.environ, **env}))
+        else:
+            prefix = shlex.split(rsh.format(host=s.host.name))
+            ranks.append(Rank(s, [*prefix, "env", *(f"{k}={v}" for k, v in env.items()),
+                                  *command], dict(os.environ)))
+    return ranks, reservation
+
+
+def _bracketed(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+class Supervisor:
+    """Runs the ranks to the end; the first failure or signal stops all of them."""
+
+    def __init__(self, ranks: list[Rank], grace: float = GRACE_S) -> None:
+        self.ranks = ranks
+        self.grace = grace
+        self.failed: Rank | None = None
+        self.signalled: int | None = None
+        self._stopping: asyncio.Task | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            pumps = []
+            for rank in self.ranks:
+                await self._start(rank)
+                pumps += [self._relay(rank, rank.process.stdout, sys.stdout.buffer, False),
+                          self._relay(rank, rank.process.stderr, sys.stderr.buffer, True)]
+            await asyncio.gather(*pumps, *(self._watch(r) for r in self.ranks))
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            await self._stop_all(signal.SIGKILL)
+            if self._stopping is not None:
+                await self._stopping
+        return self._exit_code()
+
+    async def _start(self, rank: Rank) -> None:
+        try:
+            rank.process = await asyncio.create_subprocess_exec(
+                *rank.argv, env=rank.env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                start_new_session=True, preexec_fn=_die_with_parent, limit=LINE_LIMIT)
+        except OSError as exc:
+            raise RendezvousError(f"cannot start {rank.name}: {rank.argv[0]}: {exc}") from None
+
+    async def _relay(self, rank: Rank, stream: asyncio.StreamReader, out: BinaryIO,
+                     keep: bool) -> None:
+        prefix = f"[{rank.seat.rank}] ".encode()
+        while line := await _read_line(stream):
+            if not line.endswith(b"\n"):
+                line += b"\n"
+            out.write(prefix + line)  # one write per line: lines never mix
+            out.flush()
+            if keep:
+                rank.tail.append(line.decode(errors="replace").rstrip("\n"))
+
+    async def _watch(self, rank: Rank) -> None:
+        code = await rank.process.wait()
+        _signal_group(rank.process.pid, signal.SIGKILL)  # what the rank left running
+        if code != 0 and self.failed is None and self.signalled is None:
+            self.failed = rank
+            self._stopping = asyncio.ensure_future(self._stop_all(signal.SIGTERM))
+
+    def _on_signal(self, signum: int) -> None:
+        if self.signalled is None:
+            self.signalled = signum
+            self._stopping = asyncio.ensure_future(self._stop_all(signum))
+
+    async def _stop_all(self, signum: int) -> None:
+        """Send `signum` to every rank still running, then SIGKILL after the grace period."""
+        running = [r for r in self.ranks if r.process and r.process.returncode is None]
+        for rank in running:
+            _signal_group(rank.process.pid, signum)
+        if signum == signal.SIGKILL:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*(r.process.wait() for r in running)),
+                                   self.grace)
+        except TimeoutError:
+            for rank in running:
+                _signal_group(rank.process.pid, signal.SIGKILL)
+
+    def _exit_code(self) -> int:
+        if self.failed is not None:
+            self._report(self.failed)
+            return _as_exit_code(self.failed.process.returncode)
+        if self.signalled is not None:
+            print(f"ringlib launch: stopped by {signal.Signals(self.signalled).name}; "
+                  "every rank was stopped", file=sys.stderr)
+            return 128 + self.signalled
+        return 0
+
+    def _report(self, rank: Rank) -> None:
+        code = rank.process.returncode
+        how = (f"was killed by {signal.Signals(-code).name}" if code < 0
+               else f"exited with code {code}")
+        lines = [f"ringlib launch: {rank.name} {how}; the other ranks were stopped"]
+        if rank.tail:
+            lines.append(f"ringlib launch: last lines of rank {rank.seat.rank}'s stderr:")
+            lines += [f"    {line}" for line in rank.tail]
+        print("\n".join(lines), file=sys.stderr)
+
+
+async def _read_line(stream: asyncio.StreamReader) -> bytes:
+    try:
+        return await stream.readline()
+    except ValueError:  # a line longer than LINE_LIMIT: pass on what the buffer holds
+        return await stream.read(LINE_LIMIT)
+
+
+def _as_exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGKILL if the launcher dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ringlib launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-n", "--ranks", type=int, default=None,
+                   help="how many ranks (default: every slot of --hosts, else 1)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--hosts", type=parse_hosts, default=None,
+                       help="name[@address][:slots],... (default: this host)")
+    where.add_argument("--hostfile", type=read_hostfile, default=None,
+                       help="a file of `name[@address][:slots]` or `name slots=N` lines")
+    p.add_argument("--rsh", default="ssh {host}",
+                   help="how to start a rank on another host (default: %(default)r)")
+    p.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
+    p.add_argument("--port", type=int, default=None,
+                   help=f"first tcp port of each host's ranks (default: free ports here, "
+                        f"{DEFAULT_PORT} on other hosts)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds the ranks wait for each other at start-up (default: 60)")
+    p.add_argument("--grace", type=float, default=GRACE_S,
+                   help="seconds between SIGTERM and SIGKILL when stopping (default: %(default)s)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `ringlib launch ARGV`; return the exit code."""
+    args = parser().parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    hosts = args.hosts or args.hostfile or [Host("localhost", "127.0.0.1", args.ranks or 1)]
+    workdir = tempfile.mkdtemp(prefix="ringlib-")
+    reservation = None
+    try:
+        ranks, reservation = plan(seat(args.ranks, hosts), command, args.transport, args.port,
+                                  args.rsh, workdir, args.timeout)
+        return asyncio.run(Supervisor(ranks, args.grace).run())
+    except RendezvousError as exc:
+        print(f"ringlib launch: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if reservation is not None:
+            reservation.close()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,38 @@
+"""Find processes a test left behind: each run carries a unique tag in its environment,
+which every process it starts inherits, so /proc tells whether any of them outlived it."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+
+def tagged_env(tmp: Path, **extra: str) -> tuple[str, dict[str, str]]:
+    """A NAME=value tag and an environment carrying it, with TMPDIR at tmp (created)."""
+    tag = f"RINGLIB_TEST_TAG={uuid.uuid4().hex}"
+    name, value = tag.split("=")
+    tmp.mkdir()
+    return tag, {**os.environ, name: value, "TMPDIR": str(tmp), **extra}
+
+
+def processes_with(tag: str) -> list[int]:
+    """Live processes whose environment holds `tag` (NAME=value)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            if tag.encode() in environ:
+                found.append(int(entry.name))
+    return found
+
+
+def assert_none_left(tag: str, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while processes_with(tag) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes_with(tag), "processes outlived the run that started them"

@@ -1,0 +1,157 @@
+"""`ringlib launch` for real: exit codes, signals, output, hosts in network namespaces."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from leftovers import assert_none_left, tagged_env
+from ringlib import RendezvousError
+from ringlib.runtime.hosts import Host, parse_hosts, read_hostfile, seat
+
+pytestmark = pytest.mark.timeout(120)
+JOB = str(Path(__file__).with_name("launch_job.py"))
+LAUNCH = [sys.executable, "-m", "ringlib", "launch"]
+
+
+def launch(tmp: Path, *args: str, timeout: float = 90) -> tuple[subprocess.CompletedProcess, str]:
+    tag, env = tagged_env(tmp / f"tmp-{uuid.uuid4().hex[:6]}")
+    done = subprocess.run([*LAUNCH, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert_none_left(tag)
+    return done, tag
+
+
+def test_ranks_find_each_other_and_each_line_carries_its_rank(tmp_path):
+    done, _ = launch(tmp_path, "-n", "3", "--", sys.executable, JOB, "sum")
+    assert done.returncode == 0, done.stderr
+    lines = sorted(done.stdout.splitlines())
+    assert [line.split(" sum ")[0] for line in lines] == [f"[{r}] rank {r} of 3" for r in range(3)]
+    assert all(line.split(" sum ")[1].startswith("6 ") for line in lines)
+
+
+def test_ipc_endpoints_live_in_a_private_directory_that_goes_away(tmp_path):
+    done, _ = launch(tmp_path, "-n", "2", "--transport", "ipc", "--", sys.executable, JOB, "sum")
+    assert done.returncode == 0, done.stderr
+    assert not list(tmp_path.glob("tmp-*/ringlib-*")), "the launcher left its ipc directory"
+
+
+def test_a_failing_rank_stops_the_others_and_its_code_is_the_launchers(tmp_path):
+    done, _ = launch(tmp_path, "-n", "3", "--", sys.executable, JOB, "fail", "1", "7")
+    assert done.returncode == 7
+    assert "rank 1 on localhost exited with code 7" in done.stderr
+    assert "    rank 1 gives up" in done.stderr  # the last lines of its stderr
+
+
+def test_a_rank_killed_by_a_signal_gives_128_plus_the_signal(tmp_path):
+    done, _ = launch(tmp_path, "-n", "3", "--grace", "1", "--", sys.executable, JOB, "kill", "2")
+    assert done.returncode == 128 + signal.SIGKILL
+    assert "rank 2 on localhost was killed by SIGKILL" in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_launcher_reaches_every_rank(tmp_path, signum):
+    tag, env = tagged_env(tmp_path / "tmp")
+    launcher = subprocess.Popen([*LAUNCH, "-n", "3", "--", sys.executable, JOB, "sleep"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = 0
+    while ready < 3:  # every rank is connected and asleep
+        line = launcher.stdout.readline()
+        assert line, launcher.stderr.read()
+        ready += line.endswith("] ready\n")
+    launcher.send_signal(signum)
+    _, err = launcher.communicate(timeout=30)
+    assert launcher.returncode == 128 + signum
+    assert f"stopped by {signal.Signals(signum).name}" in err
+    assert_none_left(tag)
+
+
+def test_lines_are_never_mixed_and_streams_stay_apart(tmp_path):
+    done, _ = launch(tmp_path, "-n", "3", "--", sys.executable, JOB, "chatter", "200")
+    assert done.returncode == 0, done.stderr
+    for stream in (done.stdout, done.stderr):
+        lines = stream.splitlines()
+        assert len(lines) == 3 * 100
+        for line in lines:
+            assert re.fullmatch(r"\[(\d)\] (\1{5000})", line), line[:80]
+
+
+def test_two_launchers_at_once_pick_different_ports(tmp_path):
+    args = [*LAUNCH, "-n", "3", "--", sys.executable, JOB, "sum"]
+    runs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    for run in runs:
+        out, err = run.communicate(timeout=90)
+        assert run.returncode == 0, err
+        assert out.count(" sum 6 ") == 3
+
+
+def test_nothing_to_launch_or_too_few_slots_is_a_clear_error(tmp_path):
+    done, _ = launch(tmp_path, "-n", "2")
+    assert done.returncode == 2 and "no command to launch" in done.stderr
+    done, _ = launch(tmp_path, "-n", "5", "--hosts", "localhost:2", "--", "true")
+    assert done.returncode == 2 and "cannot place 5 ranks on 2 slots" in done.stderr
+    done, _ = launch(tmp_path, "-n", "1", "--", "/no/such/program")
+    assert done.returncode == 2 and "cannot start rank 0" in done.stderr
+
+
+def test_host_lists_and_hostfiles_place_ranks_in_order(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnode1 slots=2\nnode2@10.0.0.2:3  # comment\nnode3\n")
+    assert read_hostfile(hostfile) == [Host("node1", "node1", 2), Host("node2", "10.0.0.2", 3),
+                                      Host("node3", "node3", 1)]
+    hosts = parse_hosts("a:2,b@10.1.1.1:2")
+    seats = seat(3, hosts)
+    assert [(s.rank, s.host.name, s.local_rank) for s in seats] == [(0, "a", 0), (1, "a", 1),
+                                                                    (2, "b", 0)]
+    assert len(seat(None, hosts)) == 4
+    with pytest.raises(RendezvousError, match="name\\[@address\\]\\[:slots\\]"):
+        parse_hosts("a:0")
+
+
+# --- hosts as network namespaces joined by a veth link --------------------------------
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces, A at 10.N.M.1 and B at 10.N.M.2, joined by a veth pair."""
+    suffix = uuid.uuid4().hex[:5]
+    names = [f"rl{suffix}a", f"rl{suffix}b"]
+    subnet = f"10.{100 + int(suffix[:2], 16) % 100}.{int(suffix[2:4], 16)}"
+    try:
+        for name in names:
+            ip("netns", "add", name)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        pytest.skip(f"cannot create network namespaces here ({exc}); needs root and iproute2")
+    try:
+        ip("link", "add", f"v{suffix}a", "type", "veth", "peer", "name", f"v{suffix}b")
+        for end, name in zip("ab", names):
+            ip("link", "set", f"v{suffix}{end}", "netns", name)
+            ip("-n", name, "addr", "add", f"{subnet}.{1 + (end == 'b')}/24", "dev", f"v{suffix}{end}")
+            ip("-n", name, "link", "set", f"v{suffix}{end}", "up")
+            ip("-n", name, "link", "set", "lo", "up")
+        yield [(name, f"{subnet}.{i + 1}") for i, name in enumerate(names)]
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_ranks_on_two_hosts_talk_over_the_link_between_them(tmp_path, two_hosts):
+    (a, a_ip), (b, b_ip) = two_hosts
+    done, _ = launch(tmp_path, "--hosts", f"{a}@{a_ip}:2,{b}@{b_ip}:2",
+                     "--rsh", "ip netns exec {host}", "--", sys.executable, JOB, "sum")
+    assert done.returncode == 0, done.stderr
+    assert sorted(line.split(" pid ")[0] for line in done.stdout.splitlines()) == \
+        [f"[{r}] rank {r} of 4 sum 10" for r in range(4)]
