@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -56,20 +55,33 @@ def test_a_rank_killed_by_a_signal_gives_128_plus_the_signal(tmp_path):
     assert "rank 2 on localhost was killed by SIGKILL" in done.stderr
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_to_the_launcher_reaches_every_rank(tmp_path, signum):
-    tag, env = tagged_env(tmp_path / "tmp")
-    launcher = subprocess.Popen([*LAUNCH, "-n", "3", "--", sys.executable, JOB, "sleep"],
+def sleeping_ring(tmp: Path, ranks: int) -> tuple[subprocess.Popen, str]:
+    """A launcher whose ranks are all connected and asleep, and its tag."""
+    tag, env = tagged_env(tmp / "tmp")
+    launcher = subprocess.Popen([*LAUNCH, "-n", str(ranks), "--", sys.executable, JOB, "sleep"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ready = 0
-    while ready < 3:  # every rank is connected and asleep
+    while ready < ranks:
         line = launcher.stdout.readline()
         assert line, launcher.stderr.read()
         ready += line.endswith("] ready\n")
+    return launcher, tag
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_launcher_reaches_every_rank(tmp_path, signum):
+    launcher, tag = sleeping_ring(tmp_path, 3)
     launcher.send_signal(signum)
     _, err = launcher.communicate(timeout=30)
     assert launcher.returncode == 128 + signum
     assert f"stopped by {signal.Signals(signum).name}" in err
+    assert_none_left(tag)
+
+
+def test_ranks_die_with_a_launcher_killed_outright(tmp_path):
+    launcher, tag = sleeping_ring(tmp_path, 2)
+    launcher.kill()
+    launcher.communicate(timeout=30)
     assert_none_left(tag)
 
 
