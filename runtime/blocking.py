@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import functools
 import threading
 from typing import Any, Callable, Coroutine, TypeVar
@@ -28,8 +29,11 @@ class _LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self._thread.start()
 
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future = self.submit(coro)
         try:
             return future.result()
         except BaseException:
@@ -45,9 +49,16 @@ class _LoopThread:
 def _blocking(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     @functools.wraps(method)
     def call(self: BlockingRing, *args: Any, **kwargs: Any) -> T:
-        if self._thread is None:
-            raise RingClosed(f"rank {self.rank}: the ring is closed")
-        return self._thread.run(method(self.ring, *args, **kwargs))
+        return self._loop_thread().run(method(self.ring, *args, **kwargs))
+    return call
+
+
+def _nowait(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., concurrent.futures.Future[T]]:
+    def call(self: BlockingRing, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        return self._loop_thread().submit(method(self.ring, *args, **kwargs))
+    call.__name__ = f"{method.__name__}_async"
+    call.__doc__ = (f"Start {method.__name__} and return a concurrent.futures.Future of its "
+                    "result at once; the collective runs on the ring's loop thread.")
     return call
 
 
@@ -69,6 +80,15 @@ class BlockingRing:
     all_gather = _blocking(Ring.all_gather)
     broadcast = _blocking(Ring.broadcast)
     barrier = _blocking(Ring.barrier)
+    # Started at once, finished in the background: the calling thread keeps working (the
+    # gradient averager overlaps backward this way). Issue order is collective order.
+    all_reduce_async = _nowait(Ring.all_reduce)
+    broadcast_async = _nowait(Ring.broadcast)
+
+    def _loop_thread(self) -> _LoopThread:
+        if self._thread is None:
+            raise RingClosed(f"rank {self.rank}: the ring is closed")
+        return self._thread
 
     def close(self) -> None:
         """Leave the ring and stop the loop thread. Idempotent; also runs at interpreter exit."""

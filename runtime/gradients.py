@@ -1,0 +1,167 @@
+"""Data-parallel training with torch: average gradients across the ring while backward runs.
+
+GradientAverager registers a post-accumulate-grad hook on every parameter. As a gradient
+is finished, the hook copies it into its bucket; a full bucket is all-reduced at once on
+the ring's loop thread (BlockingRing.all_reduce_async) while backward carries on, and
+buckets always start in plan order, so every rank issues the same collectives in the
+same order. synchronize() sends what is left (gradients that never came count as zeros),
+waits, and writes the mean back into each .grad. A parameter that had no gradient on any
+rank keeps .grad None, as it would in one process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+from ringlib.errors import InvalidArgument, RingError
+
+from .blocking import BlockingRing
+from .buckets import BucketPlan, plan_buckets
+
+COMPRESSION = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def broadcast_parameters(model: torch.nn.Module, ring: BlockingRing, root: int = 0) -> None:
+    """Overwrite every parameter and buffer of `model` with rank `root`'s, in place."""
+    with torch.no_grad():
+        tensors = [t.detach() for t in [*model.parameters(), *model.buffers()]]
+        for future in [ring.broadcast_async(t, root) for t in tensors]:
+            future.result()
+
+
+class _Bucket:
+    """A plan's flat buffer on the wire, and what this step has put into it."""
+
+    def __init__(self, plan: BucketPlan, wire: torch.dtype) -> None:
+        self.plan = plan
+        self.buffer = torch.zeros(plan.size, dtype=wire)
+        self.ready = 0
+        self.future: concurrent.futures.Future | None = None
+
+
+class GradientAverager:
+    """Averages the gradients of `model` across `ring` (a BlockingRing, from ringlib.init()).
+
+    bucket_mb: megabytes of gradients per all-reduce; smaller buckets start sooner,
+        larger ones pay fewer per-message costs.
+    compression: None, "fp16" or "bf16": floating-point gradients travel as half
+        precision, and each reduction step adds in float32 in the compiled core.
+    """
+
+    def __init__(self, model: torch.nn.Module, ring: BlockingRing, bucket_mb: float = 25,
+                 compression: str | None = None) -> None:
+        if not isinstance(ring, BlockingRing):
+            raise InvalidArgument("GradientAverager needs the blocking ring from ringlib.init(): "
+                                  "its hooks run in the thread that runs backward")
+        if compression not in COMPRESSION:
+            raise InvalidArgument(f"compression must be None, 'fp16' or 'bf16', not {compression!r}")
+        self.ring = ring
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        layout = [(str(p.dtype), p.numel(), p.element_size()) for p in self.params]
+        self.buckets = [_Bucket(plan, self._wire(plan.dtype, compression))
+                        for plan in plan_buckets(layout, int(bucket_mb * (1 << 20)))]
+        self._where = {slot.param: (bucket, slot) for bucket in self.buckets
+                       for slot in bucket.plan.slots}
+        self._next = 0  # the first bucket not started yet
+        self._syncing = True
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(i))
+                       for i, p in enumerate(self.params)]
+
+    @staticmethod
+    def _wire(dtype: str, compression: str | None) -> torch.dtype:
+        param_dtype = getattr(torch, dtype.removeprefix("torch."))
+        return COMPRESSION[compression] if compression and param_dtype.is_floating_point \
+            else param_dtype
+
+    def _hook(self, index: int) -> Any:
+        def on_grad(param: torch.Tensor) -> None:
+            if self._syncing:
+                self._add(index, param.grad)
+        return on_grad
+
+    def _add(self, index: int, grad: torch.Tensor) -> None:
+        bucket, slot = self._where[index]
+        if bucket.future is not None:
+            raise RingError("a gradient arrived for a bucket already sent: call synchronize() "
+                            "after each backward, or accumulate inside no_sync()")
+        bucket.buffer[slot.offset:slot.offset + slot.numel].copy_(grad.reshape(-1))
+        bucket.buffer[slot.flag] = 1
+        bucket.ready += 1
+        self._start_ready()
+
+    def _start_ready(self, everything: bool = False) -> None:
+        """Start buckets in plan order, as far as they are full (or all, at the end)."""
+        while self._next < len(self.buckets):
+            bucket = self.buckets[self._next]
+            if not everything and bucket.ready < len(bucket.plan.slots):
+                return
+            bucket.future = self.ring.all_reduce_async(bucket.buffer, "mean")
+            self._next += 1
+
+    def synchronize(self) -> None:
+        """Wait until every bucket is averaged; then each .grad holds the mean over ranks.
+
+        Inside no_sync() it does nothing. Call it after every backward that should sync,
+        before the optimizer step.
+        """
+        if not self._syncing:
+            return
+        self._start_ready(everything=True)
+        try:
+            for bucket in self.buckets:
+                bucket.future.result()
+                self._write_back(bucket)
+        finally:
+            self._reset()
+
+    def _write_back(self, bucket: _Bucket) -> None:
+        for slot in bucket.plan.slots:
+            param = self.params[slot.param]
+            if bucket.buffer[slot.flag] == 0:  # no rank had a gradient
+                param.grad = None
+                continue
+            mean = bucket.buffer[slot.offset:slot.offset + slot.numel].view(param.shape)
+            if param.grad is None:
+                param.grad = mean.to(param.dtype, copy=True)
+            else:
+                param.grad.copy_(mean)
+
+    def _reset(self) -> None:
+        for bucket in self.buckets:
+            bucket.buffer.zero_()
+            bucket.ready, bucket.future = 0, None
+        self._next = 0
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate into .grad locally; the first synced backward
+        after it averages the accumulated gradients, as with DDP's no_sync()."""
+        previous, self._syncing = self._syncing, False
+        try:
+            yield
+        finally:
+            self._syncing = previous
+
+    def remove(self) -> None:
+        """Unhook from the model."""
+        for handle in self._hooks:
+            handle.remove()
+
+
+class DistributedOptimizer:
+    """Wraps an optimizer so that step() first waits for the averaged gradients."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, averager: GradientAverager) -> None:
+        self.optimizer = optimizer
+        self.averager = averager
+
+    def step(self, closure: Any = None) -> Any:
+        self.averager.synchronize()
+        return self.optimizer.step(closure)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
