@@ -1,0 +1,34 @@
+"""The examples, run as users run them: alone, and under `ringlib launch`."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+DIGITS = str(Path(__file__).parents[1] / "examples" / "train_digits.py")
+
+
+def last_epoch(output: str) -> tuple[float, float]:
+    """(loss, test accuracy in %) printed for the last epoch."""
+    line = [text for text in output.splitlines() if "epoch" in text][-1]
+    match = re.search(r"loss ([\d.]+), test accuracy ([\d.]+)%", line)
+    return float(match[1]), float(match[2])
+
+
+def test_train_digits_on_2_peers_reaches_the_single_process_accuracy():
+    alone = subprocess.run([sys.executable, DIGITS, "--epochs", "3"], capture_output=True,
+                           text=True, timeout=100)
+    assert alone.returncode == 0, alone.stderr
+    peers = subprocess.run([sys.executable, "-m", "ringlib", "launch", "-n", "2", "--",
+                            sys.executable, DIGITS, "--epochs", "3"],
+                           capture_output=True, text=True, timeout=100)
+    assert peers.returncode == 0, peers.stderr
+    assert "(2 peers)" in peers.stdout and "(1 peer)" in alone.stdout
+    (loss, accuracy), (alone_loss, alone_accuracy) = last_epoch(peers.stdout), last_epoch(alone.stdout)
+    assert accuracy == alone_accuracy > 85
+    assert abs(loss - alone_loss) <= 2e-4  # the same path, up to float rounding
