@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("kernels", "allreduce")
+BENCHMARKS = ("kernels", "allreduce", "trainer")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ line per check and the sweep's table.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import sys
 import time
@@ -25,6 +24,8 @@ SWEEP = [(8, 200), (64 << 10, 50), (1 << 20, 20), (16 << 20, 5)]  # (bytes, time
 
 def run_demo(seed: int | None = None) -> int:
     """Launch the 4 peers; return the exit status (0 when every check passed on every rank)."""
+    import asyncio
+
     from ringlib.runtime.hosts import Host, seat
     from ringlib.runtime.launcher import Supervisor, plan
 
@@ -43,44 +44,81 @@ def gradients(seed: int, rank: int) -> list[np.ndarray]:
     return [rng.standard_normal(s).astype(np.float32) for s in MODEL_SHAPES]
 
 
-async def checks(ring, seed: int) -> list[tuple[str, bool, str]]:
+def checks(ring, seed: int) -> list[tuple[str, bool, str]]:
     """(what, passed, detail) for each collective, against references every rank computes."""
     n, rank = ring.world_size, ring.rank
     everyone = [gradients(seed, r) for r in range(n)]
     expected = [np.mean([e[i].astype(np.float64) for e in everyone], 0) for i in range(len(MODEL_SHAPES))]
     mine = everyone[rank]
-    await asyncio.gather(*(ring.all_reduce(g, "mean") for g in mine))
+    for started in [ring.all_reduce_async(g, "mean") for g in mine]:  # all in flight at once
+        started.result()
     error = max(float(np.max(np.abs(g - e))) for g, e in zip(mine, expected))
     digest = np.frombuffer(hashlib.sha256(b"".join(g.tobytes() for g in mine)).digest()[:8],
                            np.int64)
-    digests = await ring.all_gather(digest)
+    digests = ring.all_gather(digest)
     params = sum(g.size for g in mine)
     result = [(f"all_reduce mean of {params:,} float32 gradients in {len(mine)} tensors",
                error <= 1e-6, f"max |error| vs float64 {error:.1e}"),
               ("every rank holds bit-identical averages", bool(np.all(digests == digests[0])),
                f"{n} digests compared")]
-    shard = await ring.reduce_scatter(np.full(1001, rank + 1.0))
+    shard = ring.reduce_scatter(np.full(1001, rank + 1.0))
     result.append(("reduce_scatter of 1001 elements", bool(np.all(shard == n * (n + 1) / 2)),
                    f"this rank's chunk: {shard.size} elements"))
     root_data = np.random.default_rng([seed, 99]).standard_normal(300_000)
     received = root_data.copy() if rank == n - 1 else np.zeros_like(root_data)
-    await ring.broadcast(received, root=n - 1)
+    ring.broadcast(received, root=n - 1)
     result.append((f"broadcast of {received.nbytes >> 10} KiB from rank {n - 1}",
                    bool(np.array_equal(received, root_data)), "pipelined along the ring"))
     return result
 
 
-async def sweep(ring) -> list[tuple[int, float]]:
+def train(ring, seed: int, steps: int = 20) -> tuple[str, bool, str]:
+    """A few steps of data-parallel training (ring: a BlockingRing), each rank on its
+    quarter of every batch; the result must match one process on the whole batch."""
+    import torch
+
+    import ringlib.torch as rt
+
+    def mlp() -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = torch.randn(steps, 64, 32, generator=g), torch.randn(steps, 64, 4, generator=g)
+    model, alone = mlp(), mlp()
+    averager = rt.GradientAverager(model, ring, bucket_mb=0.01)
+    optimizer = rt.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), averager)
+    single = torch.optim.SGD(alone.parameters(), lr=0.1)
+    share = 64 // ring.world_size
+    mine = slice(ring.rank * share, (ring.rank + 1) * share)
+    for x, y in zip(xs, ys):
+        torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(alone(x), y).backward()
+        single.step()
+        single.zero_grad()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    rows = ring.all_gather(flat)
+    expected = torch.cat([p.detach().reshape(-1) for p in alone.parameters()])
+    error = float(((flat - expected).abs() / expected.abs().clamp_min(1e-3)).max())
+    ok = error <= 1e-4 and bool((rows == rows[0]).all())
+    return (f"data-parallel training, {steps} steps of an MLP, each rank on 1/{ring.world_size} "
+            "of every batch", ok, f"vs one process on the whole batch: max rel diff {error:.1e}; "
+            "ranks bit-identical" if ok else f"max rel diff {error:.1e}")
+
+
+def sweep(ring) -> list[tuple[int, float]]:
     """(bytes, median seconds) of back-to-back float32 sum all-reduces, timed on each rank."""
     rows = []
     for nbytes, calls in SWEEP:
         x = np.zeros(nbytes // 4, np.float32)
-        await ring.all_reduce(x)
-        await ring.barrier()
+        ring.all_reduce(x)
+        ring.barrier()
         times = []
         for _ in range(calls):
             start = time.perf_counter()
-            await ring.all_reduce(x)
+            ring.all_reduce(x)
             times.append(time.perf_counter() - start)
         rows.append((nbytes, float(np.median(times))))
     return rows
@@ -93,20 +131,22 @@ def report(results: list[tuple[str, bool, str]], rows: list[tuple[int, float]], 
     print(f"ringlib demo: {world} peers on this host, one process each, seed {seed}")
     for what, ok, detail in results:
         print(f"  {'ok    ' if ok else 'FAILED'} {what} ({detail})")
-    print(f"\n  {'all_reduce':>10} {'p50 us':>10} {'busbw GB/s':>11}   ({world} ranks, tcp, float32 sum)")
+    print(f"\n  {'all_reduce':>10} {'p50 us':>10} {'busbw GB/s':>11}   "
+          f"({world} ranks, tcp, float32 sum, blocking API)")
     for nbytes, seconds in rows:
         busbw = nbytes / seconds * 2 * (world - 1) / world / 1e9
         print(f"  {format_size(nbytes):>10} {seconds * 1e6:>10.1f} {busbw:>11.3f}")
     print(f"\n  busbw = bytes / time x 2(n-1)/n; checks and sweep took {elapsed:.1f} s")
 
 
-async def peer(seed: int) -> int:
+def peer(seed: int) -> int:
+    """One rank, on the blocking API that training loops use."""
     import ringlib
 
-    async with ringlib.connect() as ring:
+    with ringlib.init() as ring:
         start = time.perf_counter()
-        results = await checks(ring, seed)
-        rows = await sweep(ring)
+        results = checks(ring, seed) + [train(ring, seed)]
+        rows = sweep(ring)
         passed = all(ok for _, ok, _ in results)
         if ring.rank == 0:
             report(results, rows, seed, ring.world_size, time.perf_counter() - start)
@@ -118,4 +158,4 @@ async def peer(seed: int) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m ringlib.demo")
     parser.add_argument("--peer", type=int, required=True, help="run one peer with this seed")
-    sys.exit(asyncio.run(peer(parser.parse_args().peer)))
+    sys.exit(peer(parser.parse_args().peer))

@@ -5,8 +5,9 @@ is finished, the hook copies it into its bucket; a full bucket is all-reduced at
 the ring's loop thread (BlockingRing.all_reduce_async) while backward carries on, and
 buckets always start in plan order, so every rank issues the same collectives in the
 same order. synchronize() sends what is left (gradients that never came count as zeros),
-waits, and writes the mean back into each .grad. A parameter that had no gradient on any
-rank keeps .grad None, as it would in one process.
+waits, and points each .grad at its mean inside the bucket, so no copy is made on the
+way back (with compression, the mean is converted back instead). A parameter that had no
+gradient on any rank gets .grad None, as it would in one process.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from ringlib.errors import InvalidArgument, RingError
 
 from .blocking import BlockingRing
-from .buckets import BucketPlan, plan_buckets
+from .buckets import BucketPlan, Slot, plan_buckets
 
 COMPRESSION = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,6 +42,17 @@ class _Bucket:
         self.buffer = torch.zeros(plan.size, dtype=wire)
         self.ready = 0
         self.future: concurrent.futures.Future | None = None
+
+    def grad_view(self, slot: Slot) -> torch.Tensor:
+        return self.buffer[slot.offset:slot.offset + slot.numel]
+
+    def zero_missing(self) -> None:
+        """Zero the gradients that did not arrive this step (their flags are 0)."""
+        if self.ready < len(self.plan.slots):
+            present = self.buffer[self.plan.grads:].tolist()
+            for slot, flag in zip(self.plan.slots, present):
+                if flag == 0:
+                    self.grad_view(slot).zero_()
 
 
 class GradientAverager:
@@ -88,7 +100,9 @@ class GradientAverager:
         if bucket.future is not None:
             raise RingError("a gradient arrived for a bucket already sent: call synchronize() "
                             "after each backward, or accumulate inside no_sync()")
-        bucket.buffer[slot.offset:slot.offset + slot.numel].copy_(grad.reshape(-1))
+        view = bucket.grad_view(slot)
+        if grad.data_ptr() != view.data_ptr():  # autograd did not accumulate into the bucket
+            view.copy_(grad.reshape(-1))
         bucket.buffer[slot.flag] = 1
         bucket.ready += 1
         self._start_ready()
@@ -99,6 +113,7 @@ class GradientAverager:
             bucket = self.buckets[self._next]
             if not everything and bucket.ready < len(bucket.plan.slots):
                 return
+            bucket.zero_missing()
             bucket.future = self.ring.all_reduce_async(bucket.buffer, "mean")
             self._next += 1
 
@@ -119,20 +134,21 @@ class GradientAverager:
             self._reset()
 
     def _write_back(self, bucket: _Bucket) -> None:
-        for slot in bucket.plan.slots:
+        """Point each .grad at its mean in the bucket (no copy), or convert it back from
+        the compressed wire dtype; a parameter no rank had a gradient for gets None."""
+        present = bucket.buffer[bucket.plan.grads:].tolist()
+        for slot, flag in zip(bucket.plan.slots, present):
             param = self.params[slot.param]
-            if bucket.buffer[slot.flag] == 0:  # no rank had a gradient
+            if flag == 0:
                 param.grad = None
-                continue
-            mean = bucket.buffer[slot.offset:slot.offset + slot.numel].view(param.shape)
-            if param.grad is None:
-                param.grad = mean.to(param.dtype, copy=True)
+            elif bucket.buffer.dtype == param.dtype:
+                param.grad = bucket.grad_view(slot).view(param.shape)
             else:
-                param.grad.copy_(mean)
+                param.grad = bucket.grad_view(slot).view(param.shape).to(param.dtype)
 
     def _reset(self) -> None:
         for bucket in self.buckets:
-            bucket.buffer.zero_()
+            bucket.buffer[bucket.plan.grads:] = 0
             bucket.ready, bucket.future = 0, None
         self._next = 0
 

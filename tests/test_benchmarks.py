@@ -1,4 +1,4 @@
-"""The all-reduce benchmark, run for real: its table, its failures, and its clean-up.
+"""The benchmarks, run for real: their tables, their failures, and their clean-up.
 
 Every run carries a unique RINGLIB_TEST_TAG in its environment, which the ranks it
 spawns inherit, so /proc tells whether any of them outlived the benchmark; and a private
@@ -72,3 +72,17 @@ def test_stopping_the_benchmark_mid_run_stops_every_rank(tmp_path, sig):
     assert_none_left(tag)  # after kill -9 the ranks stop themselves: their stdin closed
     if sig != signal.SIGKILL:  # which leaves only the temporary directory behind
         assert not list((tmp_path / "tmp").iterdir())
+
+
+@pytest.mark.timeout(120)
+def test_the_trainer_benchmark_reports_the_three_step_kinds_and_the_hidden_share(tmp_path):
+    tag, env = tagged_env(tmp_path / "tmp")
+    run = subprocess.run([sys.executable, "-m", "ringlib", "bench", "trainer", "--steps", "3",
+                          "--batch", "8"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=110)
+    assert run.returncode == 0, run.stderr
+    for label in ("compute only", "with gradient averaging", "all-reduce of the buckets"):
+        assert re.search(rf"{label} +[\d.]+ +[\d.]+$", run.stdout, re.M), run.stdout
+    assert re.search(r"averaging adds -?[\d.]+ ms to a step: -?\d+% of the communication",
+                     run.stdout)
+    assert_none_left(tag)
