@@ -9,7 +9,9 @@ step take turns, a few steps at a time, so machine noise hits all of them:
   averaged   the same, with GradientAverager overlapping the all-reduces with backward
   comm       the averager's buckets all-reduced alone, with nothing to overlap
 hidden = 1 - (averaged - compute) / comm: the share of the communication that costs no
-step time. Rank 0 reports medians.
+step time. Rank 0 reports medians. Gradients are zeroed in place (set_to_none=False), so
+that .grad keeps pointing into the averager's buckets and backward accumulates straight
+into them, with no copy.
 """
 
 from __future__ import annotations
@@ -54,13 +56,13 @@ def run_worker(args: argparse.Namespace) -> None:
             with averager.no_sync():
                 torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=False)
 
         def averaged() -> None:
             torch.nn.functional.cross_entropy(model(x), y).backward()
             averager.synchronize()
             optimizer.step()
-            optimizer.zero_grad()
+            optimizer.zero_grad(set_to_none=False)
 
         def comm() -> None:
             for future in [ring.all_reduce_async(b.buffer, "mean") for b in averager.buckets]:

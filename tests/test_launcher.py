@@ -146,7 +146,7 @@ def two_hosts():
     except (OSError, subprocess.CalledProcessError) as exc:
         for name in names:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        pytest.skip(f"cannot create network namespaces here ({exc}); needs root and iproute2")
+        pytest.skip(reason=f"cannot create network namespaces here ({exc}); needs root and iproute2")
     try:
         ip("link", "add", f"v{suffix}a", "type", "veth", "peer", "name", f"v{suffix}b")
         for end, name in zip("ab", names):
