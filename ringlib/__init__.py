@@ -8,7 +8,7 @@ the compiled core (reduce_into, Numba kernels).
 from .dtypes import DType
 from .errors import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError,
                      ProtocolError, RendezvousError, RendezvousTimeout, RingClosed, RingError,
-                     UnsupportedBuffer, UnsupportedDtype, UnsupportedOp)
+                     StageError, UnsupportedBuffer, UnsupportedDtype, UnsupportedOp)
 from .ops import Op
 from .partition import chunk, chunk_bounds, sub_chunks
 from .reduce import reduce_into
@@ -30,6 +30,7 @@ __all__ = [
     "Ring",
     "RingClosed",
     "RingError",
+    "StageError",
     "UnsupportedBuffer",
     "UnsupportedDtype",
     "UnsupportedOp",

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("kernels", "allreduce", "trainer")
+BENCHMARKS = ("kernels", "allreduce", "trainer", "pipeline")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,6 +108,30 @@ def train(ring, seed: int, steps: int = 20) -> tuple[str, bool, str]:
             "ranks bit-identical" if ok else f"max rel diff {error:.1e}")
 
 
+def pipeline(ring, seed: int) -> tuple[str, bool, str]:
+    """An MLP cut into one stage per rank; rank 0 checks the outputs against the whole."""
+    import torch
+
+    from ringlib.pipeline import Pipeline, TorchStage, split_sequential
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*[m for _ in range(ring.world_size)
+                                  for m in (torch.nn.Linear(64, 64), torch.nn.GELU())])
+    pipe = Pipeline(ring, TorchStage(split_sequential(model, ring.world_size)[ring.rank]),
+                    micro_batch=4, max_in_flight=4)
+    what = f"pipeline inference, one MLP stage per rank, {ring.world_size} stages"
+    if ring.rank != 0:
+        pipe.serve()
+        return what, True, "served"
+    batches = [torch.randn(n, 64, generator=torch.Generator().manual_seed(seed + n))
+               for n in (10, 3, 16, 7)]
+    outputs = list(pipe.run(batches))
+    pipe.close()
+    with torch.inference_mode():
+        error = max(float((o - model(b)).abs().max()) for o, b in zip(outputs, batches))
+    return what, error <= 1e-6, f"{len(batches)} batches in order, max |error| {error:.1e}"
+
+
 def sweep(ring) -> list[tuple[int, float]]:
     """(bytes, median seconds) of back-to-back float32 sum all-reduces, timed on each rank."""
     rows = []
@@ -145,7 +169,7 @@ def peer(seed: int) -> int:
 
     with ringlib.init() as ring:
         start = time.perf_counter()
-        results = checks(ring, seed) + [train(ring, seed)]
+        results = checks(ring, seed) + [train(ring, seed), pipeline(ring, seed)]
         rows = sweep(ring)
         passed = all(ok for _, ok, _ in results)
         if ring.rank == 0:

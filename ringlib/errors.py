@@ -53,3 +53,12 @@ class ProtocolError(RingError):
 
 class InvalidArgument(RingError, ValueError):
     """An argument out of range for this ring, such as a broadcast root that is no rank."""
+
+
+class StageError(RingError):
+    """A pipeline stage raised on one batch; `rank` and `batch` say where. Later batches
+    still flow."""
+
+    def __init__(self, message: str, rank: int, batch: int) -> None:
+        super().__init__(message)
+        self.rank, self.batch = rank, batch

@@ -51,10 +51,22 @@ class Ring:
         self._endpoint = endpoint
         self._executor = executor
         self._seq = itertools.count(1)
+        self._streams = itertools.count()
         self._closed = False
 
     def __repr__(self) -> str:
         return f"<Ring rank {self.rank} of {self.world_size} at {self.address}>"
+
+    def new_stream(self) -> int:
+        """A number for a new stream between neighbours (a pipeline); ranks that open their
+        streams in the same order agree on the numbers, as they do on collectives'."""
+        return next(self._streams)
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """This rank's transport endpoint (None in a ring of one), for runtime features that
+        stream to the neighbours outside the collectives, such as pipeline stages."""
+        return self._endpoint
 
     @property
     def address(self) -> str | None:

@@ -32,3 +32,19 @@ def test_train_digits_on_2_peers_reaches_the_single_process_accuracy():
     (loss, accuracy), (alone_loss, alone_accuracy) = last_epoch(peers.stdout), last_epoch(alone.stdout)
     assert accuracy == alone_accuracy > 85
     assert abs(loss - alone_loss) <= 2e-4  # the same path, up to float rounding
+
+
+PIPELINE = str(Path(__file__).parents[1] / "examples" / "pipeline_inference.py")
+
+
+@pytest.mark.parametrize("ranks, flags", [(2, []), (3, ["--onnx"])])
+def test_pipeline_inference_matches_the_whole_model(ranks, flags):
+    run = subprocess.run([sys.executable, "-m", "ringlib", "launch", "-n", str(ranks), "--",
+                          sys.executable, PIPELINE, "--batches", "6", *flags],
+                         capture_output=True, text=True, timeout=100)
+    assert run.returncode == 0, run.stderr
+    kind = "ONNX" if flags else "torch"
+    match = re.search(rf"\[0\] 6 batches of 32 through {ranks} {kind} stages in [\d.]+ s; "
+                      r"max \|difference\| from the whole model: ([\d.e+-]+)", run.stdout)
+    assert match, run.stdout
+    assert float(match[1]) <= (1e-5 if flags else 1e-6)

@@ -116,7 +116,7 @@ def test_the_demo_runs_4_peers_checks_every_collective_and_prints_the_sweep(tmp_
     assert demo.returncode == 0, demo.stderr
     assert "[0] ringlib demo: 4 peers on this host, one process each, seed 7" in demo.stdout
     checks = [line for line in demo.stdout.splitlines() if line.startswith("[0]   ok ")]
-    assert len(checks) == 5 and "FAILED" not in demo.stdout
+    assert len(checks) == 6 and "FAILED" not in demo.stdout
     for row in ("8 B", "64 KiB", "1 MiB", "16 MiB"):
         assert re.search(rf"\[0\] +{row} +[\d.]+ +[\d.]+$", demo.stdout, re.M), row
 

@@ -29,6 +29,7 @@ class Kind(enum.IntEnum):
     HELLO = 1      # a peer announces itself to a neighbour during start-up
     JOIN = 2       # rendezvous: a rank tells the seed rank its own address
     TABLE = 3      # rendezvous: the seed rank sends every rank the full address table
+    STREAM = 4     # a stream between neighbours, outside the collectives (pipeline stages)
 
 
 class Header(NamedTuple):

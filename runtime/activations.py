@@ -1,0 +1,76 @@
+"""Activations on the wire and in micro-batches: a tensor, a tuple or a dict of tensors.
+
+pack() turns an activation into a small description (its structure, dtypes and shapes)
+and the tensors' raw bytes, which travel as frames of their own without being copied;
+unpack() rebuilds the tensors on top of the received frames. split() cuts a batch into
+micro-batches along the first dimension and join() puts outputs back together.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import torch
+
+from ringlib.errors import InvalidArgument
+
+Activation = Union[torch.Tensor, tuple, dict]
+
+
+def flatten(act: Activation) -> tuple[str, list[str], list[torch.Tensor]]:
+    """(structure, keys, tensors): structure is "tensor", "tuple" or "dict"."""
+    if isinstance(act, torch.Tensor):
+        return "tensor", [], [act]
+    if isinstance(act, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in act):
+        return "tuple", [], list(act)
+    if isinstance(act, dict) and all(isinstance(t, torch.Tensor) for t in act.values()):
+        return "dict", list(act), list(act.values())
+    raise InvalidArgument("an activation is a tensor, or a tuple or dict of tensors, "
+                          f"not {type(act).__name__}")
+
+
+def rebuild(structure: str, keys: list[str], tensors: list[torch.Tensor]) -> Activation:
+    if structure == "tensor":
+        return tensors[0]
+    if structure == "tuple":
+        return tuple(tensors)
+    return dict(zip(keys, tensors))
+
+
+def pack(act: Activation) -> tuple[dict[str, Any], list[Any]]:
+    """The description of `act` and one byte buffer per tensor (views, not copies)."""
+    structure, keys, tensors = flatten(act)
+    tensors = [t.detach().contiguous() for t in tensors]
+    meta = {"structure": structure, "keys": keys,
+            "dtypes": [str(t.dtype).removeprefix("torch.") for t in tensors],
+            "shapes": [list(t.shape) for t in tensors]}
+    return meta, [t.reshape(-1).view(torch.uint8).numpy() for t in tensors]
+
+
+def unpack(meta: dict[str, Any], buffers: list[Any]) -> Activation:
+    """The activation `meta` describes, its tensors on top of `buffers` (no copy)."""
+    tensors = []
+    for dtype, shape, buffer in zip(meta["dtypes"], meta["shapes"], buffers):
+        kind = getattr(torch, dtype)
+        flat = (torch.frombuffer(buffer, dtype=torch.uint8) if len(buffer)
+                else torch.empty(0, dtype=torch.uint8))
+        tensors.append(flat.view(kind).reshape(shape))
+    return rebuild(meta["structure"], meta["keys"], tensors)
+
+
+def split(act: Activation, rows: int) -> list[Activation]:
+    """Micro-batches of at most `rows` rows each (the last may be smaller)."""
+    structure, keys, tensors = flatten(act)
+    sizes = {t.shape[0] if t.dim() else None for t in tensors}
+    if len(sizes) != 1 or None in sizes:
+        raise InvalidArgument(f"every tensor of a batch needs the same first dimension, got "
+                              f"shapes {[tuple(t.shape) for t in tensors]}")
+    pieces = [t.split(rows) for t in tensors]
+    return [rebuild(structure, keys, list(parts)) for parts in zip(*pieces)]
+
+
+def join(parts: list[Activation]) -> Activation:
+    """The micro-batches' outputs, concatenated back into one batch."""
+    structure, keys, _ = flatten(parts[0])
+    columns = zip(*(flatten(p)[2] for p in parts))
+    return rebuild(structure, keys, [torch.cat(column) for column in columns])

@@ -1,0 +1,234 @@
+"""Pipeline-parallel inference: stage i on rank i, micro-batches flowing around the ring.
+
+Rank 0 cuts each batch into micro-batches, runs stage 0 on them and sends them right;
+each rank runs its stage on what arrives from the left and passes it on; the last rank
+sends the outputs over the ring's closing link back to rank 0, which puts every batch
+back together and yields the batches in input order. At most `max_in_flight`
+micro-batches are between rank 0's send and its receive, so no stage's inbox grows
+without bound. Stages compute in a worker thread while the event loop moves messages.
+
+A micro-batch travels as STREAM messages of the pipeline's stream number (pipelines on one
+ring never mix), numbered by a running micro-batch id: part 0 is
+a msgpack description (batch index, structure, dtypes, shapes, or an error, or stop),
+parts 1.. are the tensors' bytes, sent and received without copying.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Iterable, Iterator
+
+import msgpack
+
+from ringlib.errors import CollectiveTimeout, RingClosed, StageError
+from ringlib.transport import Header, Kind
+
+from .activations import Activation, join, pack, split, unpack
+from .blocking import BlockingRing
+from .ring import Ring
+from .stages import as_stage
+
+
+class Pipeline:
+    """One rank's stage in a pipeline over `ring` (a Ring, or the BlockingRing of init()).
+
+    stage: a torch module, an ONNX model path, or any callable on activations.
+    micro_batch: rows per micro-batch. max_in_flight: micro-batches in the pipe at once.
+    timeout: seconds rank 0 waits for an output before it gives up on the other stages.
+    """
+
+    def __init__(self, ring: Ring | BlockingRing, stage: Any, micro_batch: int = 8,
+                 max_in_flight: int = 4, timeout: float = 60.0) -> None:
+        self._blocking = ring if isinstance(ring, BlockingRing) else None
+        self.ring: Ring = ring.ring if self._blocking else ring
+        self.stage = as_stage(stage)
+        self.micro_batch, self.max_in_flight, self.timeout = micro_batch, max_in_flight, timeout
+        self.rank, self.world_size = self.ring.rank, self.ring.world_size
+        self._left = (self.rank - 1) % self.world_size
+        self._right = (self.rank + 1) % self.world_size
+        self._stream = self.ring.new_stream()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"ringlib-stage{self.rank}")
+        self._sent = 0        # rank 0: micro-batch ids sent so far; others: ids handled
+        self._received = 0    # rank 0: outputs received so far
+        self._local: dict[int, asyncio.Future] = {}  # a ring of one: outputs by id
+        self._closed = False
+
+    # --- rank 0 ----------------------------------------------------------------------
+
+    async def arun(self, batches: Iterable[Activation], *,
+                   return_exceptions: bool = False) -> AsyncIterator[Activation | StageError]:
+        """The outputs of `batches`, in input order. A batch that a stage failed on raises
+        StageError (or is yielded as one with return_exceptions); the pipeline serves on."""
+        self._check_head()
+        await self._drain()
+        plan: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(self.max_in_flight)
+        feeder = asyncio.ensure_future(self._feed(batches, plan, slots))
+        try:
+            while (item := await plan.get()) is not None:
+                batch, ids = item
+                parts = [await self._collect(i, batch, slots) for i in ids]
+                failed = next((p for p in parts if isinstance(p, StageError)), None)
+                if failed is None:
+                    yield join(parts)
+                elif return_exceptions:
+                    yield failed
+                else:
+                    raise failed
+            await feeder
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+
+    async def _feed(self, batches: Iterable[Activation], plan: asyncio.Queue,
+                    slots: asyncio.Semaphore) -> None:
+        for batch, whole in enumerate(batches):
+            micro = split(whole, self.micro_batch)
+            ids = list(range(self._sent, self._sent + len(micro)))
+            await plan.put((batch, ids))
+            for i, part in zip(ids, micro):
+                await slots.acquire()
+                result = await self._compute(batch, part)
+                self._sent = i + 1
+                # Once id i is taken it must go out whole, even if this run is abandoned:
+                # the next run drains its output.
+                await asyncio.shield(self._send(i, *result))
+        await plan.put(None)
+
+    async def _collect(self, i: int, batch: int, slots: asyncio.Semaphore) -> Activation | StageError:
+        try:
+            meta, act = await asyncio.wait_for(self._receive(i), self.timeout)
+        except TimeoutError:
+            raise CollectiveTimeout(
+                f"pipeline on rank 0: no output for batch {batch} (micro-batch {i}) within "
+                f"{self.timeout:g} s; a stage on ranks 1..{self.world_size - 1} "
+                f"({', '.join(self.ring.peers[1:])}) may have died or hung") from None
+        self._received = i + 1
+        slots.release()
+        if meta.get("error"):
+            return StageError(meta["error"], meta["rank"], batch)
+        return act
+
+    async def _drain(self) -> None:
+        """Receive and drop the outputs of micro-batches still in the pipe from an earlier
+        run that stopped early, so that ids line up again."""
+        while self._received < self._sent:
+            await asyncio.wait_for(self._receive(self._received), self.timeout)
+            self._received += 1
+
+    async def aclose(self) -> None:
+        """Rank 0: tell every stage to stop, and wait until the word has gone round."""
+        if self._closed:
+            return
+        self._check_head()
+        await self._drain()
+        if self.world_size > 1:
+            await self._send(self._sent, {"stop": True}, None)
+            await asyncio.wait_for(self._receive(self._sent), self.timeout)
+        self._finish()
+
+    # --- the other ranks --------------------------------------------------------------
+
+    async def aserve(self) -> None:
+        """Run this rank's stage on everything that arrives, until rank 0 closes."""
+        if self.rank == 0:
+            raise RingClosed("rank 0 drives the pipeline with run(); the others serve()")
+        while True:
+            meta, act = await self._receive(self._sent)
+            if meta.get("stop") or meta.get("error"):
+                await self._send(self._sent, meta, None)
+            else:
+                await self._send(self._sent, *await self._compute(meta["batch"], act))
+            self._sent += 1
+            if meta.get("stop"):
+                self._finish()
+                return
+
+    # --- both ----------------------------------------------------------------------
+
+    async def _compute(self, batch: int, act: Activation) -> tuple[dict, Activation | None]:
+        """(description, output) of this rank's stage on `act`, or an error description."""
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(self._worker, self.stage, act)
+        except Exception as exc:
+            message = f"stage on rank {self.rank} failed on batch {batch}: {type(exc).__name__}: {exc}"
+            return {"batch": batch, "error": message, "rank": self.rank}, None
+        return {"batch": batch}, out
+
+    async def _send(self, i: int, meta: dict, act: Activation | None) -> None:
+        if self.world_size == 1:
+            self._local_output(i).set_result((meta, act))
+            return
+        buffers: list = []
+        if act is not None:
+            description, buffers = pack(act)
+            meta = {**meta, **description}
+        endpoint = self.ring.endpoint
+        await endpoint.send(self._right, self._header(i, 0, "", 0), msgpack.packb(meta))
+        for part, buffer in enumerate(buffers, start=1):
+            await endpoint.send(self._right, self._header(i, part, "uint8", len(buffer)), buffer)
+
+    async def _receive(self, i: int) -> tuple[dict, Activation | None]:
+        if self.world_size == 1:
+            result = await self._local_output(i)
+            del self._local[i]
+            return result
+        endpoint = self.ring.endpoint
+        meta = msgpack.unpackb((await endpoint.recv(self._key(i, 0))).payload.bytes)
+        if "dtypes" not in meta:
+            return meta, None
+        frames = [(await endpoint.recv(self._key(i, part))).payload.buffer
+                  for part in range(1, len(meta["dtypes"]) + 1)]
+        return meta, unpack(meta, frames)
+
+    def _local_output(self, i: int) -> asyncio.Future:
+        if i not in self._local:
+            self._local[i] = asyncio.get_running_loop().create_future()
+        return self._local[i]
+
+    def _header(self, i: int, part: int, dtype: str, count: int) -> Header:
+        return Header(Kind.STREAM, i, part, self._stream, dtype, count, self.rank)
+
+    def _key(self, i: int, part: int) -> tuple:
+        return (Kind.STREAM, i, part, self._stream, self._left)
+
+    def _check_head(self) -> None:
+        if self.rank != 0:
+            raise RingClosed(f"rank {self.rank} serves the pipeline; only rank 0 runs batches")
+        if self._closed:
+            raise RingClosed("the pipeline is closed")
+
+    def _finish(self) -> None:
+        self._closed = True
+        self._worker.shutdown(wait=False)
+
+    # --- the blocking facade -----------------------------------------------------------
+
+    def run(self, batches: Iterable[Activation], *,
+            return_exceptions: bool = False) -> Iterator[Activation | StageError]:
+        """arun() for synchronous code (the pipeline's ring came from ringlib.init())."""
+        thread = self._loop_thread()
+        outputs = self.arun(batches, return_exceptions=return_exceptions)
+        try:
+            while True:
+                try:
+                    yield thread.run(outputs.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            thread.run(outputs.aclose())
+
+    def serve(self) -> None:
+        """aserve() for synchronous code: returns when rank 0 closes the pipeline."""
+        self._loop_thread().run(self.aserve())
+
+    def close(self) -> None:
+        """aclose() for synchronous code."""
+        self._loop_thread().run(self.aclose())
+
+    def _loop_thread(self) -> Any:
+        if self._blocking is None:
+            raise RingClosed("run(), serve() and close() need the ring from ringlib.init(); "
+                             "with ringlib.connect(), use arun(), aserve() and aclose()")
+        return self._blocking._loop_thread()

@@ -1,0 +1,185 @@
+"""Pipeline-parallel inference: stages on ranks of a real ring (inproc sockets in one
+process here, real processes at the end), against the unsplit model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ringlib
+from ring_harness import ringlib_env, run_ranks
+from ringlib import StageError
+from ringlib.runtime.pipeline import Pipeline
+from ringlib.runtime.splitting import split_sequential
+from ringlib.runtime.stages import OnnxStage, TorchStage, export_onnx
+from ringlib.transport.addresses import local_addresses
+
+pytestmark = pytest.mark.timeout(120)
+PEER = Path(__file__).with_name("pipeline_peer.py")
+
+
+def mlp(seed: int) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+                               torch.nn.Tanh(), torch.nn.Linear(32, 16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 5))
+
+
+@contextlib.asynccontextmanager
+async def ring_of(n: int):
+    peers = [f"inproc://{uuid.uuid4().hex[:8]}-{i}" for i in range(n)]
+    rings = await asyncio.gather(*[ringlib.connect(r, n, peers, timeout=10) for r in range(n)])
+    try:
+        yield rings
+    finally:
+        await asyncio.gather(*[r.close() for r in rings])
+
+
+async def run_pipeline(stages: list, batches: list, return_exceptions: bool = False,
+                       **kwargs) -> list:
+    """Rank 0 runs `batches` through one stage per rank; the others serve until it closes."""
+    async with ring_of(len(stages)) as rings:
+        pipes = [Pipeline(ring, stage, **kwargs) for ring, stage in zip(rings, stages)]
+        servers = [asyncio.ensure_future(p.aserve()) for p in pipes[1:]]
+        try:
+            outputs = [out async for out in pipes[0].arun(batches,
+                                                          return_exceptions=return_exceptions)]
+        finally:
+            await pipes[0].aclose()
+            await asyncio.gather(*servers)
+        return outputs
+
+
+def batches_of(rng: np.random.Generator, sizes: list[int]) -> list[torch.Tensor]:
+    return [torch.from_numpy(rng.standard_normal((n, 12)).astype(np.float32)) for n in sizes]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+async def test_torch_stages_give_the_unsplit_models_outputs_in_order(world, seed, rng):
+    model = mlp(seed)
+    batches = batches_of(rng, [1, 7, 8, 13, 20])  # partial last micro-batches included
+    outputs = await run_pipeline(split_sequential(model, world), batches, micro_batch=4)
+    with torch.inference_mode():
+        for out, batch in zip(outputs, batches, strict=True):
+            torch.testing.assert_close(out, model(batch), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kinds", [("onnx", "onnx"), ("torch", "onnx", "torch"),
+                                   ("onnx", "torch", "onnx")])
+async def test_onnx_and_mixed_pipelines_match_the_model(kinds, tmp_path, seed, rng):
+    model = mlp(seed)
+    parts = split_sequential(model, len(kinds))
+    example = torch.zeros(3, 12)
+    stages = []
+    for i, (kind, part) in enumerate(zip(kinds, parts)):
+        if kind == "onnx":
+            stages.append(OnnxStage(export_onnx(part, example, tmp_path / f"stage{i}.onnx")))
+        else:
+            stages.append(TorchStage(part))
+        with torch.inference_mode():
+            example = part(example)
+    batches = batches_of(rng, [5, 8, 3])
+    outputs = await run_pipeline(stages, batches, micro_batch=3)
+    with torch.inference_mode():
+        for out, batch in zip(outputs, batches, strict=True):
+            torch.testing.assert_close(out, model(batch), rtol=1e-5, atol=1e-5)
+
+
+async def test_order_holds_when_stages_take_random_time(seed, rng):
+    model = mlp(seed)
+    parts = split_sequential(model, 3)
+    delays = random.Random(seed)
+
+    def slow(part):
+        def stage(x):
+            time.sleep(delays.random() * 0.01)
+            with torch.inference_mode():
+                return part(x)
+        return stage
+    batches = batches_of(rng, [9, 2, 11, 4, 6, 1])
+    outputs = await run_pipeline([slow(p) for p in parts], batches, micro_batch=2, max_in_flight=3)
+    with torch.inference_mode():
+        for out, batch in zip(outputs, batches, strict=True):
+            torch.testing.assert_close(out, model(batch), rtol=1e-6, atol=1e-6)
+
+
+async def test_boundaries_carry_tuples_and_dicts_of_any_dtype(rng):
+    def first(x):
+        return {"half": x.to(torch.float16), "mask": x > 0, "index": torch.arange(len(x))}
+
+    def second(d):
+        return d["half"].to(torch.bfloat16) * 2, d["mask"].sum(1), d["index"] + 1
+
+    batches = batches_of(rng, [6, 5])
+    outputs = await run_pipeline([first, second], batches, micro_batch=4)
+    for (doubled, positives, index), batch in zip(outputs, batches, strict=True):
+        assert doubled.dtype == torch.bfloat16 and index.dtype == torch.int64
+        torch.testing.assert_close(doubled, (batch.to(torch.float16).to(torch.bfloat16) * 2))
+        assert torch.equal(positives, (batch > 0).sum(1))
+        assert torch.equal(index, torch.cat([torch.arange(4), torch.arange(len(batch) - 4)]) + 1)
+
+
+async def test_a_failing_stage_names_its_rank_and_batch_and_later_batches_still_flow(rng):
+    def fragile(x):
+        if (x == 999).any():
+            raise ValueError("cannot digest 999")
+        return x + 1
+
+    batches = batches_of(rng, [4, 4, 4])
+    batches[1][2, 0] = 999
+    outputs = await run_pipeline([lambda x: x, fragile, lambda x: x * 2], batches, micro_batch=2,
+                                 return_exceptions=True)
+    assert isinstance(outputs[1], StageError)
+    assert (outputs[1].rank, outputs[1].batch) == (1, 1)
+    assert "stage on rank 1 failed on batch 1: ValueError: cannot digest 999" in str(outputs[1])
+    torch.testing.assert_close(outputs[0], (batches[0] + 1) * 2)
+    torch.testing.assert_close(outputs[2], (batches[2] + 1) * 2)
+
+
+async def test_without_return_exceptions_the_error_is_raised_and_the_pipe_carries_on(rng):
+    async with ring_of(2) as rings:
+        head = Pipeline(rings[0], lambda x: x, micro_batch=1)
+        tail = Pipeline(rings[1], lambda x: 1 / 0 if (x < -100).any() else x)
+        server = asyncio.ensure_future(tail.aserve())
+        bad = batches_of(np.random.default_rng(0), [3])[0] - 1000
+        with pytest.raises(StageError, match="rank 1 failed on batch 0: ZeroDivisionError"):
+            async for _ in head.arun([bad, torch.ones(2, 12)]):
+                pass
+        good = [out async for out in head.arun([torch.ones(2, 12)])]
+        assert torch.equal(good[0], torch.ones(2, 12))
+        await head.aclose()
+        await server
+
+
+async def test_backpressure_bounds_what_waits_at_a_slow_stage():
+    waiting = []
+    async with ring_of(2) as rings:
+        def slow(x):
+            waiting.append(len(rings[1].endpoint.inbox))
+            time.sleep(0.01)
+            return x
+        head, tail = Pipeline(rings[0], lambda x: x, micro_batch=1, max_in_flight=2), Pipeline(rings[1], slow)
+        server = asyncio.ensure_future(tail.aserve())
+        outputs = [out async for out in head.arun([torch.ones(40, 3)])]
+        await head.aclose()
+        await server
+    assert outputs[0].shape == (40, 3)
+    assert max(waiting) <= 2 * 2, f"messages kept at the slow stage: {max(waiting)}"
+
+
+def test_a_stage_process_that_dies_gives_rank_0_a_clear_error(tmp_path):
+    peers = local_addresses(2, "tcp", "")
+    envs = [ringlib_env(r, 2, peers) for r in range(2)]
+    finished = run_ranks([str(PEER), "die"], envs, timeout=60)
+    head = finished[0]
+    assert head.returncode == 0, head.stderr
+    assert "CollectiveTimeout: pipeline on rank 0: no output for batch" in head.stdout
+    assert peers[1] in head.stdout
