@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Iterator
 
-from .ranks import WorkerFailed, exit_with_parent, run_ranks
+from .ranks import collect, exit_with_parent
 
 
 def model(width: int, layers: int):
@@ -130,13 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_with_parent()
         asyncio.run(run_worker(args))
         return
-    results: list[dict] = []
-    try:
-        run_ranks(__spec__.name, argv, 2, "tcp", results.append)
-    except WorkerFailed as exc:
-        raise SystemExit(f"pipeline benchmark failed: {exc}") from None
-    except KeyboardInterrupt:
-        raise SystemExit("pipeline benchmark interrupted; every rank was stopped") from None
+    results = collect(__spec__.name, argv, 2, "pipeline")
     print(report(results[-1], args))
 
 

@@ -140,3 +140,16 @@ def _kill_all(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         p.wait()
         p.stdin.close()
+
+
+def collect(module: str, argv: list[str], ranks: int, what: str) -> list[dict]:
+    """Run the ranks over tcp and return rank 0's JSON lines; exit with a message naming
+    the benchmark if a rank fails or the run is interrupted."""
+    results: list[dict] = []
+    try:
+        run_ranks(module, argv, ranks, "tcp", results.append)
+    except WorkerFailed as exc:
+        raise SystemExit(f"{what} benchmark failed: {exc}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"{what} benchmark interrupted; every rank was stopped") from None
+    return results

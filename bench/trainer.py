@@ -23,7 +23,7 @@ import statistics
 import time
 from typing import Callable
 
-from .ranks import WorkerFailed, exit_with_parent, run_ranks
+from .ranks import collect, exit_with_parent
 
 LAYERS = [1024, 2048, 2048, 1024, 1024, 10]  # 9.4M parameters
 TURN = 3                                      # steps of one kind in a row
@@ -126,13 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_with_parent()
         run_worker(args)
         return
-    results: list[dict] = []
-    try:
-        run_ranks(__spec__.name, argv, args.ranks, "tcp", results.append)
-    except WorkerFailed as exc:
-        raise SystemExit(f"trainer benchmark failed: {exc}") from None
-    except KeyboardInterrupt:
-        raise SystemExit("trainer benchmark interrupted; every rank was stopped") from None
+    results = collect(__spec__.name, argv, args.ranks, "trainer")
     print(report(results[-1], args))
 
 

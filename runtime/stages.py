@@ -23,7 +23,8 @@ import torch
 
 from ringlib.errors import InvalidArgument
 
-Activation = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+from .activations import Activation
+
 
 ONNX_OPSET = 17
 CPU = "CPUExecutionProvider"

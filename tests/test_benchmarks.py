@@ -86,3 +86,16 @@ def test_the_trainer_benchmark_reports_the_three_step_kinds_and_the_hidden_share
     assert re.search(r"averaging adds -?[\d.]+ ms to a step: -?\d+% of the communication",
                      run.stdout)
     assert_none_left(tag)
+
+
+@pytest.mark.timeout(120)
+def test_the_pipeline_benchmark_compares_the_pipeline_with_one_process(tmp_path):
+    tag, env = tagged_env(tmp_path / "tmp")
+    run = subprocess.run([sys.executable, "-m", "ringlib", "bench", "pipeline", "--width", "64",
+                          "--layers", "2", "--batches", "2", "--rounds", "1"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=110)
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"whole model, one process +\d+$", run.stdout, re.M), run.stdout
+    assert re.search(r"2-stage pipeline, 2 peers +\d+ +[\d.]+x$", run.stdout, re.M)
+    assert re.search(r"micro-batch latency through the pipeline: p50 [\d.]+ ms", run.stdout)
+    assert_none_left(tag)
