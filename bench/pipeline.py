@@ -2,7 +2,7 @@
 one process, each on one torch thread, with per-micro-batch latency and transport cost.
 
     python -m ringlib.bench.pipeline [--width 1024] [--layers 8] [--batch 64]
-        [--micro-batch 32] [--batches 24] [--rounds 3]
+        [--micro-batch 32] [--batches 48] [--rounds 5]
 
 The model is `--layers` Linear+ReLU blocks of equal width, cut into two halves of equal
 cost. Rank 0 takes turns: the whole model alone (rank 1 idles), then the pipeline, for
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=8, help="an even number")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
