@@ -67,6 +67,8 @@ class Pipeline:
         feeder = asyncio.ensure_future(self._feed(batches, plan, slots))
         try:
             while (item := await plan.get()) is not None:
+                if isinstance(item, Exception):  # the feeder failed: a bad batch, say
+                    raise item
                 batch, ids = item
                 parts = [await self._collect(i, batch, slots) for i in ids]
                 failed = next((p for p in parts if isinstance(p, StageError)), None)
@@ -83,6 +85,15 @@ class Pipeline:
 
     async def _feed(self, batches: Iterable[Activation], plan: asyncio.Queue,
                     slots: asyncio.Semaphore) -> None:
+        try:
+            await self._feed_all(batches, plan, slots)
+        except Exception as exc:
+            await plan.put(exc)
+            return
+        await plan.put(None)
+
+    async def _feed_all(self, batches: Iterable[Activation], plan: asyncio.Queue,
+                        slots: asyncio.Semaphore) -> None:
         for batch, whole in enumerate(batches):
             micro = split(whole, self.micro_batch)
             ids = list(range(self._sent, self._sent + len(micro)))
@@ -94,7 +105,6 @@ class Pipeline:
                 # Once id i is taken it must go out whole, even if this run is abandoned:
                 # the next run drains its output.
                 await asyncio.shield(self._send(i, *result))
-        await plan.put(None)
 
     async def _collect(self, i: int, batch: int, slots: asyncio.Semaphore) -> Activation | StageError:
         try:

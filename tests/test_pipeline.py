@@ -183,3 +183,15 @@ def test_a_stage_process_that_dies_gives_rank_0_a_clear_error(tmp_path):
     assert head.returncode == 0, head.stderr
     assert "CollectiveTimeout: pipeline on rank 0: no output for batch" in head.stdout
     assert peers[1] in head.stdout
+
+
+async def test_a_batch_that_is_not_an_activation_fails_without_a_hang():
+    async with ring_of(2) as rings:
+        head, tail = Pipeline(rings[0], lambda x: x), Pipeline(rings[1], lambda x: x)
+        server = asyncio.ensure_future(tail.aserve())
+        with pytest.raises(ringlib.InvalidArgument, match="tensor, or a tuple or dict"):
+            async for _ in head.arun([torch.ones(2, 3), "not a tensor"]):
+                pass
+        assert [tuple(o.shape) async for o in head.arun([torch.ones(4, 3)])] == [(4, 3)]
+        await head.aclose()
+        await server
