@@ -19,13 +19,10 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from ringlib.runtime.environment import without_placement
 from ringlib.transport.addresses import local_addresses
 
 GRACE_S = 30.0             # how long the other ranks may take to exit after rank 0
-# Placement variables of ringlib and the launchers it understands: the parent sets its own.
-PLACEMENT_VARS = ("RINGLIB_RANK", "RINGLIB_WORLD_SIZE", "RINGLIB_PEERS", "RINGLIB_SEED",
-                  "RINGLIB_LOCAL_RANK", "RINGLIB_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-LAUNCHER_PREFIXES = ("OMPI_", "SLURM_", "MASTER_", "PMIX_")
 
 
 def exit_with_parent() -> None:
@@ -45,9 +42,7 @@ class WorkerFailed(RuntimeError):
 
 def _rank_env(rank: int, peers: list[str]) -> dict[str, str]:
     """os.environ without any launcher's placement, plus this rank's RINGLIB_* variables."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in PLACEMENT_VARS and not k.startswith(LAUNCHER_PREFIXES)}
-    return {**base, "RINGLIB_RANK": str(rank), "RINGLIB_WORLD_SIZE": str(len(peers)),
+    return {**without_placement(os.environ), "RINGLIB_RANK": str(rank), "RINGLIB_WORLD_SIZE": str(len(peers)),
             "RINGLIB_PEERS": ",".join(peers)}
 
 

@@ -33,6 +33,11 @@ CONVENTIONS = [
     ("srun", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 ]
 JOB_PORTS = (20000, 30000)  # the range of ports derived from a job id
+# Every variable above that says where a process sits, so that a parent starting ranks
+# of its own can drop what it inherited: names, and prefixes of whole families.
+PLACEMENT_NAMES = frozenset({name for convention in CONVENTIONS for name in convention[1:]}
+                            | {"RINGLIB_PEERS", "RINGLIB_SEED", "RINGLIB_PORT", "RINGLIB_HOST"})
+PLACEMENT_PREFIXES = ("OMPI_", "SLURM_", "MASTER_", "PMIX_")
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,13 @@ def placement(rank: int | None = None, world_size: int | None = None,
         return Placement(rank, world_size, local, _checked_peers(peers, world_size), None, source)
     seed = None if world_size == 1 else _seed(env, source)
     return Placement(rank, world_size, local, None, seed, source)
+
+
+def without_placement(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` without any launcher's placement variables (ringlib's, torchrun's, mpirun's,
+    srun's): what a parent passes on before it sets its ranks' own."""
+    return {k: v for k, v in env.items()
+            if k not in PLACEMENT_NAMES and not k.startswith(PLACEMENT_PREFIXES)}
 
 
 def _from_launcher(env: Mapping[str, str]) -> tuple[str, int | None, int | None, int]:

@@ -67,7 +67,6 @@ async def greet_neighbours(endpoint: Endpoint, left: int, right: int, timeout: f
     """Send HELLO to both neighbours and wait for theirs; name whoever stays silent."""
     neighbours = sorted({left, right})
     for rank in neighbours:
-        endpoint.connect(rank, endpoint.peer_addresses[rank])
         await endpoint.send(rank, _header(Kind.HELLO, endpoint.rank))
     _, missing = await _receive_from(endpoint, Kind.HELLO, neighbours, timeout)
     if missing:

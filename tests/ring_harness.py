@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ringlib.runtime.environment import without_placement
 from ringlib.transport.addresses import local_addresses
 
 PEER = Path(__file__).with_name("ring_peer.py")
@@ -32,9 +33,10 @@ def ringlib_env(rank: int, world: int, peers: list[str]) -> dict[str, str]:
 def run_ranks(args: list[str], envs: list[dict[str, str]], timeout: float = 180) -> list[Finished]:
     """Start one process per env (added to a clean copy of os.environ), wait for all, and
     kill every one still running if any fails or the time runs out."""
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("RINGLIB_", "OMPI_", "SLURM_", "MASTER_", "PMIX_"))
-            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # Tuning variables of the caller's (RINGLIB_SEGMENT_BYTES, ...) stay out too: a test
+    # passes the ones it means in `envs`.
+    base = {k: v for k, v in without_placement(os.environ).items()
+            if not k.startswith("RINGLIB_")}
     procs = [subprocess.Popen([sys.executable, *args], env={**base, **env}, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               start_new_session=True)

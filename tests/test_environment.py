@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ringlib import RendezvousError
-from ringlib.runtime.environment import JOB_PORTS, first_host, placement
+from ringlib.runtime.environment import JOB_PORTS, first_host, placement, without_placement
 
 PEERS = "tcp://10.0.0.1:29500,tcp://10.0.0.2:29500,ipc:///tmp/x/r2"
 
@@ -80,3 +80,13 @@ def test_no_launcher_is_a_ring_of_one():
 def test_bad_placements_say_what_is_wrong(env, message):
     with pytest.raises(RendezvousError, match=message):
         placement(env=env)
+
+
+def test_a_parent_can_drop_every_placement_it_inherited():
+    inherited = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h",
+                 "MASTER_PORT": "1", "OMPI_COMM_WORLD_RANK": "1", "SLURM_PROCID": "3",
+                 "PMIX_NAMESPACE": "x", "RINGLIB_RANK": "0", "RINGLIB_PEERS": PEERS,
+                 "RINGLIB_SEED": "tcp://h:1", "RINGLIB_HOST": "h", "RINGLIB_PORT": "2",
+                 "RINGLIB_SEGMENT_BYTES": "8192", "PATH": "/bin"}
+    assert without_placement(inherited) == {"RINGLIB_SEGMENT_BYTES": "8192", "PATH": "/bin"}
+    assert placement(env=without_placement(inherited)).world_size == 1

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from typing import Any, Iterable
 
 import zmq
@@ -164,18 +163,16 @@ def _message(frames: list[zmq.Frame]) -> Message:
     return Message(decode(frames[0].buffer), payload)
 
 
-async def wait_sent(trackers: Iterable[zmq.MessageTracker], timeout: float) -> None:
+async def wait_sent(trackers: Iterable[zmq.MessageTracker]) -> None:
     """Wait until ZeroMQ has let go of every tracked buffer, so it may be changed or freed.
 
     Trackers are set from ZeroMQ's own thread; polling them costs nothing when they are done
-    already, which is the usual case for all but the last messages of a collective.
+    already, which is the usual case for all but the last messages of a collective. The
+    caller's deadline (a collective's timeout) bounds the wait.
     """
     pending = [t for t in trackers if not t.done]
-    deadline = time.monotonic() + timeout
     delay = 0.0
     while pending:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(pending)} sent buffers still held by ZeroMQ")
         await asyncio.sleep(delay)
         delay = min(2 * delay or 20e-6, 2e-3)
         pending = [t for t in pending if not t.done]
