@@ -10,6 +10,7 @@ builds the same plan from the same model, so the ranks' collectives line up.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Hashable
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Slot:
 
 @dataclass
 class BucketPlan:
-    dtype: str                       # the parameters' dtype
+    dtype: Hashable                  # the parameters' dtype (a torch dtype, or its name)
     slots: list[Slot] = field(default_factory=list)
 
     @property
@@ -37,7 +38,7 @@ class BucketPlan:
         return self.grads + len(self.slots)
 
 
-def plan_buckets(params: list[tuple[str, int, int]], bucket_bytes: int) -> list[BucketPlan]:
+def plan_buckets(params: list[tuple[Hashable, int, int]], bucket_bytes: int) -> list[BucketPlan]:
     """Buckets for parameters given as (dtype, numel, itemsize), in launch order.
 
     A bucket closes once it holds `bucket_bytes` or more; a parameter larger than that

@@ -73,7 +73,7 @@ class GradientAverager:
             raise InvalidArgument(f"compression must be None, 'fp16' or 'bf16', not {compression!r}")
         self.ring = ring
         self.params = [p for p in model.parameters() if p.requires_grad]
-        layout = [(str(p.dtype), p.numel(), p.element_size()) for p in self.params]
+        layout = [(p.dtype, p.numel(), p.element_size()) for p in self.params]
         self.buckets = [_Bucket(plan, self._wire(plan.dtype, compression))
                         for plan in plan_buckets(layout, int(bucket_mb * (1 << 20)))]
         self._where = {slot.param: (bucket, slot) for bucket in self.buckets
@@ -84,10 +84,8 @@ class GradientAverager:
                        for i, p in enumerate(self.params)]
 
     @staticmethod
-    def _wire(dtype: str, compression: str | None) -> torch.dtype:
-        param_dtype = getattr(torch, dtype.removeprefix("torch."))
-        return COMPRESSION[compression] if compression and param_dtype.is_floating_point \
-            else param_dtype
+    def _wire(dtype: torch.dtype, compression: str | None) -> torch.dtype:
+        return COMPRESSION[compression] if compression and dtype.is_floating_point else dtype
 
     def _hook(self, index: int) -> Any:
         def on_grad(param: torch.Tensor) -> None:
