@@ -1,15 +1,19 @@
 """Benchmark ranks as real processes on this host: start them, follow rank 0's JSON lines,
 and leave nothing behind, whatever happens.
 
-The parent runs `python -m MODULE --worker ARGS` once per rank with RINGLIB_* variables;
-a worker calls exit_with_parent() first, so that it dies with a parent killed outright.
+The parent runs `python -m MODULE --worker ARGS` once per rank with RINGLIB_* variables,
+or all ranks under one `mpirun` (whose ranks then are MPI ranks too, for comparisons with
+MPI), where RINGLIB_PEERS gives the addresses and mpirun the rank. A worker calls
+exit_with_parent() first, so that it dies with a parent killed outright.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,54 +27,94 @@ from ringlib.runtime.environment import without_placement
 from ringlib.transport.addresses import local_addresses
 
 GRACE_S = 30.0             # how long the other ranks may take to exit after rank 0
+STOP_S = 5.0               # how long processes may take to exit on SIGTERM
+_PR_SET_PDEATHSIG = 1
 
 
 def exit_with_parent() -> None:
-    """Exit at once when stdin (the parent's pipe) closes: a parent killed outright
-    leaves no rank behind."""
+    """Exit at once when the parent process (the benchmark, or mpirun) is gone: a parent
+    killed outright leaves no rank behind."""
+    parent = os.getppid()
+
     def watch() -> None:
-        while os.read(0, 4096):  # raw reads: a buffered stdin would block interpreter exit
-            pass
+        while os.getppid() == parent:
+            time.sleep(0.1)
         os._exit(3)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def mpirun_missing() -> str | None:
+    """Why ranks cannot run under mpirun with mpi4py here, or None if they can."""
+    import importlib.util
+
+    if shutil.which("mpirun") is None:
+        return "mpirun is not on PATH (Debian: apt-get install openmpi-bin libopenmpi-dev)"
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed (pip install mpi4py)"
+    return None
 
 
 class WorkerFailed(RuntimeError):
     """A rank exited non-zero or hung; the message carries the ends of their stderr."""
 
 
-def _rank_env(rank: int, peers: list[str]) -> dict[str, str]:
-    """os.environ without any launcher's placement, plus this rank's RINGLIB_* variables."""
-    return {**without_placement(os.environ), "RINGLIB_RANK": str(rank), "RINGLIB_WORLD_SIZE": str(len(peers)),
-            "RINGLIB_PEERS": ",".join(peers)}
-
-
-def _start(module: str, rank: int, peers: list[str], argv: list[str],
-           log: Path) -> subprocess.Popen:
+def _start(command: list[str], env: dict[str, str], log: Path, reads_stdout: bool,
+           **options: object) -> subprocess.Popen:
     with open(log, "w") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", module, "--worker", *argv],
-            env=_rank_env(rank, peers), stdin=subprocess.PIPE, stderr=err, text=True,
-            stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=err,
+                                text=True, start_new_session=True, **options,
+                                stdout=subprocess.PIPE if reads_stdout else subprocess.DEVNULL)
+
+
+def _start_each(module: str, argv: list[str], env: dict[str, str], peers: list[str],
+                tmp: str) -> tuple[list[subprocess.Popen], list[Path], list[str]]:
+    """One process per rank, placed by RINGLIB_RANK/WORLD_SIZE/PEERS."""
+    procs, logs = [], [Path(tmp, f"rank{r}.stderr") for r in range(len(peers))]
+    for rank, log in enumerate(logs):
+        placed = {**env, "RINGLIB_RANK": str(rank), "RINGLIB_WORLD_SIZE": str(len(peers)),
+                  "RINGLIB_PEERS": ",".join(peers)}
+        procs.append(_start([sys.executable, "-m", module, "--worker", *argv], placed, log,
+                            rank == 0))
+    return procs, logs, [f"rank {r}" for r in range(len(peers))]
+
+
+def _start_mpirun(module: str, argv: list[str], env: dict[str, str], peers: list[str],
+                  tmp: str) -> tuple[list[subprocess.Popen], list[Path], list[str]]:
+    """All ranks under one mpirun, unbound (mpirun would pin each rank, and with it
+    ringlib's and Gloo's threads, to one core); mpirun places them, RINGLIB_PEERS wires
+    the ring. mpirun gets SIGTERM if the benchmark dies, and stops its ranks."""
+    placed = {**env, "RINGLIB_PEERS": ",".join(peers)}
+    if os.geteuid() == 0:
+        placed.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    command = ["mpirun", "-n", str(len(peers)), "--bind-to", "none", "--oversubscribe",
+               sys.executable, "-m", module, "--worker", *argv]
+    log = Path(tmp, "mpirun.stderr")
+    return [_start(command, placed, log, True, preexec_fn=_term_with_parent)], [log], ["mpirun"]
+
+
+def _term_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def run_ranks(module: str, argv: list[str], ranks: int, transport: str,
-              on_line: Callable[[dict], None]) -> None:
+              on_line: Callable[[dict], None], env: dict[str, str] | None = None,
+              mpirun: bool = False) -> None:
     """Run `python -m module --worker *argv` as `ranks` ranks wired by RINGLIB_* variables
     (free tcp ports on loopback, or ipc paths in a private temporary directory) to the end,
-    passing each of rank 0's JSON lines to `on_line`. Every process is killed and reaped
+    passing each of rank 0's JSON lines to `on_line`; `env` is added to their environment.
+    With `mpirun` the ranks are started by mpirun. Every process is killed and reaped
     whatever happens (error, Ctrl-C, SIGTERM)."""
     procs: list[subprocess.Popen] = []
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with tempfile.TemporaryDirectory(prefix="rl-") as tmp:  # short: ipc paths cap at 107
-            logs = [Path(tmp, f"rank{r}.stderr") for r in range(ranks)]
             try:
                 peers = local_addresses(ranks, transport, tmp)
-                for rank in range(ranks):
-                    procs.append(_start(module, rank, peers, argv, logs[rank]))
-                _follow(procs, logs, on_line)
+                start = _start_mpirun if mpirun else _start_each
+                procs, logs, names = start(module, argv, {**without_placement(os.environ),
+                                                          **(env or {})}, peers, tmp)
+                _follow(procs, logs, names, on_line)
             finally:
                 _kill_all(procs)
     finally:
@@ -81,7 +125,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _follow(procs: list[subprocess.Popen], logs: list[Path],
+def _follow(procs: list[subprocess.Popen], logs: list[Path], names: list[str],
             on_line: Callable[[dict], None]) -> None:
     """Hand on rank 0's lines until every rank has exited 0; raise WorkerFailed otherwise."""
     lines: queue.Queue[str | None] = queue.Queue()
@@ -90,11 +134,11 @@ def _follow(procs: list[subprocess.Popen], logs: list[Path],
     while True:
         failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
         if failed:
-            raise WorkerFailed(_failure_report(procs, logs, failed))
+            raise WorkerFailed(_failure_report(procs, logs, names, failed))
         if done_at is not None and all(p.poll() == 0 for p in procs):
             return
         if done_at is not None and time.monotonic() > done_at + GRACE_S:
-            raise WorkerFailed(_failure_report(procs, logs, []))
+            raise WorkerFailed(_failure_report(procs, logs, names, []))
         try:
             line = lines.get(timeout=0.05)
         except queue.Empty:
@@ -114,18 +158,29 @@ def _pump(stream: TextIO, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def _failure_report(procs: list[subprocess.Popen], logs: list[Path], failed: list[int]) -> str:
+def _failure_report(procs: list[subprocess.Popen], logs: list[Path], names: list[str],
+                    failed: list[int]) -> str:
     ranks = failed or [r for r, p in enumerate(procs) if p.poll() is None]
     what = "exited non-zero" if failed else f"still running {GRACE_S:g} s after rank 0 ended"
-    parts = [f"rank {', '.join(map(str, ranks))} {what}"]
+    parts = [f"{', '.join(names[r] for r in ranks)} {what}"]
     for r in ranks:
         tail = logs[r].read_text(errors="replace")[-3000:] if logs[r].exists() else ""
-        parts.append(f"--- rank {r} (exit {procs[r].poll()}) stderr:\n{tail.rstrip()}")
+        parts.append(f"--- {names[r]} (exit {procs[r].poll()}) stderr:\n{tail.rstrip()}")
     return "\n".join(parts)
 
 
 def _kill_all(procs: list[subprocess.Popen]) -> None:
-    """SIGKILL each rank's whole session if it still runs, then reap every one."""
+    """SIGTERM every process that still runs (mpirun stops its ranks on it), then after
+    STOP_S SIGKILL each one's whole session, and reap every one."""
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+        p.terminate()
+    deadline = time.monotonic() + STOP_S
+    for p in running:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
     for p in procs:
         if p.poll() is None:
             try:
@@ -134,7 +189,6 @@ def _kill_all(procs: list[subprocess.Popen]) -> None:
                 pass
     for p in procs:
         p.wait()
-        p.stdin.close()
 
 
 def collect(module: str, argv: list[str], ranks: int, what: str) -> list[dict]:

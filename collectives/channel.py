@@ -36,6 +36,7 @@ class Channel:
     storage: np.dtype      # the element type as the kernels see it
     executor: Executor
     segment_elems: int     # the largest piece sent as one message
+    spin: float = 0.0      # seconds each receive polls before yielding (Endpoint.recv)
     sent: dict[Any, list] = field(default_factory=lambda: defaultdict(list))
     waiting_for: tuple[int, int] | None = None  # (peer, step), for timeout messages
 
@@ -61,7 +62,7 @@ class Channel:
         """Receive one piece of `count` elements from rank `frm`: its storage view (read-only,
         in ZeroMQ's buffer) and the frame itself, which may be forwarded without a copy."""
         self.waiting_for = (frm, step)
-        message = await self.endpoint.recv((Kind.DATA, self.seq, step, chunk, frm))
+        message = await self.endpoint.recv((Kind.DATA, self.seq, step, chunk, frm), self.spin)
         self.waiting_for = None
         header = message.header
         if header.dtype != self.dtype or header.count != count:

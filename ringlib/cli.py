@@ -6,7 +6,8 @@ import argparse
 import importlib
 import sys
 
-BENCHMARKS = ("kernels", "allreduce", "trainer", "pipeline")
+SWEEPS = ("allreduce", "reduce_scatter", "all_gather", "broadcast", "latency")  # bench.sweep
+BENCHMARKS = ("kernels", *SWEEPS, "trainer", "pipeline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(args.seed)
-    importlib.import_module(f"ringlib.bench.{args.name}").main(args.args)
+    if args.name in SWEEPS:
+        from .bench.sweep import main as sweep
+
+        sweep(args.args, collective=args.name)
+    else:
+        importlib.import_module(f"ringlib.bench.{args.name}").main(args.args)
     return 0
 
 

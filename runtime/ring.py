@@ -28,6 +28,7 @@ T = TypeVar("T")
 CONNECT_TIMEOUT = 60.0       # seconds to wait for the neighbours at start-up
 COLLECTIVE_TIMEOUT = 300.0   # default deadline of one collective
 SEGMENT_BYTES = 4 << 20      # the largest message a ring step sends; pieces pipeline
+SPIN_US = 200                # how long small collectives poll for a message before yielding
 
 
 class Ring:
@@ -48,6 +49,7 @@ class Ring:
         self.collective_timeout = settings.collective_timeout
         self.segment_bytes = settings.segment_bytes
         self.small_bytes = settings.small_bytes
+        self.spin_us = settings.spin_us
         self._endpoint = endpoint
         self._executor = executor
         self._seq = itertools.count(1)
@@ -80,7 +82,8 @@ class Ring:
         step_reducers(dtype, op, self.world_size)  # an integer mean fails here, before sending
         if self._needs_peers(buf.size):
             await self._run("all_reduce", dtype, timeout, collectives.all_reduce,
-                            buf, dtype, op, self.small_bytes)
+                            buf, dtype, op, self.small_bytes,
+                            small=buf.nbytes <= self.small_bytes)
         return x
 
     async def reduce_scatter(self, x: Any, op: Op | str = Op.SUM, *,
@@ -114,13 +117,14 @@ class Ring:
         buf, dtype = storage(x, "x", writable=self.rank != root)
         if self._needs_peers(buf.size):
             await self._run("broadcast", dtype, timeout, collectives.broadcast,
-                            buf, root, self.small_bytes)
+                            buf, root, self.small_bytes, small=buf.nbytes <= self.small_bytes)
         return x
 
     async def barrier(self, *, timeout: float | None = None) -> None:
         """Return once every rank has entered the barrier."""
         if self._needs_peers(1):
-            await self._run("barrier", BY_NAME["uint8"], timeout, collectives.barrier)
+            await self._run("barrier", BY_NAME["uint8"], timeout, collectives.barrier,
+                            small=True)
 
     def _needs_peers(self, size: int) -> bool:
         """Whether a collective over `size` elements must talk to other ranks. Ranks agree
@@ -130,11 +134,14 @@ class Ring:
         return self.world_size > 1 and size > 0
 
     async def _run(self, name: str, dtype: DType, timeout: float | None,
-                   algorithm: Callable[..., Awaitable[T]], *args: Any) -> T:
+                   algorithm: Callable[..., Awaitable[T]], *args: Any, small: bool = False) -> T:
+        """Run one collective under its deadline; `small` ones (latency-bound) poll for
+        their messages for up to spin_us before yielding to the event loop."""
         # The sequence number is taken before the first await, so concurrent collectives
         # are numbered in the order they were called, the same on every rank.
         ch = Channel(self._endpoint, self.world_size, next(self._seq), name, dtype.name,
-                     dtype.storage, self._executor, max(1, self.segment_bytes // dtype.itemsize))
+                     dtype.storage, self._executor, max(1, self.segment_bytes // dtype.itemsize),
+                     spin=self.spin_us * 1e-6 if small else 0.0)
         limit = self.collective_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
@@ -198,6 +205,7 @@ class Settings:
                                                                 SEGMENT_BYTES))
     small_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SMALL_BYTES",
                                                               collectives.SMALL_BYTES))
+    spin_us: int = field(default_factory=lambda: _env_number("RINGLIB_SPIN_US", SPIN_US))
 
 
 def _env_number(name: str, default: float) -> float:
@@ -224,6 +232,9 @@ def connect(rank: int | None = None, world_size: int | None = None,
         pipeline (default RINGLIB_SEGMENT_BYTES or 4 MiB).
     small_bytes: buffers up to this size take the latency-optimal algorithms (default
         RINGLIB_SMALL_BYTES or collectives.SMALL_BYTES).
+    spin_us: how long a small collective polls its socket for each message before it
+        yields to the event loop; 0 never polls (default RINGLIB_SPIN_US or 200). Polling
+        spares the event loop's wake-ups and burns a core meanwhile.
     """
     where = placement(rank, world_size, peers)
     if timeout is None:

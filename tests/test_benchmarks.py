@@ -7,7 +7,10 @@ TMPDIR, which tells whether it removed its temporary directory.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,22 +23,82 @@ from leftovers import assert_none_left, processes_with, tagged_env
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(),
                                 reason="finds leftover ranks through /proc")
 
-BENCH = [sys.executable, "-m", "ringlib.bench.allreduce"]
+BENCH = [sys.executable, "-m", "ringlib", "bench", "allreduce"]
+HAVE_MPI = shutil.which("mpirun") is not None and importlib.util.find_spec("mpi4py") is not None
+NUMBER = r"[\d.]+"
+
+
+def row(size: str, count: int, iters: int, algo: str, compared: int = 0) -> str:
+    """A table row: nccl-tests' columns, +mem, algo, then a time and a ratio per system."""
+    cells = [size, str(count), "float32", str(iters), *[NUMBER] * 4, rf"(?:{NUMBER}|-)", algo,
+             *[NUMBER] * 2 * compared]
+    return r"^\s*" + r"\s+".join(cells) + "$"
+
+
+def bench(tmp_path: Path, *args: str, timeout: float = 100) -> subprocess.CompletedProcess:
+    """Run `ringlib bench ARGS` as a user would; check it exits 0 and leaves nothing behind."""
+    tag, env = tagged_env(tmp_path / "tmp")
+    run = subprocess.run([sys.executable, "-m", "ringlib", "bench", *args], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr
+    assert_none_left(tag)
+    assert not list((tmp_path / "tmp").iterdir())
+    return run
 
 
 @pytest.mark.timeout(60)
 def test_it_prints_a_checked_row_per_size_and_leaves_no_process(tmp_path):
-    tag, env = tagged_env(tmp_path / "tmp")
-    run = subprocess.run([*BENCH, "--sizes", "8B,64KiB", "--iters", "5"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=50)
-    assert run.returncode == 0, run.stderr
-    rows = {m[1]: int(m[2]) for m in re.finditer(
-        r"^\s*(8 B|64 KiB)\s+(\d+)\s+float32\s+5\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\w+$",
-        run.stdout, re.MULTILINE)}
-    assert rows == {"8 B": 2, "64 KiB": 16384}, run.stdout
-    assert "busbw = algbw * 2(n-1)/n" in run.stdout and "2 ranks on tcp" in run.stdout
-    assert_none_left(tag)
-    assert not list((tmp_path / "tmp").iterdir())
+    run = bench(tmp_path, "allreduce", "--sizes", "8B,64KiB", "--iters", "5")
+    assert re.search(row("8 B", 2, 5, "doubling"), run.stdout, re.M), run.stdout
+    assert re.search(row("64 KiB", 16384, 5, "doubling"), run.stdout, re.M), run.stdout
+    assert "busbw = algbw * 1.00" in run.stdout and "2 ranks on tcp" in run.stdout
+    assert "command: ringlib bench allreduce --sizes 8B,64KiB --iters 5" in run.stdout
+
+
+@pytest.mark.timeout(120)
+def test_gloo_and_mpi_are_timed_in_the_same_run_with_json_and_plot(tmp_path):
+    run = bench(tmp_path, "allreduce", "--sizes", "8B,1MiB", "--iters", "3", "--compare",
+                "gloo,mpi", "--json", "out.json", "--plot", "out.png")
+    compared = 2 if HAVE_MPI else 1
+    assert re.search(row("8 B", 2, 3, "doubling", compared), run.stdout, re.M), run.stdout
+    assert re.search(row("1 MiB", 262144, 3, "ring", compared), run.stdout, re.M), run.stdout
+    assert "ringlib/gloo" in run.stdout
+    if HAVE_MPI:
+        assert "ringlib/mpi" in run.stdout and "compared with gloo: torch" in run.stdout
+    else:
+        assert "skipped mpi: " in run.stdout
+    doc = json.loads((tmp_path / "out.json").read_text())
+    systems = ["ringlib", "gloo", "mpi"][:1 + compared]
+    assert [[x["system"] for x in r["results"]] for r in doc["rows"]] == [systems, systems]
+    assert [r["bytes"] for r in doc["rows"]] == [8, 1 << 20]
+    assert all(x["p50_us"] > 0 and x["busbw_gbs"] > 0 for r in doc["rows"] for x in r["results"])
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["packages"]["pyzmq"]
+    assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("collective, algo", [("reduce_scatter", "ring"), ("all_gather", "ring"),
+                                              ("broadcast", "direct"), ("latency", "p2p")])
+def test_every_collective_is_checked_and_timed_beside_gloo(tmp_path, collective, algo):
+    run = bench(tmp_path, collective, "--sizes", "64B,192KiB", "--iters", "2", "--warmup", "0",
+                "--compare", "gloo", "--no-memory")
+    count = {"reduce_scatter": 16, "all_gather": 16, "broadcast": 16, "latency": 16}[collective]
+    assert re.search(row("64 B", count, 2, algo, 1), run.stdout, re.M), run.stdout
+    big = "ring" if collective == "broadcast" else algo
+    assert re.search(row("192 KiB", 49152, 2, big, 1), run.stdout, re.M), run.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["reduce_scatter", "--sizes", "12B"], "not whole multiples of 8 bytes (float32 x 2 ranks)"),
+    (["latency", "-n", "3"], "latency is a ping-pong between two ranks: -n 2"),
+    (["allreduce", "--compare", "nccl"], "unknown system nccl"),
+    (["allreduce", "--crossover", "--spin", "0,100"], "compare one setting at a time"),
+    (["broadcast", "--segment", "1MiB"], "--crossover and --segment compare all-reduce"),
+])
+def test_bad_arguments_are_refused_before_any_rank_starts(tmp_path, args, message):
+    run = subprocess.run([*BENCH[:-1], *args], capture_output=True, text=True, timeout=30,
+                         cwd=tmp_path)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
 
 
 @pytest.mark.timeout(60)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from typing import Any, Iterable
 
 import zmq
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # How long closing waits for queued outgoing messages to be delivered.
 CLOSE_LINGER_MS = 2000
+# Plain ints: flag enums make `events & POLLIN` cost microseconds on the polling path.
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 _context: zmq.asyncio.Context | None = None
 _open_endpoints = 0
@@ -54,9 +57,13 @@ class Endpoint:
         self.inbox = Inbox()
         self._pull = context().socket(zmq.PULL)
         self._pull.linger = 0
+        # The same socket as a plain one, for reads that do not yield to the event loop.
+        self._pull_now = zmq.Socket.shadow(self._pull.underlying)
         self._push: dict[int, zmq.asyncio.Socket] = {}
+        self._push_now: dict[int, zmq.Socket] = {}  # the same sockets, plain
         self.peer_addresses: dict[int, str] = {}
         self._reader: asyncio.Task | None = None
+        self._may_poll = False
         self._closed = False
 
     def bind(self, address: str) -> str:
@@ -74,6 +81,9 @@ class Endpoint:
             self._pull.close(0)
             raise RendezvousError(f"rank {self.rank} cannot bind {address}: {exc}") from None
         self.address = address
+        # An inproc sender lives in this process, often on this very loop: polling for its
+        # message would only keep it from running.
+        self._may_poll = not address.startswith("inproc://")
         self._reader = asyncio.get_running_loop().create_task(self._read())
         return address
 
@@ -89,6 +99,7 @@ class Endpoint:
         push.linger = CLOSE_LINGER_MS
         push.connect(addresses.bind_address(addresses.check(address)))
         self._push[rank] = push
+        self._push_now[rank] = zmq.Socket.shadow(push.underlying)
         self.peer_addresses[rank] = address
 
     async def send(self, to: int, header: Header, payload: Any = None) -> zmq.MessageTracker:
@@ -102,19 +113,57 @@ class Endpoint:
             raise RingClosed(f"rank {self.rank}: endpoint is closed")
         if to not in self._push:
             self.connect(to, self.peer_addresses[to])
+        frames = [encode(header)] if payload is None else [encode(header), payload]
         if payload is None:
-            return await self._push[to].send(encode(header), copy=False, track=False)
-        if self.peer_addresses[to].startswith("inproc://"):
+            options = {"copy": False, "track": False}
+        elif self.peer_addresses[to].startswith("inproc://"):
             # inproc shares the very buffer with the receiver, who may hold it for as long as
             # it likes; a tracker would wait on the receiver, so copy.
-            return await self._push[to].send_multipart([encode(header), payload])
-        track = not isinstance(payload, zmq.Frame)
-        return await self._push[to].send_multipart([encode(header), payload], copy=False,
-                                                   track=track)
+            options = {}
+        else:
+            options = {"copy": False, "track": not isinstance(payload, zmq.Frame)}
+        try:  # straight into ZeroMQ's queue while it has room: no future, no loop round
+            return self._push_now[to].send_multipart(frames, zmq.NOBLOCK, **options)
+        except zmq.Again:  # the queue is at its high-water mark: wait for room
+            return await self._push[to].send_multipart(frames, **options)
 
-    async def recv(self, header_key: tuple) -> Message:
-        """The message filed under `header_key` (see Header.key), waiting for it if needed."""
+    async def recv(self, header_key: tuple, spin: float = 0.0) -> Message:
+        """The message filed under `header_key` (see Header.key), waiting for it if needed.
+
+        With `spin` (seconds) the socket is first polled without yielding to the event
+        loop, for up to that long: a message a few dozen microseconds away then arrives
+        without the wake-ups of the loop, the reader task and the waiter, which cost more
+        than that. Worth it only for small, latency-bound collectives; never done on inproc.
+        """
+        if spin > 0 and self._may_poll and not self._closed:
+            message = self._poll_for(header_key, time.perf_counter() + spin)
+            if message is not None:
+                return message
         return await self.inbox.get(header_key)
+
+    def _poll_for(self, key: tuple, deadline: float) -> Message | None:
+        while True:
+            self._file_ready()
+            message = self.inbox.take(key)
+            if message is not None or time.perf_counter() >= deadline:
+                return message
+
+    def _file_ready(self) -> None:
+        """File every message ZeroMQ holds now. Reading until there is none matters: ZeroMQ
+        signals the event loop only when a message arrives at an empty queue, so a message
+        left behind here would wait for the next one to be noticed. Asking for EVENTS
+        finds the queue empty as a failed read would, without raising zmq.Again."""
+        try:
+            while self._pull_now.getsockopt(_EVENTS) & _POLLIN:
+                self._file(self._pull_now.recv_multipart(zmq.NOBLOCK, copy=False))
+        except zmq.ZMQError:  # the socket closed or failed: the reader task reports it
+            pass
+
+    def _file(self, frames: list[zmq.Frame]) -> None:
+        try:
+            self.inbox.deliver(_message(frames))
+        except ProtocolError as exc:
+            log.warning("rank %d at %s dropped a message: %s", self.rank, self.address, exc)
 
     async def _read(self) -> None:
         while True:
@@ -123,10 +172,7 @@ class Endpoint:
             except zmq.ZMQError as exc:
                 self.inbox.fail(RingClosed(f"rank {self.rank}: receive socket failed: {exc}"))
                 return
-            try:
-                self.inbox.deliver(_message(frames))
-            except ProtocolError as exc:
-                log.warning("rank %d at %s dropped a message: %s", self.rank, self.address, exc)
+            self._file(frames)
 
     async def close(self) -> None:
         """Stop receiving, fail pending receives with RingClosed, close every socket.

@@ -41,6 +41,10 @@ class Inbox:
         else:
             self._kept[key] = message
 
+    def take(self, key: tuple) -> Message | None:
+        """The message kept under `key`, if one is, without waiting."""
+        return self._kept.pop(key, None)
+
     async def get(self, key: tuple) -> Message:
         """The message filed under `key`, waiting for it if needed.
 

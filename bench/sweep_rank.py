@@ -1,0 +1,177 @@
+"""One rank's part of a collective sweep (`ringlib bench allreduce|reduce_scatter|...`):
+every system times the same collective over the same sizes, taking turns size by size.
+
+For each size every system is checked once against the float64 reference, then its peak
+memory growth over two calls is taken (bench/memory.py); then all systems warm up, rank 0
+sizes the timed loop from the warm-up and tells the others, the ranks meet at a barrier,
+and the systems take turns: with one system a sample is one call, with several each turn
+is one untimed call (it waits out the previous system's tail on the other ranks) and
+TURN_CALLS calls timed together. Rank 0 prints one JSON line per size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+import ringlib
+from ringlib.dtypes import BY_NAME
+
+from . import memory
+from .systems import (Case, GlooSystem, MpiSystem, RinglibSystem, System, Unavailable,
+                      check)
+from .timing import format_size
+
+ALWAYS = 1 << 62           # a small_bytes no buffer reaches: recursive doubling for all
+BUDGET_S = 2.5             # timed seconds per size (all systems together) when adaptive
+MIN_ITERS, MAX_ITERS = 5, 2000
+TURN_CALLS = 4             # calls timed together per system when systems take turns
+CONNECT_TIMEOUT = 30.0
+COLLECTIVE_TIMEOUT = 60.0  # a lost rank fails the run in a minute, not the ring's 5
+
+
+def ringlib_systems(ring: ringlib.Ring, args: argparse.Namespace) -> list[RinglibSystem]:
+    """ringlib's columns: doubling vs ring (--crossover), several segment sizes or spin
+    times (one column each), or one column; a lone --segment or --spin applies to all."""
+    fixed = {}
+    if args.segment and len(args.segment) == 1:
+        fixed["segment_bytes"] = args.segment[0]
+    if args.spin and len(args.spin) == 1:
+        fixed["spin_us"] = args.spin[0]
+    if args.crossover:
+        return [RinglibSystem(ring, "doubling", small_bytes=ALWAYS, **fixed),
+                RinglibSystem(ring, "ring", small_bytes=0, **fixed)]
+    if args.segment and len(args.segment) > 1:
+        return [RinglibSystem(ring, f"seg {format_size(s)}", **{**fixed, "segment_bytes": s})
+                for s in args.segment]
+    if args.spin and len(args.spin) > 1:
+        return [RinglibSystem(ring, f"spin {s}us", **{**fixed, "spin_us": s})
+                for s in args.spin]
+    return [RinglibSystem(ring, **fixed)]
+
+
+def compared_systems(ring: ringlib.Ring, names: list[str],
+                     skipped: dict[str, str]) -> list[System]:
+    """The systems named by --compare that can run here; why the others cannot goes into
+    `skipped`."""
+    made: list[System] = []
+    for name in names:
+        try:
+            made.append(GlooSystem(ring.rank, ring.world_size) if name == "gloo"
+                        else MpiSystem())
+        except Unavailable as exc:
+            skipped[name] = str(exc)
+    return made
+
+
+async def _turn(systems: list[System], samples: list[list[float]]) -> None:
+    """One sample per system, seconds per call, appended to that system's samples."""
+    calls = TURN_CALLS if len(systems) > 1 else 1
+    for system, times in zip(systems, samples):
+        if calls > 1:
+            await system.call()
+        start = time.perf_counter()
+        for _ in range(calls):
+            await system.call()
+        times.append((time.perf_counter() - start) / calls)
+
+
+async def _agree_on_iterations(ring: ringlib.Ring, warmup: list[list[float]], turn_calls: int,
+                               iters: int | None) -> int:
+    """Rank 0 sizes the timed loop from its slowest warm-up turn and tells the others."""
+    if iters:
+        return iters
+    per_turn = turn_calls * float(np.max(np.sum(warmup, axis=0))) if warmup[0] else 1e-3
+    box = np.array([max(MIN_ITERS, min(MAX_ITERS, int(BUDGET_S / max(per_turn, 1e-7))))])
+    await ring.broadcast(box, root=0)
+    return int(box[0])
+
+
+async def checked(systems: list[System], case: Case, skipped: dict[str, str]) -> list[System]:
+    """Prepare every system and check one call; return those that ran it. A compared system
+    that cannot run this case (a dtype or op it lacks) is closed and left out, with its
+    reason in `skipped`; every rank drops it alike, since all pass the same case."""
+    kept = []
+    for system in systems:
+        try:
+            system.prepare(case)
+            await system.call()
+        except (Unavailable, RuntimeError, TypeError, ValueError) as exc:
+            if isinstance(system, RinglibSystem):
+                raise
+            skipped[system.label] = f"{type(exc).__name__}: {exc}"
+            system.close()
+            continue
+        check(system.label, case, system.out)
+        kept.append(system)
+    return kept
+
+
+async def measure(ring: ringlib.Ring, systems: list[System], case: Case,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """Measure the memory of, warm up and time every (checked) system on `case`."""
+    peaks = []
+    for system in systems:
+        system.zero()
+        peaks.append(await memory.peak_growth(system.call) if args.memory else None)
+    turn_calls = TURN_CALLS + 1 if len(systems) > 1 else 1
+    warmup: list[list[float]] = [[] for _ in systems]
+    for _ in range(args.warmup):
+        await _turn(systems, warmup)
+    iters = await _agree_on_iterations(ring, warmup, turn_calls, args.iters)
+    samples: list[list[float]] = [[] for _ in systems]
+    await ring.barrier()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(iters):
+            await _turn(systems, samples)
+    finally:
+        gc.enable()
+    first = systems[0]
+    if case.collective == "latency":  # one-way: half of each round trip
+        samples = [[t / 2 for t in times] for times in samples]
+    return {"kind": "row", "bytes": case.count * BY_NAME[case.dtype].itemsize,
+            "count": case.count, "iters": iters,
+            "algo": first.algorithm(case) if isinstance(first, RinglibSystem) else "",
+            "results": [{"label": s.label, "p50": float(np.median(t)),
+                         "p99": float(np.percentile(t, 99)), "peak_bytes": peak}
+                        for s, t, peak in zip(systems, samples, peaks)]}
+
+
+async def run_worker(args: argparse.Namespace) -> None:
+    """This rank's part: join the ring from the environment; rank 0 prints JSON lines."""
+    async with ringlib.connect(timeout=CONNECT_TIMEOUT,
+                               collective_timeout=COLLECTIVE_TIMEOUT) as ring:
+        say = _printer(ring.rank)
+        skipped: dict[str, str] = {}
+        compared = compared_systems(ring, args.compare, skipped)
+        systems: list[System] = [*ringlib_systems(ring, args), *compared]
+        args.memory = args.memory and memory.supported()
+        say({"kind": "setup", "labels": [s.label for s in systems],
+             "small_bytes": ring.small_bytes,
+             "segment_bytes": ring.segment_bytes, "spin_us": ring.spin_us, "skipped": dict(skipped),
+             "versions": {s.label: s.version for s in compared}})
+        try:
+            for nbytes in args.sizes:
+                case = Case(args.collective, nbytes // BY_NAME[args.dtype].itemsize,
+                            args.dtype, args.op, ring.rank, ring.world_size)
+                systems = await checked(systems, case, skipped)
+                say({**await measure(ring, systems, case, args), "skipped": dict(skipped)})
+                for system in systems:
+                    system.release()
+        finally:
+            for system in systems:
+                system.close()
+
+
+def _printer(rank: int) -> Callable[[dict[str, Any]], None]:
+    def say(message: dict[str, Any]) -> None:
+        if rank == 0:
+            print(json.dumps(message), flush=True)
+    return say
