@@ -66,12 +66,12 @@ async def test_peak_growth_sees_what_a_call_holds_for_a_moment_and_not_what_it_d
         pass
 
     grown = await memory.peak_growth(holds_32_mib)
-    assert 32 * MIB <= grown < 40 * MIB
+    assert 31 * MIB <= grown < 40 * MIB  # a few pages may have been resident already
     assert await memory.peak_growth(holds_nothing) < 4 * MIB
     # Freed memory the allocator kept is trimmed first, so reusing it still counts.
     kept = [np.ones(MIB // 2, np.uint8) for _ in range(64)]
     del kept
-    assert await memory.peak_growth(holds_32_mib) >= 32 * MIB
+    assert await memory.peak_growth(holds_32_mib) >= 31 * MIB
 
 
 def test_the_table_gives_nccl_bandwidths_and_ringlibs_time_over_each_others():
