@@ -34,7 +34,7 @@ from ringlib.transport.addresses import free_tcp_ports
 
 from .ranks import WorkerFailed, exit_with_parent, mpirun_missing, run_ranks
 from .results import plot, write_json
-from .sweep_rank import TURN_CALLS, run_worker
+from .sweep_rank import SETTINGS, TURN_CALLS, run_worker
 from .systems import COLLECTIVES, SPLIT, STORE_VARIABLE
 from .table import Row, Table, crossover_summary, ratio_summary
 from .timing import format_size, parse_size_list, parse_sizes
@@ -84,15 +84,17 @@ class Report:
 
     def footer(self) -> str:
         a, s = self.args, self.setup
-        small = "per column" if a.crossover else format_size(s.get("small_bytes", 0))
-        segment = ("per column" if a.segment and len(a.segment) > 1
-                   else format_size(a.segment[0] if a.segment else s.get("segment_bytes", 0)))
-        spin = ("per column" if a.spin and len(a.spin) > 1
-                else f"{a.spin[0] if a.spin else s.get('spin_us', 0)} us")
+        settings = ["small_bytes " + ("per column" if a.crossover
+                                      else format_size(s.get("small_bytes", 0)))]
+        for option, (attr, _) in SETTINGS.items():
+            given = getattr(a, option) or []
+            value = given[0] if given else s.get(attr, 0)
+            settings.append(f"{attr} " + ("per column" if len(given) > 1 else
+                                          f"{value} us" if attr == "spin_us" else
+                                          format_size(value)))
         what = a.collective if a.collective in ("latency", "all_gather", "broadcast") \
             else f"{a.collective} {a.op}"
-        lines = [f"{what}, {a.ranks} ranks on {a.transport} (this host); "
-                 f"small_bytes {small}, segment_bytes {segment}, spin {spin}"]
+        lines = [f"{what}, {a.ranks} ranks on {a.transport} (this host); " + ", ".join(settings)]
         if self.table is not None:
             timed = "one-way latency (half a round trip)" if a.collective == "latency" \
                 else "per-call times"
@@ -121,7 +123,8 @@ class Report:
                 + shlex.join(self.argv), "ranks": a.ranks, "transport": a.transport,
                 "dtype": a.dtype, "op": a.op, "small_bytes": self.setup.get("small_bytes"),
                 "segment_bytes": self.setup.get("segment_bytes"),
-                "spin_us": self.setup.get("spin_us"), "skipped": self.skipped,
+                "spin_us": self.setup.get("spin_us"),
+                "direct_bytes": self.setup.get("direct_bytes"), "skipped": self.skipped,
                 "versions": self.setup.get("versions", {}),
                 "rows": [{"bytes": r.nbytes, "count": r.count, "iters": r.iters,
                           "algo": r.algo, "results": [
@@ -201,6 +204,8 @@ def parser(collective: str = "allreduce") -> argparse.ArgumentParser:
                    help="ringlib's segment_bytes; several: timed side by side")
     p.add_argument("--spin", type=_integers, default=None,
                    help="ringlib's spin_us; several: timed side by side")
+    p.add_argument("--direct", type=parse_size_list, default=None,
+                   help="ringlib's direct_bytes (0: off); several: timed side by side")
     p.add_argument("--crossover", action="store_true",
                    help="time recursive doubling against the ring, side by side")
     p.add_argument("--collective", choices=COLLECTIVES, default=collective,
@@ -224,10 +229,12 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("latency is a ping-pong between two ranks: -n 2")
     if (args.crossover or args.segment) and args.collective != "allreduce":
         p.error("--crossover and --segment compare all-reduce settings")
-    several = [f"--{name}" for name in ("segment", "spin") if len(getattr(args, name) or []) > 1]
+    several = [f"--{name}" for name in SETTINGS if len(getattr(args, name) or []) > 1]
     if len(several) + args.crossover > 1:
-        p.error("compare one setting at a time: --crossover, several --segment or several "
-                "--spin")
+        p.error("compare one setting at a time: --crossover, or several values of one of "
+                + ", ".join(f"--{name}" for name in SETTINGS))
+    if args.segment and min(args.segment) < 1:
+        p.error("--segment must be at least 1 byte")
     if (args.iters is not None and args.iters < 1) or args.warmup < 0:
         p.error("--iters must be at least 1 and --warmup at least 0")
     if args.json and not args.json.parent.is_dir():

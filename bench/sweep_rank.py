@@ -35,23 +35,25 @@ CONNECT_TIMEOUT = 30.0
 COLLECTIVE_TIMEOUT = 60.0  # a lost rank fails the run in a minute, not the ring's 5
 
 
+# ringlib settings that several values of can be timed side by side, one column each:
+# option -> (Ring attribute, column label)
+SETTINGS = {"segment": ("segment_bytes", lambda v: f"seg {format_size(v)}"),
+            "spin": ("spin_us", lambda v: f"spin {v}us"),
+            "direct": ("direct_bytes", lambda v: f"direct {format_size(v) if v else 'off'}")}
+
+
 def ringlib_systems(ring: ringlib.Ring, args: argparse.Namespace) -> list[RinglibSystem]:
-    """ringlib's columns: doubling vs ring (--crossover), several segment sizes or spin
-    times (one column each), or one column; a lone --segment or --spin applies to all."""
-    fixed = {}
-    if args.segment and len(args.segment) == 1:
-        fixed["segment_bytes"] = args.segment[0]
-    if args.spin and len(args.spin) == 1:
-        fixed["spin_us"] = args.spin[0]
+    """ringlib's columns: doubling vs ring (--crossover), several values of one setting
+    (one column each), or one column; a setting given one value applies to every column."""
+    fixed = {attr: getattr(args, option)[0] for option, (attr, _) in SETTINGS.items()
+             if getattr(args, option) and len(getattr(args, option)) == 1}
     if args.crossover:
-        return [RinglibSystem(ring, "doubling", small_bytes=ALWAYS, **fixed),
-                RinglibSystem(ring, "ring", small_bytes=0, **fixed)]
-    if args.segment and len(args.segment) > 1:
-        return [RinglibSystem(ring, f"seg {format_size(s)}", **{**fixed, "segment_bytes": s})
-                for s in args.segment]
-    if args.spin and len(args.spin) > 1:
-        return [RinglibSystem(ring, f"spin {s}us", **{**fixed, "spin_us": s})
-                for s in args.spin]
+        return [RinglibSystem(ring, "doubling", **{**fixed, "small_bytes": ALWAYS}),
+                RinglibSystem(ring, "ring", **{**fixed, "small_bytes": 0})]
+    for option, (attr, label) in SETTINGS.items():
+        values = getattr(args, option) or []
+        if len(values) > 1:
+            return [RinglibSystem(ring, label(v), **{**fixed, attr: v}) for v in values]
     return [RinglibSystem(ring, **fixed)]
 
 
@@ -155,7 +157,8 @@ async def run_worker(args: argparse.Namespace) -> None:
         args.memory = args.memory and memory.supported()
         say({"kind": "setup", "labels": [s.label for s in systems],
              "small_bytes": ring.small_bytes,
-             "segment_bytes": ring.segment_bytes, "spin_us": ring.spin_us, "skipped": dict(skipped),
+             "segment_bytes": ring.segment_bytes, "spin_us": ring.spin_us,
+             "direct_bytes": ring.direct_bytes, "skipped": dict(skipped),
              "versions": {s.label: s.version for s in compared}})
         try:
             for nbytes in args.sizes:

@@ -213,7 +213,9 @@ class RinglibSystem(System):
         out = storage(self.out, "out", writable=True)[0]
         out.view(np.uint8)[...] = np.frombuffer(message.payload.buffer, np.uint8)
         if rank == 1:
-            await wait_sent([await endpoint.send(peer, header, out)])
+            tracker = await endpoint.send(peer, header, out)
+            if tracker is not None:  # ZeroMQ shares `out` until it has sent it
+                await wait_sent([tracker])
 
 
 class GlooSystem(System):

@@ -49,8 +49,8 @@ def parse_size_list(text: str) -> list[int]:
         sizes = [parse_size(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad sizes {text!r}") from None
-    if min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be at least 1 byte")
+    if min(sizes) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must not be negative")
     return sizes
 
 

@@ -17,7 +17,7 @@ from ringlib.collectives.ring_schedule import neighbours
 from ringlib.dtypes import BY_NAME, DType
 from ringlib.errors import CollectiveTimeout, InvalidArgument, RingClosed
 from ringlib.ops import Op
-from ringlib.transport import Endpoint
+from ringlib.transport import DIRECT_BYTES, Endpoint
 
 from .buffers import empty_like, like, storage
 from .environment import Placement, placement
@@ -69,6 +69,16 @@ class Ring:
         """This rank's transport endpoint (None in a ring of one), for runtime features that
         stream to the neighbours outside the collectives, such as pipeline stages."""
         return self._endpoint
+
+    @property
+    def direct_bytes(self) -> int:
+        """Messages up to this size go over direct links where they are up (see connect)."""
+        return self._endpoint.direct_bytes if self._endpoint else 0
+
+    @direct_bytes.setter
+    def direct_bytes(self, value: int) -> None:
+        if self._endpoint:
+            self._endpoint.direct_bytes = value
 
     @property
     def address(self) -> str | None:
@@ -206,6 +216,8 @@ class Settings:
     small_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SMALL_BYTES",
                                                               collectives.SMALL_BYTES))
     spin_us: int = field(default_factory=lambda: _env_number("RINGLIB_SPIN_US", SPIN_US))
+    direct_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_DIRECT_BYTES",
+                                                               DIRECT_BYTES))
 
 
 def _env_number(name: str, default: float) -> float:
@@ -254,6 +266,8 @@ async def _open(where: Placement, timeout: float, settings: Settings) -> Ring:
         peers = await bind_and_exchange(endpoint, where, timeout)
         endpoint.set_peers(peers)
         await greet_neighbours(endpoint, *neighbours(where.rank, where.world_size), timeout)
+        endpoint.direct_bytes = settings.direct_bytes
+        await endpoint.offer_links(r for r in range(where.world_size) if r != where.rank)
         await warm
     except BaseException:
         await endpoint.close()

@@ -1,13 +1,14 @@
 """ringlib.transport: moves buffers between ranks over ZeroMQ; knows nothing of reductions.
 
 The bottom layer: an Endpoint per peer (a PULL socket it binds, a PUSH socket per peer it
-sends to), a msgpack header per message with the payload in its own zero-copy frame, and
-an inbox that files messages by collective, step and sender.
+sends to), a msgpack header per message with the payload in its own zero-copy frame, an
+inbox that files messages by collective, step and sender, and direct socket links beside
+ZeroMQ for small messages.
 """
 
-from .endpoint import Endpoint, context, wait_sent
+from .endpoint import DIRECT_BYTES, Endpoint, context, wait_sent
 from .frames import PROTOCOL_VERSION, Header, Kind
 from .inbox import Inbox, Message
 
-__all__ = ["Endpoint", "Header", "Inbox", "Kind", "Message", "PROTOCOL_VERSION", "context",
+__all__ = ["DIRECT_BYTES", "Endpoint", "Header", "Inbox", "Kind", "Message", "PROTOCOL_VERSION", "context",
            "wait_sent"]

@@ -21,8 +21,8 @@ import zmq.asyncio
 
 from ringlib.errors import RendezvousError, RingClosed, ProtocolError
 
-from . import addresses
-from .frames import Header, decode, encode
+from . import addresses, direct
+from .frames import Header, Kind, decode, encode
 from .inbox import Inbox, Message
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 CLOSE_LINGER_MS = 2000
 # Plain ints: flag enums make `events & POLLIN` cost microseconds on the polling path.
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+# Messages up to this size go over a direct link where one is up (see direct.py).
+DIRECT_BYTES = 256 << 10
 
 _context: zmq.asyncio.Context | None = None
 _open_endpoints = 0
@@ -64,6 +66,9 @@ class Endpoint:
         self.peer_addresses: dict[int, str] = {}
         self._reader: asyncio.Task | None = None
         self._may_poll = False
+        self._listener: direct.Listener | None = None
+        self._links: dict[int, direct.Writer] = {}
+        self.direct_bytes = DIRECT_BYTES
         self._closed = False
 
     def bind(self, address: str) -> str:
@@ -84,8 +89,33 @@ class Endpoint:
         # An inproc sender lives in this process, often on this very loop: polling for its
         # message would only keep it from running.
         self._may_poll = not address.startswith("inproc://")
+        self._listen_directly(address)
         self._reader = asyncio.get_running_loop().create_task(self._read())
         return address
+
+    def _listen_directly(self, address: str) -> None:
+        where = direct.listen_address(address)
+        if where is None:
+            return
+        try:
+            self._listener = direct.Listener(where, self._deliver)
+        except OSError as exc:
+            log.info("rank %d takes no direct links at %s (%s); ZeroMQ carries everything",
+                     self.rank, where, exc)
+
+    def linked_peers(self) -> list[int]:
+        """The ranks this rank sends small messages to over a direct link, now."""
+        return sorted(rank for rank, link in self._links.items() if link.ready)
+
+    async def offer_links(self, ranks: Iterable[int]) -> None:
+        """Tell `ranks` where to open direct links to this rank (a LINK message over
+        ZeroMQ); each connects in the background and sends small messages over it once
+        connected. Nothing is offered where this rank takes no direct links."""
+        if self._listener is None:
+            return
+        offer = self._listener.address.encode()
+        for rank in ranks:
+            await self.send(rank, Header(Kind.LINK, 0, 0, 0, "", 0, self.rank), offer)
 
     def set_peers(self, table: list[str]) -> None:
         """Learn every rank's address; links open on first use or through connect()."""
@@ -113,6 +143,11 @@ class Endpoint:
             raise RingClosed(f"rank {self.rank}: endpoint is closed")
         if to not in self._push:
             self.connect(to, self.peer_addresses[to])
+        link = self._links.get(to)
+        if link is not None and link.ready and \
+                (payload is None or memoryview(payload).nbytes <= self.direct_bytes) and \
+                link.send(encode(header), payload):
+            return None
         frames = [encode(header)] if payload is None else [encode(header), payload]
         if payload is None:
             options = {"copy": False, "track": False}
@@ -144,6 +179,8 @@ class Endpoint:
     def _poll_for(self, key: tuple, deadline: float) -> Message | None:
         while True:
             self._file_ready()
+            if self._listener is not None:
+                self._listener.poll()
             message = self.inbox.take(key)
             if message is not None or time.perf_counter() >= deadline:
                 return message
@@ -160,10 +197,38 @@ class Endpoint:
             pass
 
     def _file(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) > 2:
+            self._drop(f"{len(frames)} frames in one message; at most 2 expected")
+        else:
+            self._deliver(frames[0].buffer, frames[1] if len(frames) == 2 else None)
+
+    def _deliver(self, header: bytes | memoryview, payload: zmq.Frame | None) -> None:
+        """File one message, from ZeroMQ or a direct link; a LINK offer opens a link."""
         try:
-            self.inbox.deliver(_message(frames))
+            message = Message(decode(header), payload)
         except ProtocolError as exc:
-            log.warning("rank %d at %s dropped a message: %s", self.rank, self.address, exc)
+            return self._drop(str(exc))
+        if message.header.kind == Kind.LINK:
+            self._open_link(message)
+        else:
+            self.inbox.deliver(message)
+
+    def _open_link(self, offer: Message) -> None:
+        rank = offer.header.sender
+        try:
+            address = addresses.check(offer.payload.bytes.decode())
+        except (AttributeError, UnicodeDecodeError, RendezvousError) as exc:
+            return self._drop(f"bad direct-link offer from rank {rank}: {exc}")
+        if rank == self.rank or rank in self._links or self._closed:
+            return
+        try:
+            self._links[rank] = direct.Writer(address)
+        except OSError as exc:
+            log.info("rank %d: no direct link to rank %d at %s (%s)", self.rank, rank,
+                     address, exc)
+
+    def _drop(self, why: str) -> None:
+        log.warning("rank %d at %s dropped a message: %s", self.rank, self.address, why)
 
     async def _read(self) -> None:
         while True:
@@ -190,6 +255,10 @@ class Endpoint:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
+        for link in self._links.values():
+            link.close()
+        if self._listener is not None:
+            self._listener.close()
         self._pull.close(0)
         if self.address and self.address.startswith("ipc://"):
             # libzmq leaves the socket file behind; nobody else will remove it.
@@ -200,13 +269,6 @@ class Endpoint:
         _open_endpoints -= 1
         if _open_endpoints == 0 and _context is not None:
             await asyncio.get_running_loop().run_in_executor(None, _context.term)
-
-
-def _message(frames: list[zmq.Frame]) -> Message:
-    if len(frames) > 2:
-        raise ProtocolError(f"{len(frames)} frames in one message; at most 2 expected")
-    payload = frames[1] if len(frames) == 2 else None
-    return Message(decode(frames[0].buffer), payload)
 
 
 async def wait_sent(trackers: Iterable[zmq.MessageTracker]) -> None:

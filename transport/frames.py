@@ -30,6 +30,7 @@ class Kind(enum.IntEnum):
     JOIN = 2       # rendezvous: a rank tells the seed rank its own address
     TABLE = 3      # rendezvous: the seed rank sends every rank the full address table
     STREAM = 4     # a stream between neighbours, outside the collectives (pipeline stages)
+    LINK = 5       # a peer offers a direct link: its address (transport/direct.py)
 
 
 class Header(NamedTuple):

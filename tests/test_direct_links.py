@@ -1,0 +1,131 @@
+"""Direct links beside ZeroMQ (transport/direct.py), between real endpoints on real
+sockets: small messages take them once they are up, large ones stay on ZeroMQ, bytes the
+socket cannot take at once are kept and written later, and a stranger on the link's port
+is cut off without harm."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import numpy as np
+import pytest
+
+from ringlib.transport import Endpoint, Header, Kind
+from ringlib.transport.addresses import local_addresses
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def header(seq: int, nbytes: int, sender: int) -> Header:
+    return Header(Kind.STREAM, seq, 0, 0, "uint8", nbytes, sender)
+
+
+async def linked_pair(addresses: list[str]) -> tuple[Endpoint, Endpoint]:
+    """Two endpoints that offered each other direct links and have them up."""
+    ends = [Endpoint(0), Endpoint(1)]
+    for end, address in zip(ends, addresses):
+        end.bind(address)
+    for end in ends:
+        end.set_peers(addresses)
+        await end.offer_links([1 - end.rank])
+    async with asyncio.timeout(10):
+        while [e.linked_peers() for e in ends] != [[1], [0]]:
+            await asyncio.sleep(0.005)
+    return ends[0], ends[1]
+
+
+async def closed_by_peer(sock: socket.socket) -> bool:
+    """Wait, without blocking the event loop, until the other end closes `sock`."""
+    sock.setblocking(False)
+    async with asyncio.timeout(5):
+        while True:
+            try:
+                if sock.recv(4096) == b"":
+                    return True
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+            except ConnectionResetError:
+                return True
+
+
+@pytest.fixture(params=["tcp", "ipc"])
+def addresses(request, tmp_path) -> list[str]:
+    return local_addresses(2, request.param, str(tmp_path))
+
+
+async def test_small_and_large_messages_arrive_intact_whichever_way_they_travel(addresses, rng):
+    a, b = await linked_pair(addresses)
+    try:
+        a.direct_bytes = 4096
+        sizes = [0, 1, 4096, 4097, 300_000, 7]  # both sides of the limit, in one stream
+        payloads = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+        for seq, payload in enumerate(payloads):
+            await a.send(1, header(seq, payload.size, 0), payload)
+        for seq, payload in enumerate(payloads):
+            message = await b.recv(header(seq, payload.size, 0).key, spin=1e-4)
+            assert message.header == header(seq, payload.size, 0)
+            assert np.array_equal(np.frombuffer(message.payload.buffer, np.uint8), payload)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_what_the_socket_cannot_take_at_once_is_written_later_in_order(addresses, rng):
+    a, b = await linked_pair(addresses)
+    try:
+        # 64 MB of 200 KB messages sent without yielding: far more than a socket buffer.
+        payloads = [rng.integers(0, 256, 200_000, dtype=np.uint8) for _ in range(320)]
+        originals = [p.copy() for p in payloads]
+        for seq, payload in enumerate(payloads):
+            assert await a.send(1, header(seq, payload.size, 0), payload) is None  # copied
+            payload[:] = 0  # so the caller may reuse its buffer at once
+        for seq, original in enumerate(originals):
+            message = await b.recv(header(seq, original.size, 0).key)
+            assert np.array_equal(np.frombuffer(message.payload.buffer, np.uint8), original)
+        assert len(b.inbox) == 0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_stranger_on_the_link_port_is_cut_off_and_the_link_carries_on(caplog):
+    a, b = await linked_pair(local_addresses(2, "tcp", ""))
+    try:
+        host, port = b._listener.address.removeprefix("tcp://").rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as stranger, \
+                caplog.at_level(logging.WARNING, logger="ringlib.transport"):
+            stranger.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
+            assert await closed_by_peer(stranger)
+        await a.send(1, header(1, 3, 0), b"abc")
+        message = await b.recv(header(1, 3, 0).key)
+        assert message.payload.bytes == b"abc" and a.linked_peers() == [1]
+        assert any("direct link closed" in r.message for r in caplog.records)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_when_a_link_breaks_zeromq_carries_the_next_messages(addresses):
+    a, b = await linked_pair(addresses)
+    try:
+        for reader in list(b._listener.readers):  # the receiving end goes away
+            reader.close()
+        for seq in range(50):  # the first may still be taken by the dying socket
+            await a.send(1, header(seq, 1, 0), b"x")
+            await asyncio.sleep(0.001)
+        assert a.linked_peers() == []
+        message = await b.recv(header(49, 1, 0).key)
+        assert message.payload.bytes == b"x"
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_close_removes_the_link_socket_file(tmp_path):
+    a, b = await linked_pair(local_addresses(2, "ipc", str(tmp_path)))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["r0", "r0.d", "r1", "r1.d"]
+    await a.close()
+    await b.close()
+    assert list(tmp_path.iterdir()) == []
