@@ -1,6 +1,7 @@
 """The floor this host's loopback sets for any TCP transport: two processes swap S bytes
 over one plain TCP connection, each sending from one thread while receiving on another
-(socket.sendall and recv_into: no Python per byte, no library in between).
+(socket.sendall and recv_into: no Python per byte, no library in between; sizes up to
+64 KiB, which the socket buffers hold, are sent and then received on one thread).
 
     python -m ringlib.bench.loopback [--sizes 8B,8MiB] [--iters N] [--transport tcp|ipc]
 
@@ -23,7 +24,14 @@ from pathlib import Path
 from .timing import format_size, parse_size_list
 
 
+INLINE_BYTES = 64 << 10     # fits the socket buffer: send, then receive, in one thread
+
+
 def _swap(sock: socket.socket, out: bytes, into: memoryview) -> None:
+    if len(out) <= INLINE_BYTES:
+        sock.sendall(out)
+        _receive(sock, into)
+        return
     receiver = threading.Thread(target=_receive, args=(sock, into))
     receiver.start()
     sock.sendall(out)

@@ -4,6 +4,10 @@ Cost (N ranks, S bytes): N-1 steps; each rank sends and receives (N-1)/N x S byt
 reduces as many, which is bandwidth-optimal. Each chunk travels in pieces of at most
 segment_elems elements, so sending piece k to the right overlaps reducing piece k+1 from
 the left: ZeroMQ's I/O thread moves bytes while the worker thread runs the kernel.
+
+Memory: a received piece is held until it is reduced. The first step's pieces go out
+WINDOW at a time, the next one after each piece received, so that a rank whose kernels
+lag holds at most about WINDOW + 1 of its left neighbour's pieces, not a whole chunk.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from .channel import Channel
 from .ring_schedule import neighbours, reduce_scatter_chunks
 
 Reducer = Callable[[np.ndarray, np.ndarray], None]
+WINDOW = 2  # first-step pieces in flight before the first receive
 
 
 async def reduce_scatter_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
@@ -25,13 +30,17 @@ async def reduce_scatter_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
     n, r = ch.world_size, ch.rank
     left, right = neighbours(r, n)
     first, _ = reduce_scatter_chunks(r, n, 0)
-    for k, (a, b) in enumerate(ch.pieces(bounds, first)):
+    outgoing = list(enumerate(ch.pieces(bounds, first)))
+    for k, (a, b) in outgoing[:WINDOW]:
         await ch.send(right, 0, k, buf[a:b], region=first)
     for step in range(n - 1):
         _, c = reduce_scatter_chunks(r, n, step)
         last = step == n - 2
         for k, (a, b) in enumerate(ch.pieces(bounds, c)):
             piece, _ = await ch.recv(left, step, k, b - a)
+            if step == 0 and k + WINDOW < len(outgoing):  # one in, the next one out
+                j, (ja, jb) = outgoing[k + WINDOW]
+                await ch.send(right, 0, j, buf[ja:jb], region=first)
             await ch.run(final if last else partial, buf[a:b], piece)
             if not last:  # the chunk reduced at step s is the one sent at step s+1
                 await ch.send(right, step + 1, k, buf[a:b], region=c)
