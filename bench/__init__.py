@@ -1,6 +1,9 @@
 """ringlib.bench: benchmarks that measure ringlib beside what it replaces, in one run.
 
-    python -m ringlib.bench.kernels     (also: ringlib bench kernels)
-    python -m ringlib.bench.allreduce   (also: ringlib bench allreduce)
-    python -m ringlib.bench.trainer     (also: ringlib bench trainer)
+    ringlib bench kernels                          (python -m ringlib.bench.kernels)
+    ringlib bench allreduce|reduce_scatter|all_gather|broadcast|latency
+                                                   (python -m ringlib.bench.sweep)
+    ringlib bench trainer                          (python -m ringlib.bench.trainer)
+    ringlib bench pipeline                         (python -m ringlib.bench.pipeline)
+    python -m ringlib.bench.loopback               the floor plain sockets set here
 """

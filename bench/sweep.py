@@ -37,7 +37,7 @@ from .results import plot, write_json
 from .sweep_rank import SETTINGS, TURN_CALLS, run_worker
 from .systems import COLLECTIVES, SPLIT, STORE_VARIABLE
 from .table import Row, Table, crossover_summary, ratio_summary
-from .timing import format_size, parse_size_list, parse_sizes
+from .timing import format_size, parse_int_list, parse_size_list, parse_sizes
 
 DEFAULT_SIZES = "8B:64MiB:4"
 CROSSOVER_SIZES = "256B:1MiB:2"
@@ -170,16 +170,6 @@ def _systems(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _integers(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad list of integers {text!r}") from None
-    if min(values) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: values must be >= 0")
-    return values
-
-
 def parser(collective: str = "allreduce") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"ringlib bench {collective}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -202,7 +192,7 @@ def parser(collective: str = "allreduce") -> argparse.ArgumentParser:
                    help="skip the peak-memory calls")
     p.add_argument("--segment", type=parse_size_list, default=None,
                    help="ringlib's segment_bytes; several: timed side by side")
-    p.add_argument("--spin", type=_integers, default=None,
+    p.add_argument("--spin", type=parse_int_list, default=None,
                    help="ringlib's spin_us; several: timed side by side")
     p.add_argument("--direct", type=parse_size_list, default=None,
                    help="ringlib's direct_bytes (0: off); several: timed side by side")

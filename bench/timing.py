@@ -45,13 +45,22 @@ def format_size(nbytes: int) -> str:
 
 def parse_size_list(text: str) -> list[int]:
     """'256KiB,1MiB' as byte counts, for argparse."""
+    return _parse_list(text, parse_size, "sizes")
+
+
+def parse_int_list(text: str) -> list[int]:
+    """'0,100,300' as integers, for argparse."""
+    return _parse_list(text, int, "integers")
+
+
+def _parse_list(text: str, parse: Callable[[str], int], what: str) -> list[int]:
     try:
-        sizes = [parse_size(s) for s in text.split(",")]
+        values = [parse(s) for s in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad sizes {text!r}") from None
-    if min(sizes) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: sizes must not be negative")
-    return sizes
+        raise argparse.ArgumentTypeError(f"bad {what} {text!r}") from None
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: {what} must not be negative")
+    return values
 
 
 def parse_sizes(text: str) -> list[int]:

@@ -66,11 +66,13 @@ def decode(frame: bytes | memoryview) -> Header:
     if fields[0] != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {fields[0]!r}, expected {PROTOCOL_VERSION}")
     kind, seq, step, chunk, dtype, count, sender = fields[1:]
-    if not all(type(v) is int and v >= 0 for v in (kind, seq, step, chunk, count, sender)):
+    # One chained test, not a loop: this runs for every message, small ones included.
+    if not (type(kind) is type(seq) is type(step) is type(chunk) is type(count)
+            is type(sender) is int) or min(kind, seq, step, chunk, count, sender) < 0:
         raise ProtocolError(f"header fields must be non-negative integers: {fields!r:.80}")
     if not isinstance(dtype, str) or kind not in _KINDS:
         raise ProtocolError(f"bad kind or dtype in header: {fields!r:.80}")
-    return Header(Kind(kind), seq, step, chunk, dtype, count, sender)
+    return Header(_KINDS[kind], seq, step, chunk, dtype, count, sender)
 
 
-_KINDS = frozenset(Kind)
+_KINDS = {int(k): k for k in Kind}
