@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from ringlib.transport import Endpoint, Header, Kind
+from ringlib.transport import Endpoint, Header, Kind, direct
 from ringlib.transport.addresses import local_addresses
 
 pytestmark = pytest.mark.timeout(60)
@@ -129,3 +131,64 @@ async def test_close_removes_the_link_socket_file(tmp_path):
     await a.close()
     await b.close()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("offer, peer, taken", [
+    ("tcp://127.0.0.1:4000", "tcp://127.0.0.1:5000", True),
+    ("tcp://10.0.0.9:4000", "tcp://127.0.0.1:5000", False),   # another host: refused
+    ("ipc:///tmp/x/r1.d", "ipc:///tmp/x/r1", True),
+    ("ipc:///tmp/elsewhere", "ipc:///tmp/x/r1", False),
+    ("tcp://127.0.0.1:4000", "ipc:///tmp/x/r1", False),
+    ("tcp://127.0.0.1:4000", "inproc://r1", False),
+])
+def test_an_offer_is_taken_only_where_the_peer_itself_listens(offer, peer, taken):
+    assert direct.offered_by(offer, peer) is taken
+
+
+async def test_an_offer_pointing_elsewhere_is_dropped_and_zeromq_carries(caplog):
+    a, b = Endpoint(0), Endpoint(1)
+    addresses = local_addresses(2, "tcp", "")
+    for end, address in ((a, addresses[0]), (b, addresses[1])):
+        end.bind(address)
+        end.set_peers(addresses)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ringlib.transport"):
+            await b.send(0, Header(Kind.LINK, 0, 0, 0, "", 0, 1), b"tcp://192.0.2.1:9")
+            await b.send(0, header(1, 3, 1), b"abc")
+            message = await a.recv(header(1, 3, 1).key)
+        assert message.payload.bytes == b"abc" and a.linked_peers() == []
+        assert any("is not where rank 1" in r.message for r in caplog.records)
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_bytes_a_link_still_keeps_are_written_when_it_closes(rng):
+    """A writer whose socket is full keeps the rest; closing writes it out, as ZeroMQ's
+    linger does, so a rank that leaves right after its last collective loses nothing."""
+    payload = rng.integers(0, 256, 32 << 20, dtype=np.uint8)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        got = bytearray()
+
+        def drain() -> None:
+            conn, _ = server.accept()
+            with conn:
+                time.sleep(0.3)  # let the writer fill the socket and keep the rest
+                while chunk := conn.recv(1 << 20):
+                    got.extend(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+
+        async def write() -> None:
+            writer = direct.Writer(f"tcp://127.0.0.1:{server.getsockname()[1]}")
+            async with asyncio.timeout(5):
+                while not writer.ready:
+                    await asyncio.sleep(0.001)
+            assert writer.send(b"h", payload)
+            writer.close(linger=10)
+
+        asyncio.run(write())
+        reader.join(timeout=20)
+    frame = direct.PREFIX.size + 1 + payload.nbytes
+    assert len(got) == frame and bytes(got[-payload.nbytes:]) == payload.tobytes()

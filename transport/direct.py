@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import zmq
 
-from ringlib.errors import ProtocolError
+from ringlib.errors import ProtocolError, RendezvousError
 
 from . import addresses
 
@@ -48,6 +48,22 @@ def listen_address(peer_address: str) -> str | None:
         path = peer_address.removeprefix("ipc://") + ".d"
         return f"ipc://{path}" if len(path.encode()) < 108 else None
     return None
+
+
+def offered_by(offer: str, peer_address: str) -> bool:
+    """Whether `offer` is where the peer at `peer_address` would listen for direct links:
+    its own host (any port), or its own socket file. An offer that points elsewhere would
+    send the peer's messages to a third party; it is refused."""
+    expected = listen_address(peer_address)
+    if expected is None or not offer.startswith(expected.split("://")[0] + "://"):
+        return False
+    if expected.startswith("ipc://"):
+        return offer == expected
+    try:
+        port = addresses.split_host_port(offer)[1]
+    except RendezvousError:
+        return False
+    return offer == expected.rsplit(":", 1)[0] + f":{port}"
 
 
 def _socket_for(address: str) -> tuple[socket.socket, Any]:
@@ -233,10 +249,19 @@ class Writer:
         if not self._pending:
             self._loop.remove_writer(self._sock.fileno())
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
+        """Close the link; bytes still kept are first written, waiting up to `linger`
+        seconds (the event loop waits too: this is for when the ring closes)."""
         if self._closed:
             return
         self._closed = True
         self.ready = False
         self._loop.remove_writer(self._sock.fileno())
+        if self._pending and linger > 0:
+            try:
+                self._sock.settimeout(linger)
+                self._sock.sendall(self._pending)
+            except OSError as exc:
+                log.warning("direct link to %s closed with %d bytes unsent: %s",
+                            self.address, len(self._pending), exc)
         self._sock.close()

@@ -219,6 +219,10 @@ class Endpoint:
             address = addresses.check(offer.payload.bytes.decode())
         except (AttributeError, UnicodeDecodeError, RendezvousError) as exc:
             return self._drop(f"bad direct-link offer from rank {rank}: {exc}")
+        if rank not in self.peer_addresses or \
+                not direct.offered_by(address, self.peer_addresses[rank]):
+            return self._drop(f"direct-link offer {address!r} is not where rank {rank} "
+                              f"({self.peer_addresses.get(rank)}) listens")
         if rank == self.rank or rank in self._links or self._closed:
             return
         try:
@@ -255,8 +259,8 @@ class Endpoint:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
-        for link in self._links.values():
-            link.close()
+        for link in self._links.values():  # what they still keep is written first
+            link.close(CLOSE_LINGER_MS / 1000)
         if self._listener is not None:
             self._listener.close()
         self._pull.close(0)
