@@ -73,9 +73,9 @@ def plot(path: Path, title: str, series: dict[str, list[tuple[int, float, float]
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ticks = sorted({p[0] for points in series.values() for p in points})
-        ax.set_xticks(ticks[::max(1, len(ticks) // 8)])
-        ax.set_xticklabels([format_size(t) for t in ticks[::max(1, len(ticks) // 8)]],
-                           rotation=30)
+        ticks = ticks[::-(-len(ticks) // 8)]  # at most 8 labels
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([format_size(t) for t in ticks], rotation=30)
         ax.legend()
     lat_ax.set_yscale("log")
     fig.suptitle(title)

@@ -82,6 +82,12 @@ class Report:
         if self.bar is not None:
             self.bar.close()
 
+    def what(self) -> str:
+        """The collective, with its op where it reduces."""
+        a = self.args
+        return f"{a.collective} {a.op}" if a.collective in ("allreduce", "reduce_scatter") \
+            else a.collective
+
     def footer(self) -> str:
         a, s = self.args, self.setup
         settings = ["small_bytes " + ("per column" if a.crossover
@@ -92,9 +98,8 @@ class Report:
             settings.append(f"{attr} " + ("per column" if len(given) > 1 else
                                           f"{value} us" if attr == "spin_us" else
                                           format_size(value)))
-        what = a.collective if a.collective in ("latency", "all_gather", "broadcast") \
-            else f"{a.collective} {a.op}"
-        lines = [f"{what}, {a.ranks} ranks on {a.transport} (this host); " + ", ".join(settings)]
+        lines = [f"{self.what()}, {a.ranks} ranks on {a.transport} (this host); "
+                 + ", ".join(settings)]
         if self.table is not None:
             timed = "one-way latency (half a round trip)" if a.collective == "latency" \
                 else "per-call times"
@@ -144,8 +149,8 @@ class Report:
                 for x in r.results:
                     series.setdefault(x.label, []).append(
                         (r.nbytes, x.algbw(r.nbytes) * self.table.bus_factor, x.p50))
-            plot(a.plot, f"{a.collective} {a.dtype} {a.op}, {a.ranks} ranks, {a.transport}",
-                 series, "busbw")
+            plot(a.plot, f"{self.what()}, {a.dtype}, {a.ranks} ranks, {a.transport}", series,
+                 "busbw")
 
 
 def _progress(total: int, what: str) -> Any:
