@@ -163,8 +163,9 @@ class System:
 
 
 class RinglibSystem(System):
-    """ringlib's asyncio API. `settings` (small_bytes, segment_bytes, spin_us) are set on
-    the shared ring before every call, so several settings can take turns on one ring."""
+    """ringlib's asyncio API. `settings` (small_bytes, segment_bytes, spin_us,
+    direct_bytes) are set on the shared ring before every call, so that several settings
+    can take turns on one ring."""
 
     def __init__(self, ring: ringlib.Ring, label: str = "ringlib", **settings: int) -> None:
         self.ring, self.label, self.settings = ring, label, settings
