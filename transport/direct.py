@@ -155,17 +155,19 @@ class Reader:
 
     def _frames(self) -> None:
         buf, start = self._buffer, 0
-        while len(buf) - start >= PREFIX.size:
-            magic, header_len, payload_len = PREFIX.unpack_from(buf, start)
-            if magic != MAGIC or header_len > MAX_HEADER or payload_len > MAX_PAYLOAD + 1:
-                raise ProtocolError(f"not a ringlib direct-link frame: {bytes(buf[start:start + 12])!r}")
-            end = start + PREFIX.size + header_len + max(payload_len - 1, 0)
-            if len(buf) < end:
-                break
-            header = bytes(buf[start + PREFIX.size:start + PREFIX.size + header_len])
-            payload = zmq.Frame(bytes(buf[end - payload_len + 1:end])) if payload_len else None
-            self._deliver(header, payload)
-            start = end
+        with memoryview(buf) as view:  # slices of a view copy once, of a bytearray twice
+            while len(buf) - start >= PREFIX.size:
+                magic, header_len, payload_len = PREFIX.unpack_from(buf, start)
+                if magic != MAGIC or header_len > MAX_HEADER or payload_len > MAX_PAYLOAD + 1:
+                    raise ProtocolError("not a ringlib direct-link frame: "
+                                        f"{bytes(view[start:start + PREFIX.size])!r}")
+                body = start + PREFIX.size
+                end = body + header_len + max(payload_len - 1, 0)
+                if len(buf) < end:
+                    break
+                payload = zmq.Frame(bytes(view[body + header_len:end])) if payload_len else None
+                self._deliver(bytes(view[body:body + header_len]), payload)
+                start = end
         del buf[:start]
 
     def _close_with(self, why: str) -> None:
