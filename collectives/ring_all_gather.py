@@ -4,8 +4,8 @@ Cost (N ranks, S bytes in all): N-1 steps; each rank sends and receives (N-1)/N 
 bytes, bandwidth-optimal. A received piece is passed on as the very ZeroMQ frame it came
 in, so forwarding copies nothing and needs no tracker; only the rank's own chunk is sent
 from the caller's buffer, and the collective waits for it to leave before returning.
-Like the reduce-scatter, the rank sends its own chunk WINDOW pieces ahead of what it has
-received, so that a slow neighbour holds a few pieces, not a whole chunk.
+Like the reduce-scatter, the rank sends its own chunk a few pieces ahead of what it has
+received (SentAhead), so that a slow neighbour holds a few pieces, not a whole chunk.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .channel import Channel
-from .ring_reduce_scatter import WINDOW
+from .ring_reduce_scatter import SentAhead
 from .ring_schedule import all_gather_chunks, neighbours
 
 
@@ -23,17 +23,15 @@ async def all_gather_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
     chunk i from rank i. Steps are numbered from `first_step` in message headers."""
     n, r = ch.world_size, ch.rank
     left, right = neighbours(r, n)
-    outgoing = list(enumerate(ch.pieces(bounds, r)))
-    for k, (a, b) in outgoing[:WINDOW]:
-        await ch.send(right, first_step, k, buf[a:b], region=r)
+    own = SentAhead(ch, right, first_step, buf, bounds, r)
+    await own.start()
     for step in range(n - 1):
         _, c = all_gather_chunks(r, n, step)
         await ch.before_overwrite(c)  # the reduce-scatter phase may still be sending it
         for k, (a, b) in enumerate(ch.pieces(bounds, c)):
             piece, frame = await ch.recv(left, first_step + step, k, b - a)
-            if step == 0 and k + WINDOW < len(outgoing):  # one in, the next one out
-                j, (ja, jb) = outgoing[k + WINDOW]
-                await ch.send(right, first_step, j, buf[ja:jb], region=r)
+            if step == 0:
+                await own.received(k)
             await ch.run(np.copyto, buf[a:b], piece)
             if step < n - 2:
                 await ch.send(right, first_step + step + 1, k, frame)

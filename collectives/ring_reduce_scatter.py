@@ -23,6 +23,30 @@ Reducer = Callable[[np.ndarray, np.ndarray], None]
 WINDOW = 2  # first-step pieces in flight before the first receive
 
 
+class SentAhead:
+    """A rank's own chunk, sent to the right WINDOW pieces ahead of what it has received
+    from the left (the first step of the reduce-scatter and of the all-gather). Pieces of
+    two chunks differ in number by at most one, so every piece goes out."""
+
+    def __init__(self, ch: Channel, to: int, step: int, buf: np.ndarray, bounds: list[int],
+                 chunk: int) -> None:
+        self.ch, self.to, self.step, self.buf, self.chunk = ch, to, step, buf, chunk
+        self.pieces = ch.pieces(bounds, chunk)
+
+    async def start(self) -> None:
+        for k in range(min(WINDOW, len(self.pieces))):
+            await self._send(k)
+
+    async def received(self, k: int) -> None:
+        """Piece k came in from the left: one more goes out to the right."""
+        if k + WINDOW < len(self.pieces):
+            await self._send(k + WINDOW)
+
+    async def _send(self, k: int) -> None:
+        a, b = self.pieces[k]
+        await self.ch.send(self.to, self.step, k, self.buf[a:b], region=self.chunk)
+
+
 async def reduce_scatter_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
                                partial: Reducer, final: Reducer) -> None:
     """Reduce `buf` (a storage view) in place so that chunk `ch.rank` of `bounds` holds the
@@ -30,17 +54,15 @@ async def reduce_scatter_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
     n, r = ch.world_size, ch.rank
     left, right = neighbours(r, n)
     first, _ = reduce_scatter_chunks(r, n, 0)
-    outgoing = list(enumerate(ch.pieces(bounds, first)))
-    for k, (a, b) in outgoing[:WINDOW]:
-        await ch.send(right, 0, k, buf[a:b], region=first)
+    own = SentAhead(ch, right, 0, buf, bounds, first)
+    await own.start()
     for step in range(n - 1):
         _, c = reduce_scatter_chunks(r, n, step)
         last = step == n - 2
         for k, (a, b) in enumerate(ch.pieces(bounds, c)):
             piece, _ = await ch.recv(left, step, k, b - a)
-            if step == 0 and k + WINDOW < len(outgoing):  # one in, the next one out
-                j, (ja, jb) = outgoing[k + WINDOW]
-                await ch.send(right, 0, j, buf[ja:jb], region=first)
+            if step == 0:
+                await own.received(k)
             await ch.run(final if last else partial, buf[a:b], piece)
             if not last:  # the chunk reduced at step s is the one sent at step s+1
                 await ch.send(right, step + 1, k, buf[a:b], region=c)
