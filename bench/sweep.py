@@ -117,25 +117,26 @@ class Report:
         versions = ", ".join(f"{k}: {v}" for k, v in self.setup.get("versions", {}).items())
         if versions:
             lines.append(f"compared with {versions}")
-        lines.append(f"command: ringlib bench {a.collective} " + shlex.join(self.argv))
+        lines.append(f"command: {self.command()}")
         return "\n".join(lines)
+
+    def command(self) -> str:
+        """The command line that reproduces this run."""
+        return f"ringlib bench {self.args.collective} " + shlex.join(self.argv)
 
     def document(self) -> dict[str, Any]:
         """The run as JSON: settings, every system's figures per size, what was skipped."""
-        a = self.args
-        factor = self.table.bus_factor if self.table else 0.0
-        return {"benchmark": a.collective, "command": f"ringlib bench {a.collective} "
-                + shlex.join(self.argv), "ranks": a.ranks, "transport": a.transport,
-                "dtype": a.dtype, "op": a.op, "small_bytes": self.setup.get("small_bytes"),
-                "segment_bytes": self.setup.get("segment_bytes"),
-                "spin_us": self.setup.get("spin_us"),
-                "direct_bytes": self.setup.get("direct_bytes"), "skipped": self.skipped,
-                "versions": self.setup.get("versions", {}),
+        a, table = self.args, self.table
+        settings = {k: self.setup.get(k) for k in ("small_bytes", "segment_bytes", "spin_us",
+                                                   "direct_bytes")}
+        return {"benchmark": a.collective, "command": self.command(), "ranks": a.ranks,
+                "transport": a.transport, "dtype": a.dtype, "op": a.op, **settings,
+                "skipped": self.skipped, "versions": self.setup.get("versions", {}),
                 "rows": [{"bytes": r.nbytes, "count": r.count, "iters": r.iters,
                           "algo": r.algo, "results": [
                               {"system": x.label, "p50_us": x.p50 * 1e6, "p99_us": x.p99 * 1e6,
                                "algbw_gbs": x.algbw(r.nbytes),
-                               "busbw_gbs": x.algbw(r.nbytes) * factor,
+                               "busbw_gbs": table.busbw(x, r.nbytes),
                                "peak_growth_bytes": x.peak_bytes} for x in r.results]}
                          for r in self.rows]}
 
@@ -148,7 +149,7 @@ class Report:
             for r in self.rows:
                 for x in r.results:
                     series.setdefault(x.label, []).append(
-                        (r.nbytes, x.algbw(r.nbytes) * self.table.bus_factor, x.p50))
+                        (r.nbytes, self.table.busbw(x, r.nbytes), x.p50))
             plot(a.plot, f"{self.what()}, {a.dtype}, {a.ranks} ranks, {a.transport}", series,
                  "busbw")
 

@@ -83,12 +83,13 @@ async def _turn(systems: list[System], samples: list[list[float]]) -> None:
         times.append((time.perf_counter() - start) / calls)
 
 
-async def _agree_on_iterations(ring: ringlib.Ring, warmup: list[list[float]], turn_calls: int,
+async def _agree_on_iterations(ring: ringlib.Ring, warmup: list[list[float]],
                                iters: int | None) -> int:
     """Rank 0 sizes the timed loop from its slowest warm-up turn and tells the others."""
     if iters:
         return iters
-    per_turn = turn_calls * float(np.max(np.sum(warmup, axis=0))) if warmup[0] else 1e-3
+    calls = TURN_CALLS + 1 if len(warmup) > 1 else 1  # per sample, the untimed one too
+    per_turn = calls * float(np.max(np.sum(warmup, axis=0))) if warmup[0] else 1e-3
     box = np.array([max(MIN_ITERS, min(MAX_ITERS, int(BUDGET_S / max(per_turn, 1e-7))))])
     await ring.broadcast(box, root=0)
     return int(box[0])
@@ -96,8 +97,8 @@ async def _agree_on_iterations(ring: ringlib.Ring, warmup: list[list[float]], tu
 
 async def checked(systems: list[System], case: Case, skipped: dict[str, str]) -> list[System]:
     """Prepare every system and check one call; return those that ran it. A compared system
-    that cannot run this case (a dtype or op it lacks) is closed and left out, with its
-    reason in `skipped`; every rank drops it alike, since all pass the same case."""
+    that cannot run this case (a dtype or op it lacks) is left out, with its reason in
+    `skipped`; every rank drops it alike, since all pass the same case."""
     kept = []
     for system in systems:
         try:
@@ -107,7 +108,6 @@ async def checked(systems: list[System], case: Case, skipped: dict[str, str]) ->
             if isinstance(system, RinglibSystem):
                 raise
             skipped[system.label] = f"{type(exc).__name__}: {exc}"
-            system.close()
             continue
         check(system.label, case, system.out)
         kept.append(system)
@@ -121,11 +121,10 @@ async def measure(ring: ringlib.Ring, systems: list[System], case: Case,
     for system in systems:
         system.zero()
         peaks.append(await memory.peak_growth(system.call) if args.memory else None)
-    turn_calls = TURN_CALLS + 1 if len(systems) > 1 else 1
     warmup: list[list[float]] = [[] for _ in systems]
     for _ in range(args.warmup):
         await _turn(systems, warmup)
-    iters = await _agree_on_iterations(ring, warmup, turn_calls, args.iters)
+    iters = await _agree_on_iterations(ring, warmup, args.iters)
     samples: list[list[float]] = [[] for _ in systems]
     await ring.barrier()
     gc.collect()
@@ -168,8 +167,8 @@ async def run_worker(args: argparse.Namespace) -> None:
                 say({**await measure(ring, systems, case, args), "skipped": dict(skipped)})
                 for system in systems:
                     system.release()
-        finally:
-            for system in systems:
+        finally:  # dropped ones too: each joined its group once, and leaves it once
+            for system in compared:
                 system.close()
 
 

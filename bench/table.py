@@ -67,17 +67,21 @@ class Table:
                      (f"{first}/{label}", max(8, len(first) + len(label) + 1))]
         return cols
 
+    def busbw(self, result: Result, nbytes: int) -> float:
+        """GB/s as nccl-tests' busbw: algbw times the collective's factor."""
+        return result.algbw(nbytes) * self.bus_factor
+
     def header(self) -> str:
         head = " ".join(f"{name:>{width}}" for name, width in self._columns())
         return f"{head}\n{'-' * len(head)}"
 
     def line(self, row: Row) -> str:
         first = row.results[0]
-        algbw = first.algbw(row.nbytes)
         peak = "-" if first.peak_bytes is None else f"{first.peak_bytes / MIB:.1f}"
         values = [format_size(row.nbytes), row.count, self.dtype, row.iters,
-                  f"{first.p50 * 1e6:.1f}", f"{first.p99 * 1e6:.1f}", f"{algbw:.3f}",
-                  f"{algbw * self.bus_factor:.3f}", peak, row.algo or "-"]
+                  f"{first.p50 * 1e6:.1f}", f"{first.p99 * 1e6:.1f}",
+                  f"{first.algbw(row.nbytes):.3f}", f"{self.busbw(first, row.nbytes):.3f}",
+                  peak, row.algo or "-"]
         for label in self.labels[1:]:
             other = row.result(label)
             values += (["-", "-"] if other is None else

@@ -24,13 +24,19 @@ def header(seq: int, nbytes: int, sender: int) -> Header:
     return Header(Kind.STREAM, seq, 0, 0, "uint8", nbytes, sender)
 
 
-async def linked_pair(addresses: list[str]) -> tuple[Endpoint, Endpoint]:
-    """Two endpoints that offered each other direct links and have them up."""
+def bound_pair(addresses: list[str]) -> list[Endpoint]:
+    """Ranks 0 and 1, bound at `addresses`, each knowing the other's."""
     ends = [Endpoint(0), Endpoint(1)]
     for end, address in zip(ends, addresses):
         end.bind(address)
-    for end in ends:
         end.set_peers(addresses)
+    return ends
+
+
+async def linked_pair(addresses: list[str]) -> tuple[Endpoint, Endpoint]:
+    """Two endpoints that offered each other direct links and have them up."""
+    ends = bound_pair(addresses)
+    for end in ends:
         await end.offer_links([1 - end.rank])
     async with asyncio.timeout(10):
         while [e.linked_peers() for e in ends] != [[1], [0]]:
@@ -146,11 +152,7 @@ def test_an_offer_is_taken_only_where_the_peer_itself_listens(offer, peer, taken
 
 
 async def test_an_offer_pointing_elsewhere_is_dropped_and_zeromq_carries(caplog):
-    a, b = Endpoint(0), Endpoint(1)
-    addresses = local_addresses(2, "tcp", "")
-    for end, address in ((a, addresses[0]), (b, addresses[1])):
-        end.bind(address)
-        end.set_peers(addresses)
+    a, b = bound_pair(local_addresses(2, "tcp", ""))
     try:
         with caplog.at_level(logging.WARNING, logger="ringlib.transport"):
             await b.send(0, Header(Kind.LINK, 0, 0, 0, "", 0, 1), b"tcp://192.0.2.1:9")
