@@ -5,8 +5,8 @@ send/receive interface, seen through a Channel; it never touches sockets. One al
 per file, each opening with its cost; choose.py picks one by buffer size.
 """
 
-from .channel import Channel
+from .channel import Channel, signature
 from .choose import SMALL_BYTES, all_gather, all_reduce, barrier, broadcast, reduce_scatter, step_reducers
 
 __all__ = ["Channel", "SMALL_BYTES", "all_gather", "all_reduce", "barrier", "broadcast",
-           "reduce_scatter", "step_reducers"]
+           "reduce_scatter", "signature", "step_reducers"]

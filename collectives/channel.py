@@ -1,9 +1,13 @@
 """What an algorithm sees of the network: send and receive pieces of one collective.
 
 A Channel is made per collective call. It stamps every message with the collective's
-sequence number, names the peers in errors, checks that what arrives is the size and dtype
-this rank expects, keeps the trackers of buffers shared with ZeroMQ, and runs compiled
+sequence number and signature (its name, dtype, shape, op and root), names the peers in
+errors, checks that what arrives was sent by a rank that called the same collective with
+the same arguments, keeps the trackers of buffers shared with ZeroMQ, and runs compiled
 kernels off the event loop when a piece is large enough to be worth the thread hop.
+
+A rank that finds a different signature on a message raises MismatchError and tells every
+other rank, which raise it too: no rank is left waiting for a step that will never come.
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ from ringlib.errors import MismatchError, ProtocolError
 from ringlib.partition import sub_chunks
 from ringlib.transport import Endpoint, Header, Kind, wait_sent
 
+
+def signature(name: str, dtype: str, shape: tuple[int, ...], op: str = "",
+              root: int | None = None) -> str:
+    """What a collective call is, as every rank must agree on it:
+    'all_reduce float32[3,4] sum', 'broadcast int64[10] root=2'."""
+    parts = [name, f"{dtype}[{','.join(map(str, shape))}]", op,
+             "" if root is None else f"root={root}"]
+    return " ".join(p for p in parts if p)
+
 # Pieces below this many bytes are reduced or copied on the event-loop thread, where they
 # take tens of microseconds; a hop to the worker thread cost more than that up to 1 MiB
 # (bench/NOTES.md). Larger pieces go to the worker, and the loop keeps moving messages.
@@ -32,7 +45,7 @@ class Channel:
     world_size: int
     seq: int
     name: str              # the collective, for error messages: "all_reduce"
-    dtype: str             # the element type's name, stamped on every header
+    sig: str               # its signature(), stamped on every header and compared
     storage: np.dtype      # the element type as the kernels see it
     executor: Executor
     segment_elems: int     # the largest piece sent as one message
@@ -52,8 +65,7 @@ class Channel:
         """Send one piece. With `region`, the piece is a view of a buffer that this collective
         changes later: its tracker is kept under `region` for before_overwrite()."""
         nbytes = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
-        count = nbytes // self.storage.itemsize
-        header = Header(Kind.DATA, self.seq, step, chunk, self.dtype, count, self.rank)
+        header = Header(Kind.DATA, self.seq, step, chunk, self.sig, nbytes, self.rank)
         tracker = await self.endpoint.send(to, header, payload)
         if region is not None and tracker is not None:
             self.sent[region].append(tracker)
@@ -64,20 +76,32 @@ class Channel:
         self.waiting_for = (frm, step)
         message = await self.endpoint.recv((Kind.DATA, self.seq, step, chunk, frm), self.spin)
         self.waiting_for = None
-        header = message.header
-        if header.dtype != self.dtype or header.count != count:
-            raise MismatchError(
-                f"{self.name} #{self.seq} on rank {self.rank}: rank {frm} "
-                f"({self.endpoint.peer_addresses.get(frm)}) sent {header.count} {header.dtype} "
-                f"elements at step {step} where {count} {self.dtype} were expected; "
-                "do all ranks pass the same shape and dtype?")
-        frame = message.payload
-        if frame is None or len(frame) != count * self.storage.itemsize:
+        header, frame = message
+        if header.nbytes != count * self.storage.itemsize:
             raise ProtocolError(
                 f"{self.name} #{self.seq} on rank {self.rank}: rank {frm} "
-                f"({self.endpoint.peer_addresses.get(frm)}) sent a payload of "
-                f"{0 if frame is None else len(frame)} bytes under a header of {count} elements")
+                f"({self.endpoint.peer_addresses.get(frm)}) sent {header.nbytes} bytes at step "
+                f"{step} where {count} elements of {self.storage} were expected")
         return np.frombuffer(frame.buffer, self.storage), frame
+
+    def expect(self) -> None:
+        """Check from now on that every message of this collective carries its signature."""
+        self.endpoint.inbox.expect(self.seq, self.sig, self._mismatch)
+
+    def settle(self) -> None:
+        self.endpoint.inbox.settle(self.seq)
+
+    def _mismatch(self, theirs: Header) -> MismatchError:
+        """The error of a rank that found another calling something else; the other ranks
+        are told, so that they raise it too instead of waiting."""
+        addresses, frm = self.endpoint.peer_addresses, theirs.sender
+        why = (f"{self.name} #{self.seq}: rank {frm} ({addresses.get(frm)}) called "
+               f"'{theirs.sig}' where rank {self.rank} ({addresses.get(self.rank)}) called "
+               f"'{self.sig}'; every rank must pass the same shape, dtype, op and root")
+        for rank in range(self.world_size):
+            if rank != self.rank:
+                self.endpoint.notify(rank, Kind.MISMATCH, self.seq, why.encode())
+        return MismatchError(why)
 
     async def run(self, fn: Callable[..., None], out: np.ndarray, src: np.ndarray) -> None:
         """fn(out, src), in the worker thread when the piece is large."""

@@ -6,9 +6,9 @@ the compiled core (reduce_into, Numba kernels).
 """
 
 from .dtypes import DType
-from .errors import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError,
+from .errors import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError, PeerLost,
                      ProtocolError, RendezvousError, RendezvousTimeout, RingClosed, RingError,
-                     StageError, UnsupportedBuffer, UnsupportedDtype, UnsupportedOp)
+                     StageError, Unauthorized, UnsupportedBuffer, UnsupportedDtype, UnsupportedOp)
 from .ops import Op
 from .partition import chunk, chunk_bounds, sub_chunks
 from .reduce import reduce_into
@@ -24,6 +24,7 @@ __all__ = [
     "InvalidBuffer",
     "MismatchError",
     "Op",
+    "PeerLost",
     "ProtocolError",
     "RendezvousError",
     "RendezvousTimeout",
@@ -31,6 +32,7 @@ __all__ = [
     "RingClosed",
     "RingError",
     "StageError",
+    "Unauthorized",
     "UnsupportedBuffer",
     "UnsupportedDtype",
     "UnsupportedOp",

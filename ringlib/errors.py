@@ -44,7 +44,22 @@ class CollectiveTimeout(RingError, TimeoutError):
 
 
 class MismatchError(RingError, ValueError):
-    """Ranks called a collective with different arguments (size, dtype, op or root)."""
+    """Ranks called a collective with different arguments (shape, dtype, op or root). Every
+    rank raises it; the message names the ranks that disagree and what each passed."""
+
+
+class PeerLost(RingError, ConnectionError):
+    """A rank fell silent (it died, or the network to it was cut) or left the ring. Every
+    pending and later collective raises it until Ring.reform() builds a ring of the rest.
+    `rank` and `address` name the lost rank."""
+
+    def __init__(self, message: str, rank: int, address: str | None) -> None:
+        super().__init__(message)
+        self.rank, self.address = rank, address
+
+
+class Unauthorized(RingError):
+    """CurveZMQ keys that are missing, unreadable or malformed."""
 
 
 class ProtocolError(RingError):

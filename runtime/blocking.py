@@ -68,9 +68,13 @@ class BlockingRing:
     def __init__(self, ring: Ring, thread: _LoopThread) -> None:
         self.ring = ring
         self._thread = thread
-        self.rank, self.world_size, self.local_rank = ring.rank, ring.world_size, ring.local_rank
-        self.peers = ring.peers
+        self.local_rank = ring.local_rank
         atexit.register(self.close)
+
+    # reform() changes these, so they are read from the ring each time.
+    rank = property(lambda self: self.ring.rank, doc="This rank's number in the ring.")
+    world_size = property(lambda self: self.ring.world_size, doc="How many ranks the ring has.")
+    peers = property(lambda self: self.ring.peers, doc="Every rank's address, in rank order.")
 
     def __repr__(self) -> str:
         return f"<BlockingRing rank {self.rank} of {self.world_size} at {self.ring.address}>"
@@ -80,6 +84,7 @@ class BlockingRing:
     all_gather = _blocking(Ring.all_gather)
     broadcast = _blocking(Ring.broadcast)
     barrier = _blocking(Ring.barrier)
+    reform = _blocking(Ring.reform)
     # Started at once, finished in the background: the calling thread keeps working (the
     # gradient averager overlaps backward this way). Issue order is collective order.
     all_reduce_async = _nowait(Ring.all_reduce)

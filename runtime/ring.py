@@ -12,15 +12,18 @@ from typing import Any, Awaitable, Callable, Generator, TypeVar
 import numpy as np
 
 from ringlib import collectives
-from ringlib.collectives import Channel, step_reducers
+from ringlib.collectives import Channel, signature, step_reducers
 from ringlib.collectives.ring_schedule import neighbours
 from ringlib.dtypes import BY_NAME, DType
 from ringlib.errors import CollectiveTimeout, InvalidArgument, RingClosed
 from ringlib.ops import Op
 from ringlib.transport import DIRECT_BYTES, Endpoint
+from ringlib.transport import addresses
+from ringlib.transport.security import Keys
 
 from .buffers import empty_like, like, storage
 from .environment import Placement, placement
+from .reform import agree
 from .rendezvous import bind_and_exchange, greet_neighbours
 
 T = TypeVar("T")
@@ -29,6 +32,8 @@ CONNECT_TIMEOUT = 60.0       # seconds to wait for the neighbours at start-up
 COLLECTIVE_TIMEOUT = 300.0   # default deadline of one collective
 SEGMENT_BYTES = 4 << 20      # the largest message a ring step sends; pieces pipeline
 SPIN_US = 200                # how long small collectives poll for a message before yielding
+HEARTBEAT_S = 0.5            # how often a rank tells its neighbours it is alive
+PEER_TIMEOUT = 5.0           # silence after which a neighbour is lost (PeerLost)
 
 
 class Ring:
@@ -38,6 +43,10 @@ class Ring:
     Buffers are C-contiguous numpy arrays or CPU torch tensors of a dtype the compiled core
     supports; ops are "sum", "mean", "min", "max", "prod" or an Op. Every collective takes
     `timeout` (seconds), defaulting to the ring's `collective_timeout`.
+
+    Ranks that pass different shapes, dtypes, ops or roots all raise MismatchError. When a
+    rank dies or is cut off, every pending and later collective raises PeerLost within
+    about `peer_timeout` seconds, until reform() rebuilds a ring of the survivors.
     """
 
     def __init__(self, where: Placement, endpoint: Endpoint | None, peers: list[str],
@@ -46,6 +55,8 @@ class Ring:
         self.world_size = where.world_size
         self.local_rank = where.local_rank
         self.peers = peers
+        self.generation = 0  # how many times this ring was re-formed
+        self._settings = settings
         self.collective_timeout = settings.collective_timeout
         self.segment_bytes = settings.segment_bytes
         self.small_bytes = settings.small_bytes
@@ -53,6 +64,7 @@ class Ring:
         self._endpoint = endpoint
         self._executor = executor
         self._seq = itertools.count(1)
+        self._running: set[int] = set()  # seq numbers of the collectives in flight
         self._streams = itertools.count()
         self._closed = False
 
@@ -91,7 +103,8 @@ class Ring:
         buf, dtype = storage(x, "x", writable=True)
         step_reducers(dtype, op, self.world_size)  # an integer mean fails here, before sending
         if self._needs_peers(buf.size):
-            await self._run("all_reduce", dtype, timeout, collectives.all_reduce,
+            sig = signature("all_reduce", dtype.name, tuple(x.shape), op.value)
+            await self._run(sig, dtype, timeout, collectives.all_reduce,
                             buf, dtype, op, self.small_bytes,
                             small=buf.nbytes <= self.small_bytes)
         return x
@@ -106,7 +119,8 @@ class Ring:
         work = src.copy()
         start, stop = 0, work.size
         if self._needs_peers(work.size):
-            start, stop = await self._run("reduce_scatter", dtype, timeout,
+            sig = signature("reduce_scatter", dtype.name, tuple(x.shape), op.value)
+            start, stop = await self._run(sig, dtype, timeout,
                                           collectives.reduce_scatter, work, dtype, op)
         return like(x, work[start:stop])
 
@@ -116,7 +130,8 @@ class Ring:
         out, out_buf = empty_like(x, (self.world_size, *x.shape))
         out_buf[self.rank * src.size:(self.rank + 1) * src.size] = src
         if self._needs_peers(src.size):
-            await self._run("all_gather", dtype, timeout, collectives.all_gather, out_buf)
+            sig = signature("all_gather", dtype.name, tuple(x.shape))
+            await self._run(sig, dtype, timeout, collectives.all_gather, out_buf)
         return out
 
     async def broadcast(self, x: T, root: int = 0, *, timeout: float | None = None) -> T:
@@ -126,7 +141,8 @@ class Ring:
                                   f"(world size {self.world_size})")
         buf, dtype = storage(x, "x", writable=self.rank != root)
         if self._needs_peers(buf.size):
-            await self._run("broadcast", dtype, timeout, collectives.broadcast,
+            sig = signature("broadcast", dtype.name, tuple(x.shape), root=root)
+            await self._run(sig, dtype, timeout, collectives.broadcast,
                             buf, root, self.small_bytes, small=buf.nbytes <= self.small_bytes)
         return x
 
@@ -143,25 +159,45 @@ class Ring:
             raise RingClosed(f"rank {self.rank}: the ring is closed")
         return self.world_size > 1 and size > 0
 
-    async def _run(self, name: str, dtype: DType, timeout: float | None,
+    async def _run(self, sig: str, dtype: DType, timeout: float | None,
                    algorithm: Callable[..., Awaitable[T]], *args: Any, small: bool = False) -> T:
-        """Run one collective under its deadline; `small` ones (latency-bound) poll for
-        their messages for up to spin_us before yielding to the event loop."""
+        """Run the collective `sig` (a signature()) under its deadline; `small` ones
+        (latency-bound) poll for their messages for up to spin_us before yielding."""
         # The sequence number is taken before the first await, so concurrent collectives
         # are numbered in the order they were called, the same on every rank.
-        ch = Channel(self._endpoint, self.world_size, next(self._seq), name, dtype.name,
+        ch = Channel(self._endpoint, self.world_size, next(self._seq), sig.split()[0], sig,
                      dtype.storage, self._executor, max(1, self.segment_bytes // dtype.itemsize),
                      spin=self.spin_us * 1e-6 if small else 0.0)
         limit = self.collective_timeout if timeout is None else timeout
+        ch.expect()
+        self._running.add(ch.seq)
         try:
             async with asyncio.timeout(limit):
-                return await algorithm(ch, *args)
+                result = await algorithm(ch, *args)
         except TimeoutError:
             self._endpoint.inbox.abandon(ch.seq)
             raise self._timed_out(ch, limit) from None
         except BaseException:
             self._endpoint.inbox.abandon(ch.seq)  # its late messages must not pile up
+            self._endpoint.mismatches.pop(ch.seq, None)
             raise
+        finally:
+            ch.settle()
+            self._running.discard(ch.seq)
+        self._raise_late_mismatch(ch.seq)
+        return result
+
+    def _raise_late_mismatch(self, seq: int) -> None:
+        """Raise MismatchError for a collective up to `seq` that this rank finished while
+        another rank found it called differently. Only a sender finishes so (a broadcast's
+        root): it learns on the collective it is in when the news comes, or on the next,
+        which all ranks still complete, so that none falls out of step."""
+        notices = self._endpoint.mismatches
+        for late in sorted(s for s in notices if s <= seq and s not in self._running):
+            exc = notices.pop(late)
+            if late < seq:
+                exc.args = (f"{exc} (after this rank had finished it; #{seq} completed)",)
+            raise exc
 
     def _timed_out(self, ch: Channel, limit: float) -> CollectiveTimeout:
         where = f"{ch.name} #{ch.seq} on rank {self.rank} ({self.address})"
@@ -170,6 +206,40 @@ class Ring:
         peer, step = ch.waiting_for
         return CollectiveTimeout(f"{where} timed out after {limit:g} s waiting for rank {peer} "
                                  f"({self.peers[peer]}) at step {step}")
+
+    async def reform(self, *, timeout: float | None = None) -> None:
+        """After PeerLost: build a new ring of the ranks still alive and carry on in it.
+
+        Every survivor must call it. They agree on who is left, take new ranks 0..M-1 in
+        the order of their old ones (rank, world_size and peers change) and new addresses,
+        and meet as connect() does. Survivors may have finished different numbers of
+        collectives when the loss struck: broadcast the state to carry on from (say from
+        the new rank 0) before training on. `timeout` bounds the wait for the others
+        (default: connect()'s start-up timeout).
+        """
+        if self._closed:
+            raise RingClosed(f"rank {self.rank}: the ring is closed")
+        if self._endpoint is None:
+            return
+        old, limit = self._endpoint, _connect_timeout() if timeout is None else timeout
+        new = Endpoint(self.rank, old.keys)
+        try:
+            new.bind(addresses.fresh(old.address, self.generation + 1))
+            members, peers = await agree(old, self.generation + 1, new.address,
+                                         self.world_size, limit)
+            new.rank = members.index(self.rank)
+            if len(members) > 1:
+                await _join(new, peers, self._settings, limit)
+        except BaseException:
+            await new.close()
+            raise
+        await old.close()
+        if len(members) == 1:
+            await new.close()
+        self.rank, self.world_size, self.peers = new.rank, len(members), peers
+        self._endpoint = new if len(members) > 1 else None
+        self._seq = itertools.count(1)
+        self.generation += 1
 
     async def close(self) -> None:
         """Leave the ring: close the sockets (queued messages are still delivered) and the
@@ -218,13 +288,22 @@ class Settings:
     spin_us: int = field(default_factory=lambda: _env_number("RINGLIB_SPIN_US", SPIN_US))
     direct_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_DIRECT_BYTES",
                                                                DIRECT_BYTES))
+    heartbeat_s: float = field(default_factory=lambda: _env_number("RINGLIB_HEARTBEAT_S",
+                                                                HEARTBEAT_S))
+    peer_timeout: float = field(default_factory=lambda: _env_number("RINGLIB_PEER_TIMEOUT",
+                                                                 PEER_TIMEOUT))
+    curve_key: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_CURVE_KEY"))
 
 
 def _env_number(name: str, default: float) -> float:
     try:
         return type(default)(os.environ.get(name, default))
     except ValueError:
-        raise InvalidArgument(f"{name}={os.environ[name]!r} is not an integer") from None
+        raise InvalidArgument(f"{name}={os.environ[name]!r} is not a number") from None
+
+
+def _connect_timeout() -> float:
+    return float(_env_number("RINGLIB_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
 
 
 def connect(rank: int | None = None, world_size: int | None = None,
@@ -247,10 +326,19 @@ def connect(rank: int | None = None, world_size: int | None = None,
     spin_us: how long a small collective polls its socket for each message before it
         yields to the event loop; 0 never polls (default RINGLIB_SPIN_US or 200). Polling
         spares the event loop's wake-ups and burns a core meanwhile.
+    direct_bytes: messages up to this size travel over direct socket links beside ZeroMQ
+        where both peers can open one; 0 never (default RINGLIB_DIRECT_BYTES or 256 KiB).
+    heartbeat_s, peer_timeout: each rank sends its ring neighbours a heartbeat every
+        heartbeat_s seconds, and a neighbour silent for peer_timeout seconds is lost:
+        collectives raise PeerLost (defaults RINGLIB_HEARTBEAT_S or 0.5 and
+        RINGLIB_PEER_TIMEOUT or 5; a peer_timeout of 0 never declares a peer lost).
+    curve_key: path of the ring's secret key file (`ringlib keygen`); every link is then
+        authenticated and encrypted with CurveZMQ, and a process without the key can
+        neither join nor send (default RINGLIB_CURVE_KEY; none: plain links).
     """
     where = placement(rank, world_size, peers)
     if timeout is None:
-        timeout = float(_env_number("RINGLIB_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
+        timeout = _connect_timeout()
     tunables = Settings(**settings)
     return Connecting(lambda: _open(where, timeout, tunables))
 
@@ -261,19 +349,33 @@ async def _open(where: Placement, timeout: float, settings: Settings) -> Ring:
     if where.world_size == 1:
         await warm
         return Ring(where, None, [], executor, settings)
-    endpoint = Endpoint(where.rank)
+    try:
+        keys = Keys.load(settings.curve_key) if settings.curve_key else None
+        endpoint = Endpoint(where.rank, keys)
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
     try:
         peers = await bind_and_exchange(endpoint, where, timeout)
-        endpoint.set_peers(peers)
-        await greet_neighbours(endpoint, *neighbours(where.rank, where.world_size), timeout)
-        endpoint.direct_bytes = settings.direct_bytes
-        await endpoint.offer_links(r for r in range(where.world_size) if r != where.rank)
+        await _join(endpoint, peers, settings, timeout)
         await warm
     except BaseException:
         await endpoint.close()
         executor.shutdown(wait=False)
         raise
     return Ring(where, endpoint, peers, executor, settings)
+
+
+async def _join(endpoint: Endpoint, peers: list[str], settings: Settings,
+                timeout: float) -> None:
+    """Meet the neighbours, offer direct links and start watching the neighbours."""
+    rank, world_size = endpoint.rank, len(peers)
+    endpoint.set_peers(peers)
+    left, right = neighbours(rank, world_size)
+    await greet_neighbours(endpoint, left, right, timeout)
+    endpoint.direct_bytes = settings.direct_bytes
+    await endpoint.offer_links(r for r in range(world_size) if r != rank)
+    endpoint.watch(sorted({left, right}), settings.heartbeat_s, settings.peer_timeout)
 
 
 def _warm_kernels() -> None:

@@ -30,9 +30,11 @@ def ringlib_env(rank: int, world: int, peers: list[str]) -> dict[str, str]:
             "RINGLIB_PEERS": ",".join(peers)}
 
 
-def run_ranks(args: list[str], envs: list[dict[str, str]], timeout: float = 180) -> list[Finished]:
-    """Start one process per env (added to a clean copy of os.environ), wait for all, and
-    kill every one still running if any fails or the time runs out."""
+def run_ranks(args: list[str], envs: list[dict[str, str]], timeout: float = 180,
+              expendable: frozenset[int] = frozenset()) -> list[Finished]:
+    """Start one process per env (added to a clean copy of os.environ), wait for all but
+    the `expendable` ranks (killed or stopped on purpose), and kill every one still
+    running once those are done, or if one fails or the time runs out."""
     # Tuning variables of the caller's (RINGLIB_SEGMENT_BYTES, ...) stay out too: a test
     # passes the ones it means in `envs`.
     base = {k: v for k, v in without_placement(os.environ).items()
@@ -44,7 +46,7 @@ def run_ranks(args: list[str], envs: list[dict[str, str]], timeout: float = 180)
     deadline = time.monotonic() + timeout
     try:
         while True:
-            codes = [p.poll() for p in procs]
+            codes = [p.poll() for i, p in enumerate(procs) if i not in expendable]
             if None not in codes or any(codes) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -57,12 +59,13 @@ def run_ranks(args: list[str], envs: list[dict[str, str]], timeout: float = 180)
 
 
 def run_ring(scenario: str, world: int, transport: str, seed: int,
-             extra_env: dict[str, str] | None = None, timeout: float = 180) -> list[Finished]:
-    """Run ring_peer.py SCENARIO on `world` ranks wired by RINGLIB_PEERS."""
+             extra_env: dict[str, str] | None = None, timeout: float = 180,
+             peer: Path = PEER, expendable: frozenset[int] = frozenset()) -> list[Finished]:
+    """Run `peer` SCENARIO SEED (ring_peer.py) on `world` ranks wired by RINGLIB_PEERS."""
     with tempfile.TemporaryDirectory(prefix="rl-") as ipc_dir:  # short: ipc paths cap at 107
         peers = local_addresses(world, transport, ipc_dir)
         envs = [{**ringlib_env(r, world, peers), **(extra_env or {})} for r in range(world)]
-        finished = run_ranks([str(PEER), scenario, str(seed)], envs, timeout)
+        finished = run_ranks([str(peer), scenario, str(seed)], envs, timeout, expendable)
         leftovers = os.listdir(ipc_dir)
     assert not leftovers, f"ipc socket files left behind: {leftovers}"
     return finished

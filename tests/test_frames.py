@@ -40,9 +40,9 @@ def test_truncated_headers_are_protocol_errors(header, cut):
 
 @pytest.mark.parametrize("fields, why", [
     ((PROTOCOL_VERSION + 1, 0, 1, 0, 0, "float32", 3, 0), "protocol version"),
-    ((PROTOCOL_VERSION, 9, 1, 0, 0, "float32", 3, 0), "bad kind"),
+    ((PROTOCOL_VERSION, 99, 1, 0, 0, "float32", 3, 0), "bad kind"),
     ((PROTOCOL_VERSION, 0, -1, 0, 0, "float32", 3, 0), "non-negative"),
-    ((PROTOCOL_VERSION, 0, 1, 0, 0, 5, 3, 0), "dtype"),
+    ((PROTOCOL_VERSION, 0, 1, 0, 0, 5, 3, 0), "sig"),
     ((PROTOCOL_VERSION, 0, 1, 0), "array"),
     ({"seq": 1}, "array"),
 ])

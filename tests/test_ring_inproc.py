@@ -116,20 +116,40 @@ async def test_bad_arguments_fail_before_anything_is_sent():
             await r0.broadcast(np.ones(3), root=2)
 
 
-# Where the sizes differ only in a chunk that one rank never receives, that rank finds out
-# by its timeout instead; exchanging whole sizes up front is the reliability issue's work.
-@pytest.mark.parametrize("sizes, who", [((10, 12), all), ((10, 300_000), all),
-                                        ((300_000, 300_001), any)])
-async def test_ranks_passing_different_sizes_get_a_mismatch_error_naming_the_peer(sizes, who):
-    async with ring_of(2) as rings:
-        results = await asyncio.gather(
-            *[ring.all_reduce(np.ones(n, np.float32), timeout=2) for ring, n in zip(rings, sizes)],
-            return_exceptions=True)
-    assert who(isinstance(r, MismatchError) for r in results), results
-    for r in results:
-        assert isinstance(r, (MismatchError, CollectiveTimeout)), r
-        if isinstance(r, MismatchError):
-            assert "inproc://" in str(r) and "elements" in str(r)
+MISMATCHES = {  # collective -> (what ranks 0 and 1 pass, what rank 2 passes), as call kwargs
+    "size": ("all_reduce", dict(x=np.ones(10, np.float32)), dict(x=np.ones(12, np.float32))),
+    "shape": ("all_reduce", dict(x=np.ones((3, 4))), dict(x=np.ones((4, 3)))),
+    "ring size": ("all_reduce", dict(x=np.ones(300_000, np.float32)),
+                  dict(x=np.ones(300_001, np.float32))),
+    "dtype": ("all_reduce", dict(x=np.ones(8, np.float32)), dict(x=np.ones(8, np.float64))),
+    "op": ("all_reduce", dict(x=np.ones(8), op="sum"), dict(x=np.ones(8), op="max")),
+    "root": ("broadcast", dict(x=np.ones(8), root=0), dict(x=np.ones(8), root=1)),
+    "gather": ("all_gather", dict(x=np.ones(300_000, np.int32)), dict(x=np.ones(5, np.int32))),
+}
+
+
+@pytest.mark.parametrize("case", MISMATCHES)
+async def test_every_rank_raises_a_mismatch_naming_the_ranks_and_their_arguments(case):
+    """Each rank raises MismatchError once: in the call itself, or, for a broadcast's root
+    that had sent everything and was done, at the end of its next collective."""
+    name, same, odd = MISMATCHES[case]
+    async with ring_of(3) as rings:
+        calls = [getattr(ring, name)(**(odd if ring.rank == 2 else same), timeout=10)
+                 for ring in rings]
+        first = await asyncio.gather(*calls, return_exceptions=True)
+        xs = [np.full(4, ring.rank, np.float32) for ring in rings]
+        second = await asyncio.gather(*[ring.all_reduce(x, timeout=10)
+                                        for ring, x in zip(rings, xs)], return_exceptions=True)
+        assert all(x.tolist() == [3.0] * 4 for x in xs)  # the next one completes everywhere
+        for ring, results in zip(rings, zip(first, second)):
+            errors = [r for r in results if isinstance(r, BaseException)]
+            assert len(errors) == 1 and isinstance(errors[0], MismatchError), (ring.rank, results)
+            message = str(errors[0])
+            assert "rank 2 (inproc://" in message and message.count(f"'{name} ") == 2, message
+            assert isinstance(first[ring.rank], MismatchError) or case == "root", message
+        ys = [np.full(4, ring.rank, np.float32) for ring in rings]
+        await asyncio.gather(*[ring.all_reduce(y, timeout=10) for ring, y in zip(rings, ys)])
+        assert all(y.tolist() == [3.0] * 4 for y in ys)
 
 
 async def test_a_rank_that_never_calls_makes_the_others_time_out_naming_it():

@@ -16,12 +16,16 @@ import numpy as np
 import zmq
 
 import ringlib
+from ringlib.collectives import signature
 from ringlib.transport import Header, Kind
 from ringlib.transport.frames import decode, encode
 from ringlib.transport.addresses import free_tcp_ports
 
 N = 16 << 20  # 64 MiB of float32: far more than the kernel's socket buffers can hold
 PIECE = (1 << 20) // 4  # elements per message, with segment_bytes=1 MiB
+
+
+SIG = signature("all_reduce", "float32", (N,), "sum")
 
 
 def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
@@ -40,7 +44,7 @@ def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
 
     def rank0() -> None:
         with ringlib.init(0, 2, peers, timeout=20, collective_timeout=30,
-                          segment_bytes=PIECE * 4) as ring:
+                          segment_bytes=PIECE * 4, peer_timeout=0) as ring:
             ring.all_reduce(x0)
             result["sum"] = x0.copy()
             returned.set()
@@ -55,8 +59,8 @@ def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
         half = N // 2
         for step, data in ((0, x1[:half]), (1, total[half:])):
             for k, (a, b) in enumerate(ringlib.sub_chunks(0, half, PIECE)):
-                outbox.send_multipart([encode(Header(Kind.DATA, 1, step, k, "float32", b - a, 1)),
-                                       data[a:b]])
+                header = Header(Kind.DATA, 1, step, k, SIG, data[a:b].nbytes, 1)
+                outbox.send_multipart([encode(header), data[a:b]])
         time.sleep(1.0)
         assert not returned.is_set(), "all_reduce returned while its frames were still queued"
         received = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import socket
 
 from ringlib.errors import RendezvousError
@@ -88,3 +89,12 @@ def local_addresses(count: int, transport: str, directory: str) -> list[str]:
     if transport == "tcp":
         return [f"tcp://127.0.0.1:{port}" for port in free_tcp_ports(count)]
     raise RendezvousError(f"transport {transport!r} is not tcp or ipc")
+
+
+def fresh(address: str, generation: int) -> str:
+    """An address to bind beside `address` for the ring's `generation`-th re-forming: any
+    free port on the same tcp host, or a sibling ipc path or inproc name."""
+    if address.startswith("tcp://"):
+        host, _ = split_host_port(address)
+        return f"tcp://[{host}]:0" if ":" in host else f"tcp://{host}:0"
+    return f"{re.sub(r'[.]g[0-9]+$', '', address)}.g{generation}"

@@ -19,11 +19,13 @@ from typing import Any, Iterable
 import zmq
 import zmq.asyncio
 
-from ringlib.errors import RendezvousError, RingClosed, ProtocolError
+from ringlib.errors import MismatchError, PeerLost, ProtocolError, RendezvousError, RingClosed
 
 from . import addresses, direct
 from .frames import Header, Kind, decode, encode
+from .heartbeat import Pulse, Watch
 from .inbox import Inbox, Message
+from .security import Gate, Keys
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 DIRECT_BYTES = 256 << 10
 
 _context: zmq.asyncio.Context | None = None
+_gate: Gate | None = None
 _open_endpoints = 0
 
 
@@ -48,17 +51,42 @@ def context() -> zmq.asyncio.Context:
     return _context
 
 
-class Endpoint:
-    """Sends to and receives from the other ranks; knows nothing about what payloads mean."""
+def gate() -> Gate:
+    """The ZAP handler of the context, started with its first secure endpoint."""
+    global _gate
+    if _gate is None:
+        _gate = Gate(context())
+    return _gate
 
-    def __init__(self, rank: int) -> None:
+
+async def _end_context() -> None:
+    global _gate
+    if _gate is not None:
+        _gate.stop()
+        _gate = None
+    if _context is not None:
+        await asyncio.get_running_loop().run_in_executor(None, _context.term)
+
+
+class Endpoint:
+    """Sends to and receives from the other ranks; knows nothing about what payloads mean.
+
+    With `keys` every ZeroMQ link is authenticated and encrypted (CurveZMQ, see
+    security.py), and no direct link is offered or taken: those are plain sockets.
+    """
+
+    def __init__(self, rank: int, keys: Keys | None = None) -> None:
         global _open_endpoints
         _open_endpoints += 1
         self.rank = rank
+        self.keys = keys
         self.address: str | None = None
         self.inbox = Inbox()
         self._pull = context().socket(zmq.PULL)
         self._pull.linger = 0
+        if keys is not None:
+            gate().admit(keys)
+            keys.server(self._pull)
         # The same socket as a plain one, for reads that do not yield to the event loop.
         self._pull_now = zmq.Socket.shadow(self._pull.underlying)
         self._push: dict[int, zmq.asyncio.Socket] = {}
@@ -69,6 +97,15 @@ class Endpoint:
         self._listener: direct.Listener | None = None
         self._links: dict[int, direct.Writer] = {}
         self.direct_bytes = DIRECT_BYTES
+        self.lost: dict[int, str] = {}  # rank -> why it was lost
+        self.mismatches: dict[int, MismatchError] = {}  # seq -> what another rank found
+        self._departed: set[int] = set()  # ranks that said BYE
+        self._watch: Watch | None = None
+        self._pulse: Pulse | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._control = {Kind.LINK: self._open_link, Kind.HEARTBEAT: lambda message: None,
+                         Kind.LOST: self._reported_lost, Kind.BYE: self._said_bye,
+                         Kind.MISMATCH: self._reported_mismatch}
         self._closed = False
 
     def bind(self, address: str) -> str:
@@ -89,7 +126,8 @@ class Endpoint:
         # An inproc sender lives in this process, often on this very loop: polling for its
         # message would only keep it from running.
         self._may_poll = not address.startswith("inproc://")
-        self._listen_directly(address)
+        if self.keys is None:
+            self._listen_directly(address)
         self._reader = asyncio.get_running_loop().create_task(self._read())
         return address
 
@@ -127,6 +165,7 @@ class Endpoint:
             return
         push = context().socket(zmq.PUSH)
         push.linger = CLOSE_LINGER_MS
+        self._secure(push)
         push.connect(addresses.bind_address(addresses.check(address)))
         self._push[rank] = push
         self._push_now[rank] = zmq.Socket.shadow(push.underlying)
@@ -137,15 +176,20 @@ class Endpoint:
 
         The returned tracker is done once ZeroMQ no longer reads the payload buffer; None
         means there is nothing to wait for: a received zmq.Frame passed on as a payload
-        (ZeroMQ shares its buffer, and nobody changes it) or a copied payload.
+        (ZeroMQ shares its buffer, and nobody changes it) or a copied payload. The
+        header's nbytes is set to the payload's length.
         """
         if self._closed:
             raise RingClosed(f"rank {self.rank}: endpoint is closed")
+        if self.inbox.failure is not None:  # nothing more goes out once a peer is lost
+            raise self.inbox.failure
         if to not in self._push:
             self.connect(to, self.peer_addresses[to])
+        nbytes = 0 if payload is None else memoryview(payload).nbytes
+        if header.nbytes != nbytes:
+            header = header._replace(nbytes=nbytes)
         link = self._links.get(to)
-        if link is not None and link.ready and \
-                (payload is None or memoryview(payload).nbytes <= self.direct_bytes) and \
+        if link is not None and link.ready and nbytes <= self.direct_bytes and \
                 link.send(encode(header), payload):
             return None
         frames = [encode(header)] if payload is None else [encode(header), payload]
@@ -162,8 +206,26 @@ class Endpoint:
         except zmq.Again:  # the queue is at its high-water mark: wait for room
             return await self._push[to].send_multipart(frames, **options)
 
-    async def recv(self, header_key: tuple, spin: float = 0.0) -> Message:
+    def notify(self, to: int, kind: Kind, seq: int = 0, payload: bytes | None = None,
+               step: int = 0) -> None:
+        """Send a control message at once over ZeroMQ, without waiting, even after a peer
+        was lost. It is dropped when the peer's queue is full: a peer that takes nothing
+        is being lost anyway."""
+        if self._closed:
+            return
+        if to not in self._push:
+            self.connect(to, self.peer_addresses[to])
+        header = encode(Header(kind, seq, step, 0, "", len(payload or b""), self.rank))
+        try:
+            self._push_now[to].send_multipart([header] if payload is None else [header, payload],
+                                              zmq.NOBLOCK)
+        except zmq.Again:
+            log.info("rank %d: no room to tell rank %d %s", self.rank, to, kind.name)
+
+    async def recv(self, header_key: tuple, spin: float = 0.0,
+                   despite_failure: bool = False) -> Message:
         """The message filed under `header_key` (see Header.key), waiting for it if needed.
+        `despite_failure` waits even after a peer was lost (see Inbox.get).
 
         With `spin` (seconds) the socket is first polled without yielding to the event
         loop, for up to that long: a message a few dozen microseconds away then arrives
@@ -174,7 +236,7 @@ class Endpoint:
             message = self._poll_for(header_key, time.perf_counter() + spin)
             if message is not None:
                 return message
-        return await self.inbox.get(header_key)
+        return await self.inbox.get(header_key, despite_failure)
 
     def _poll_for(self, key: tuple, deadline: float) -> Message | None:
         while True:
@@ -203,15 +265,22 @@ class Endpoint:
             self._deliver(frames[0].buffer, frames[1] if len(frames) == 2 else None)
 
     def _deliver(self, header: bytes | memoryview, payload: zmq.Frame | None) -> None:
-        """File one message, from ZeroMQ or a direct link; a LINK offer opens a link."""
+        """File one message, from ZeroMQ or a direct link, or act on a control message."""
         try:
             message = Message(decode(header), payload)
         except ProtocolError as exc:
             return self._drop(str(exc))
-        if message.header.kind == Kind.LINK:
-            self._open_link(message)
-        else:
+        h, nbytes = message.header, 0 if payload is None else len(payload)
+        if h.nbytes != nbytes:
+            return self._drop(f"{h.kind.name} from rank {h.sender} has {nbytes} payload bytes "
+                              f"under a header of {h.nbytes}")
+        if self._watch is not None:
+            self._watch.heard(h.sender)
+        act = self._control.get(h.kind)
+        if act is None:
             self.inbox.deliver(message)
+        else:
+            act(message)
 
     def _open_link(self, offer: Message) -> None:
         rank = offer.header.sender
@@ -223,8 +292,8 @@ class Endpoint:
                 not direct.offered_by(address, self.peer_addresses[rank]):
             return self._drop(f"direct-link offer {address!r} is not where rank {rank} "
                               f"({self.peer_addresses.get(rank)}) listens")
-        if rank == self.rank or rank in self._links or self._closed:
-            return
+        if rank == self.rank or rank in self._links or self._closed or self.keys is not None:
+            return  # with keys, bytes travel only on authenticated, encrypted links
         try:
             self._links[rank] = direct.Writer(address)
         except OSError as exc:
@@ -234,12 +303,79 @@ class Endpoint:
     def _drop(self, why: str) -> None:
         log.warning("rank %d at %s dropped a message: %s", self.rank, self.address, why)
 
+    def _secure(self, socket: zmq.Socket) -> None:
+        if self.keys is not None:
+            self.keys.client(socket)
+
+    # --- liveness -------------------------------------------------------------------
+
+    def watch(self, ranks: list[int], interval: float, timeout: float) -> None:
+        """Send `ranks` a heartbeat every `interval` seconds, and declare any of them lost
+        after `timeout` seconds without a message from it (timeout 0: never)."""
+        if timeout <= 0 or not ranks:
+            return
+        self._watch = Watch(ranks, timeout)
+        self._pulse = Pulse(context(), self.rank,
+                            [addresses.bind_address(self.peer_addresses[r]) for r in ranks],
+                            interval, self._secure)
+        period = min(interval, timeout / 4)
+        self._watchdog = asyncio.get_running_loop().create_task(self._check_every(period))
+
+    async def _check_every(self, period: float) -> None:
+        while True:
+            await asyncio.sleep(period)
+            # What arrived while this loop was busy counts: a stall here is no peer's fault.
+            self._file_ready()
+            if self._listener is not None:
+                self._listener.poll()
+            for rank, quiet in self._watch.silent():
+                self._watch.forget(rank)
+                self._lose(rank, "closed its ring" if rank in self._departed else
+                           f"sent nothing for {quiet:.1f} s: it died or hangs, or the network "
+                           "to it is cut")
+
+    def _lose(self, rank: int, why: str, reporter: int | None = None) -> None:
+        """Fail every pending and later receive with PeerLost, and tell the other ranks."""
+        if rank in self.lost or rank == self.rank or rank not in self.peer_addresses:
+            return
+        self.lost[rank] = why
+        address = self.peer_addresses[rank]
+        _remove_socket_files(address)
+        found = "" if reporter is None else f" (found by rank {reporter})"
+        message = f"rank {self.rank} ({self.address}): rank {rank} ({address}) {why}{found}"
+        self.inbox.fail(PeerLost(message, rank, address))
+        if reporter is not None:
+            return
+        if rank in self._departed:
+            log.info("%s", message)
+            return
+        log.warning("%s", message)
+        for other in self.peer_addresses:
+            if other not in self.lost and other != self.rank:
+                self.notify(other, Kind.LOST, rank, why.encode())
+
+    def _reported_lost(self, message: Message) -> None:
+        why = bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""
+        self._lose(message.header.seq, why, reporter=message.header.sender)
+
+    def _said_bye(self, message: Message) -> None:
+        self._departed.add(message.header.sender)
+
+    def _reported_mismatch(self, message: Message) -> None:
+        why = bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""
+        seq = message.header.seq
+        if self.inbox.abandoned(seq):
+            return  # it failed here already
+        self.mismatches[seq] = MismatchError(
+            f"rank {self.rank} ({self.address}): {why} (found by rank {message.header.sender})")
+        self.inbox.abandon(seq, self.mismatches[seq])
+
     async def _read(self) -> None:
         while True:
             try:
                 frames = await self._pull.recv_multipart(copy=False)
             except zmq.ZMQError as exc:
-                self.inbox.fail(RingClosed(f"rank {self.rank}: receive socket failed: {exc}"))
+                self.inbox.close(RingClosed(f"rank {self.rank}: receive socket failed: {exc}"))
                 return
             self._file(frames)
 
@@ -254,11 +390,17 @@ class Endpoint:
         global _open_endpoints
         if self._closed:
             return
+        for rank in self._push:  # so that this rank's silence worries nobody
+            if rank not in self.lost:
+                self.notify(rank, Kind.BYE)
         self._closed = True
-        self.inbox.fail(RingClosed(f"rank {self.rank}: endpoint closed"))
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        self.inbox.close(RingClosed(f"rank {self.rank}: endpoint closed"))
+        if self._pulse is not None:
+            self._pulse.stop()
+        for task in (self._reader, self._watchdog):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for link in self._links.values():  # what they still keep is written first
             link.close(CLOSE_LINGER_MS / 1000)
         if self._listener is not None:
@@ -268,11 +410,20 @@ class Endpoint:
             # libzmq leaves the socket file behind; nobody else will remove it.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.address.removeprefix("ipc://"))
-        for push in self._push.values():
-            push.close()
+        for rank, push in self._push.items():  # nothing waits to reach a lost rank
+            push.close(0 if rank in self.lost else None)
         _open_endpoints -= 1
-        if _open_endpoints == 0 and _context is not None:
-            await asyncio.get_running_loop().run_in_executor(None, _context.term)
+        if _open_endpoints == 0:
+            await _end_context()
+
+
+def _remove_socket_files(address: str) -> None:
+    """Remove the socket files of a lost ipc peer (its own and its direct link's), which a
+    killed process leaves behind. Every survivor tries; the first one succeeds."""
+    for where in (address, direct.listen_address(address)):
+        if where and where.startswith("ipc://"):
+            with contextlib.suppress(OSError):
+                os.unlink(where.removeprefix("ipc://"))
 
 
 async def wait_sent(trackers: Iterable[zmq.MessageTracker]) -> None:

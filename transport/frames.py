@@ -2,12 +2,13 @@
 
 The header is a flat msgpack array, cheap to pack and unpack:
 
-    [version, kind, seq, step, chunk, dtype, count, sender]
+    [version, kind, seq, step, chunk, sig, nbytes, sender]
 
 seq numbers collectives in the order every rank issues them, step and chunk place a
-message inside one collective, dtype and count describe the payload (opaque to the
-transport), sender is the sending rank. Payloads travel as their own frame so they can be
-sent and received without copying.
+message inside one collective, sig says what the sender was doing (for a collective its
+name, dtype, shape, op and root, compared by the receiver; opaque to the transport),
+nbytes is the payload's length (0 without one) and sender is the sending rank. Payloads
+travel as their own frame so they can be sent and received without copying.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import msgpack
 
 from ringlib.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class Kind(enum.IntEnum):
@@ -31,6 +32,11 @@ class Kind(enum.IntEnum):
     TABLE = 3      # rendezvous: the seed rank sends every rank the full address table
     STREAM = 4     # a stream between neighbours, outside the collectives (pipeline stages)
     LINK = 5       # a peer offers a direct link: its address (transport/direct.py)
+    HEARTBEAT = 6  # a peer is alive (transport/heartbeat.py)
+    LOST = 7       # a peer tells the others that rank `seq` fell silent
+    BYE = 8        # a peer closes its ring on purpose: its silence is no loss
+    MISMATCH = 9   # ranks called collective `seq` differently (payload: who and how)
+    REFORM = 10    # survivors agree on a new ring (runtime/reform.py)
 
 
 class Header(NamedTuple):
@@ -38,8 +44,8 @@ class Header(NamedTuple):
     seq: int
     step: int
     chunk: int
-    dtype: str
-    count: int
+    sig: str
+    nbytes: int
     sender: int
 
     @property
@@ -65,14 +71,14 @@ def decode(frame: bytes | memoryview) -> Header:
         raise ProtocolError(f"header is not a {_FIELDS + 1}-field array: {fields!r:.80}")
     if fields[0] != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {fields[0]!r}, expected {PROTOCOL_VERSION}")
-    kind, seq, step, chunk, dtype, count, sender = fields[1:]
+    kind, seq, step, chunk, sig, nbytes, sender = fields[1:]
     # One chained test, not a loop: this runs for every message, small ones included.
-    if not (type(kind) is type(seq) is type(step) is type(chunk) is type(count)
-            is type(sender) is int) or min(kind, seq, step, chunk, count, sender) < 0:
+    if not (type(kind) is type(seq) is type(step) is type(chunk) is type(nbytes)
+            is type(sender) is int) or min(kind, seq, step, chunk, nbytes, sender) < 0:
         raise ProtocolError(f"header fields must be non-negative integers: {fields!r:.80}")
-    if not isinstance(dtype, str) or kind not in _KINDS:
-        raise ProtocolError(f"bad kind or dtype in header: {fields!r:.80}")
-    return Header(_KINDS[kind], seq, step, chunk, dtype, count, sender)
+    if not isinstance(sig, str) or kind not in _KINDS:
+        raise ProtocolError(f"bad kind or sig in header: {fields!r:.80}")
+    return Header(_KINDS[kind], seq, step, chunk, sig, nbytes, sender)
 
 
 _KINDS = {int(k): k for k in Kind}

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
-from .frames import Header
+from .frames import Header, Kind
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,21 @@ class Inbox:
         self._waiting: dict[tuple, asyncio.Future] = {}
         self._kept: dict[tuple, Message] = {}
         self._failure: BaseException | None = None
-        self._abandoned: set[int] = set()
+        self._closed: BaseException | None = None
+        self._resilient: set[tuple] = set()  # keys waited on despite_failure
+        self._abandoned: dict[int, BaseException | None] = {}  # collective seq -> its error
+        # collective seq -> (its signature here, what to raise for a message of another)
+        self._expected: dict[int, tuple[str, Callable[[Header], BaseException]]] = {}
 
     def deliver(self, message: Message) -> None:
         """File a message: hand it to its waiter, or keep it for one."""
         key = message.header.key
-        if message.header.seq in self._abandoned:
-            return
+        if key[0] == Kind.DATA:
+            if key[1] in self._abandoned:
+                return
+            expected = self._expected.get(key[1])
+            if expected is not None and message.header.sig != expected[0]:
+                return self.abandon(key[1], expected[1](message.header))
         waiter = self._waiting.pop(key, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(message)
@@ -41,21 +49,33 @@ class Inbox:
         else:
             self._kept[key] = message
 
+    @property
+    def failure(self) -> BaseException | None:
+        """What fail() or close() reported, if either was called."""
+        return self._closed or self._failure
+
     def take(self, key: tuple) -> Message | None:
         """The message kept under `key`, if one is, without waiting."""
         return self._kept.pop(key, None)
 
-    async def get(self, key: tuple) -> Message:
-        """The message filed under `key`, waiting for it if needed.
+    async def get(self, key: tuple, despite_failure: bool = False) -> Message:
+        """The message filed under `key`, waiting for it if needed. `despite_failure` waits
+        even after fail() (the messages that rebuild a ring after a peer was lost).
 
         Cancelling the wait loses nothing: a message that arrived meanwhile is kept.
         """
         if key in self._kept:
             return self._kept.pop(key)
-        if self._failure is not None:
+        if key[0] == Kind.DATA and self._abandoned.get(key[1]) is not None:
+            raise self._abandoned[key[1]]
+        if self._closed is not None:
+            raise self._closed
+        if self._failure is not None and not despite_failure:
             raise self._failure
         waiter = asyncio.get_running_loop().create_future()
         self._waiting[key] = waiter
+        if despite_failure:
+            self._resilient.add(key)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -65,20 +85,48 @@ class Inbox:
         finally:
             if self._waiting.get(key) is waiter:
                 del self._waiting[key]
+            self._resilient.discard(key)
 
-    def abandon(self, seq: int) -> None:
-        """Drop what is kept for collective `seq`, which failed here, and what still comes."""
-        self._abandoned.add(seq)
-        for key in [k for k in self._kept if k[1] == seq]:
+    def expect(self, seq: int, sig: str, mismatch: Callable[[Header], BaseException]) -> None:
+        """Collective `seq` runs here as `sig`: a message of it that carries another sig,
+        kept already or still to come, fails it with mismatch(that message's header)."""
+        self._expected[seq] = (sig, mismatch)
+        for key, message in list(self._kept.items()):
+            if key[0] == Kind.DATA and key[1] == seq and message.header.sig != sig:
+                return self.abandon(seq, mismatch(message.header))
+
+    def settle(self, seq: int) -> None:
+        """Collective `seq` is over here: stop checking its messages."""
+        self._expected.pop(seq, None)
+
+    def abandoned(self, seq: int) -> bool:
+        return seq in self._abandoned
+
+    def abandon(self, seq: int, exc: BaseException | None = None) -> None:
+        """Drop what is kept for collective `seq`, which failed, and what still comes for it.
+        With `exc`, its current and later waits raise exc (another rank found it failed)."""
+        if self._abandoned.get(seq) is None:
+            self._abandoned[seq] = exc
+        for key in [k for k in self._kept if k[0] == Kind.DATA and k[1] == seq]:
             del self._kept[key]
+        if exc is not None:
+            self._fail_waiters(exc, lambda key: key[0] == Kind.DATA and key[1] == seq)
 
     def fail(self, exc: BaseException) -> None:
+        """Make every current and later wait raise `exc`, except those despite_failure (a
+        peer was lost); the first failure is the one reported."""
+        if self._failure is None:
+            self._failure = exc
+        self._fail_waiters(self._failure, lambda key: key not in self._resilient)
+
+    def close(self, exc: BaseException) -> None:
         """Make every current and later wait raise `exc` (the endpoint closed or broke)."""
-        self._failure = exc
-        for waiter in self._waiting.values():
-            if not waiter.done():
-                waiter.set_exception(exc)
-        self._waiting.clear()
+        self._closed = exc
+        self._fail_waiters(exc, lambda key: True)
+
+    def _fail_waiters(self, exc: BaseException, which: Callable[[tuple], bool]) -> None:
+        for key in [k for k, w in self._waiting.items() if which(k) and not w.done()]:
+            self._waiting.pop(key).set_exception(exc)
 
     def __len__(self) -> int:
         return len(self._kept)

@@ -1,0 +1,69 @@
+"""Re-forming a ring after a peer was lost: the survivors agree on who they are.
+
+Every survivor binds a fresh address, then runs rounds over the old ring's sockets: in
+round k it sends each rank it believes alive a REFORM message with the ranks it knows
+lost and its fresh address, and waits for theirs. A rank that stays silent until the
+deadline, or that the heartbeats find lost meanwhile, joins the lost set. A survivor
+stops once every member's message of a round carried its own lost set, unchanged; a
+larger set anywhere starts another round. The members, in old rank order, become ranks
+0..M-1 of the new ring.
+
+Survivors agree as long as each hears the others within the deadline; one that cannot
+is left out by the rest and forms a ring of its own, which the others' heartbeats then
+lose on its next collective: a rank is left waiting, never silently out of step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+
+import msgpack
+
+from ringlib.transport import Endpoint, Kind
+
+POLL_S = 0.2  # how often a wait checks whether the rank it waits on was lost meanwhile
+
+
+async def agree(old: Endpoint, generation: int, address: str, world_size: int,
+                timeout: float) -> tuple[list[int], list[str]]:
+    """(old ranks of the new ring's members, in order; their fresh addresses)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    lost = set(old.lost)
+    for round_ in itertools.count():
+        members = [r for r in range(world_size) if r not in lost]
+        others = [r for r in members if r != old.rank]
+        payload = msgpack.packb([sorted(lost), address])
+        for rank in others:
+            old.notify(rank, Kind.REFORM, generation, payload, step=round_)
+        replies = await asyncio.gather(*(_reply(old, generation, round_, r, deadline)
+                                         for r in others))
+        seen = [set(reply[0]) for reply in replies if reply is not None]
+        union = lost.union(*seen, (r for r, reply in zip(others, replies) if reply is None))
+        if union == lost and all(s == lost for s in seen):
+            table = dict(zip(others, (reply[1] for reply in replies)))
+            table[old.rank] = address
+            return members, [table[r] for r in members]
+        lost = union
+
+
+async def _reply(old: Endpoint, generation: int, round_: int, rank: int,
+                 deadline: float) -> tuple[list[int], str] | None:
+    """`rank`'s message of this round, or None if it was lost or silent until `deadline`."""
+    key = (Kind.REFORM, generation, round_, 0, rank)
+    loop = asyncio.get_running_loop()
+    while rank not in old.lost and loop.time() < deadline:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(POLL_S, max(deadline - loop.time(), 0))):
+                message = await old.recv(key, despite_failure=True)
+                return _parse(message.payload)
+    return None
+
+
+def _parse(payload: object) -> tuple[list[int], str] | None:
+    try:
+        lost, address = msgpack.unpackb(payload.bytes)
+        return [int(r) for r in lost], str(address)
+    except Exception:  # an authorized peer never sends this; treat it as silence
+        return None

@@ -1,0 +1,93 @@
+"""One rank of a fault test: `python fault_peer.py SCENARIO SEED`, with RINGLIB_* set.
+
+train: every rank trains a linear model by all-reducing gradients; rank VICTIM kills
+    itself (SIGKILL) at step KILL_AT. The survivors get PeerLost, re-form a ring of three,
+    take the parameters and step from the new rank 0 and finish. Each prints its new rank,
+    world size, seconds from the kill to PeerLost and a digest of its parameters.
+stall: rank 1 stops itself (SIGSTOP) after a few collectives, as a hung process or a cut
+    network looks; the others print how long until PeerLost named it.
+busy: rank 1 blocks its event loop for longer than the peer timeout between collectives;
+    its heartbeats still flow, and every collective completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+import ringlib
+
+VICTIM, KILL_AT, STEPS = 2, 15, 40
+
+
+def gradient(w: np.ndarray, rank: int, step: int, seed: int) -> np.ndarray:
+    """The gradient of a least-squares loss on this rank's batch for this step."""
+    rng = np.random.default_rng([seed, rank, step])
+    a = rng.standard_normal((16, w.size)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    return a.T @ (a @ w - b) / 16
+
+
+async def train(seed: int) -> None:
+    async with ringlib.connect() as ring:
+        w = np.zeros(256, np.float32)
+        await ring.broadcast(w)
+        step, lost_after = 0, None
+        while step < STEPS:
+            if ring.generation == 0 and ring.rank == VICTIM and step == KILL_AT:
+                print(f"killed {time.time()}", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            try:
+                g = await ring.all_reduce(gradient(w, ring.rank, step, seed), op="mean")
+            except ringlib.PeerLost as exc:
+                lost_after = time.time()
+                print(f"lost {exc.rank} {exc.address} at {lost_after}: {exc}", flush=True)
+                await ring.reform()
+                state = np.array([step], np.int64)
+                await ring.broadcast(w)
+                await ring.broadcast(state)
+                step = int(state[0])
+                continue
+            w -= 0.05 * g
+            step += 1
+        print(f"rank {ring.rank} of {ring.world_size} lost_at {lost_after} "
+              f"digest {hashlib.sha256(w.tobytes()).hexdigest()}", flush=True)
+
+
+async def stall(seed: int) -> None:
+    async with ringlib.connect() as ring:
+        x = np.ones(1000, np.float32)
+        for _ in range(3):
+            await ring.all_reduce(x)
+        if ring.rank == 1:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        start = time.monotonic()
+        try:
+            await ring.all_reduce(x)
+        except ringlib.PeerLost as exc:
+            print(f"lost {exc.rank} after {time.monotonic() - start:.2f} s: {exc}", flush=True)
+            return
+        sys.exit("the stalled rank was never reported lost")
+
+
+async def busy(seed: int) -> None:
+    async with ringlib.connect() as ring:
+        for i in range(5):
+            if ring.rank == 1 and i == 2:
+                time.sleep(float(os.environ["RINGLIB_PEER_TIMEOUT"]) * 2)  # the loop stalls
+            x = np.full(1000, ring.rank + i, np.float32)
+            await ring.all_reduce(x)
+            expected = sum(range(ring.world_size)) + ring.world_size * i
+            assert np.all(x == expected), (i, x[:4], expected)
+        print("done", flush=True)
+
+
+if __name__ == "__main__":
+    scenario, seed = sys.argv[1], int(sys.argv[2])
+    asyncio.run({"train": train, "stall": stall, "busy": busy}[scenario](seed))

@@ -1,0 +1,63 @@
+"""Peers that die, hang or stall, in real processes over real sockets: every survivor hears
+of it within the peer timeout, and the survivors of a kill re-form a ring and train on."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ring_harness import Finished, run_ring
+
+pytestmark = pytest.mark.timeout(120)
+
+FAULT_PEER = Path(__file__).with_name("fault_peer.py")
+FAST = {"RINGLIB_PEER_TIMEOUT": "1.5", "RINGLIB_HEARTBEAT_S": "0.25"}
+
+
+def report(finished: list[Finished]) -> str:
+    return "\n".join(f"--- rank {f.rank} exit {f.returncode}\n{f.stdout}{f.stderr[-3000:]}"
+                     for f in finished)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_survivors_of_a_kill_re_form_and_keep_identical_parameters(transport, seed):
+    """4 ranks train; rank 2 is SIGKILLed at step 15 with the default peer timeout (5 s);
+    the 3 survivors raise PeerLost within 10 s, re-form, and end with equal parameters."""
+    finished = run_ring("train", 4, transport, seed, peer=FAULT_PEER,
+                        expendable=frozenset({2}), timeout=90)
+    log = report(finished)
+    assert finished[2].returncode == -9, log
+    killed_at = float(re.search(r"killed (\S+)", finished[2].stdout).group(1))
+    survivors = [f for f in finished if f.rank != 2]
+    assert all(f.returncode == 0 for f in survivors), log
+    ends = [re.search(r"rank (\d) of (\d) lost_at (\S+) digest (\w+)", f.stdout).groups()
+            for f in survivors]
+    assert sorted(int(rank) for rank, *_ in ends) == [0, 1, 2], log
+    assert {world for _, world, _, _ in ends} == {"3"}, log
+    assert len({digest for *_, digest in ends}) == 1, f"parameters differ:\n{log}"
+    for f in survivors:  # PeerLost names the rank and its address
+        assert re.search(r"lost 2 (tcp://127\.0\.0\.1:\d+|ipc://\S+/r2) ", f.stdout), log
+    delays = [float(lost_at) - killed_at for _, _, lost_at, _ in ends]
+    assert all(0 < d <= 10 for d in delays), (delays, log)
+
+
+def test_a_stopped_rank_is_reported_lost_by_every_other_rank(seed):
+    """A rank that stops (SIGSTOP: hung, or cut off) sends no heartbeats; the others'
+    pending collective raises PeerLost naming it within the timeout."""
+    finished = run_ring("stall", 3, "tcp", seed, extra_env=FAST, peer=FAULT_PEER,
+                        expendable=frozenset({1}), timeout=60)
+    log = report(finished)
+    for f in (finished[0], finished[2]):
+        assert f.returncode == 0, log
+        found = re.search(r"lost 1 after (\S+) s: (.*)", f.stdout)
+        assert found and float(found.group(1)) <= 1.5 + 1.0, log
+        assert "rank 1 (tcp://127.0.0.1:" in found.group(2) and "sent nothing" in found.group(2)
+
+
+def test_a_rank_whose_event_loop_is_busy_is_not_taken_for_lost(seed):
+    """Heartbeats come from their own thread: a loop blocked for twice the peer timeout
+    delays the collectives but loses nobody."""
+    finished = run_ring("busy", 3, "tcp", seed, extra_env=FAST, peer=FAULT_PEER, timeout=60)
+    assert all(f.returncode == 0 and "done" in f.stdout for f in finished), report(finished)

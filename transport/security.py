@@ -1,0 +1,94 @@
+"""CurveZMQ: authentication and encryption of every ZeroMQ link of a ring.
+
+A ring shares one key pair (`ringlib keygen` writes it). Every rank's receiving socket is
+a CURVE server with that pair, and every sending socket a CURVE client with it, so a
+process must hold the secret key to complete a handshake: a ZAP handler (pyzmq's
+ThreadAuthenticator, one per ZeroMQ context) admits only clients whose public key is the
+ring's. A stranger without it can neither join nor inject a message; ZeroMQ drops the
+connection during the handshake, before a byte reaches ringlib.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from ringlib.errors import Unauthorized
+
+log = logging.getLogger(__name__)
+
+KEY_NAME = "ring"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """A ring's CurveZMQ key pair, z85-encoded as ZeroMQ takes them."""
+
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Keys:
+        """The pair in a secret key file (`ring.key_secret`), or Unauthorized saying why not."""
+        try:
+            public, secret = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as exc:
+            raise Unauthorized(f"cannot read CurveZMQ keys from {path}: {exc}") from None
+        if secret is None:
+            raise Unauthorized(f"{path} holds only a public key; ringlib needs the secret key "
+                               f"file ({KEY_NAME}.key_secret, from `ringlib keygen`)")
+        return cls(public, secret)
+
+    def server(self, socket: zmq.Socket) -> None:
+        """Make `socket` (a receiving one) accept only clients holding this pair."""
+        socket.curve_server = True
+        socket.curve_publickey, socket.curve_secretkey = self.public, self.secret
+        socket.zap_domain = b"ringlib"
+
+    def client(self, socket: zmq.Socket) -> None:
+        """Make `socket` (a sending one) present this pair to a server that has it."""
+        socket.curve_serverkey = self.public
+        socket.curve_publickey, socket.curve_secretkey = self.public, self.secret
+
+
+def generate(directory: str | os.PathLike) -> tuple[Path, Path]:
+    """Write a new key pair into `directory`: (public file, secret file, readable only by
+    its owner). Refuses to overwrite an existing pair."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    secret = directory / f"{KEY_NAME}.key_secret"
+    if secret.exists():
+        raise Unauthorized(f"{secret} exists already; remove it first to make a new pair")
+    public_file, secret_file = zmq.auth.create_certificates(directory, KEY_NAME)
+    os.chmod(secret_file, 0o600)
+    return Path(public_file), Path(secret_file)
+
+
+class Gate:
+    """The ZAP handler of one ZeroMQ context: admits the public keys of the rings that
+    run on it. Started with the first secure endpoint, stopped before the context ends."""
+
+    def __init__(self, context: zmq.Context) -> None:
+        self._allowed: set[bytes] = set()
+        self._auth = ThreadAuthenticator(context, log=log)
+        self._auth.start()
+        self._auth.configure_curve_callback("*", self)
+
+    def admit(self, keys: Keys) -> None:
+        self._allowed.add(keys.public)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """pyzmq's question: may the client with this z85 public key connect?"""
+        if key in self._allowed:
+            return True
+        log.warning("refused a CurveZMQ client with an unknown key %s", key.decode())
+        return False
+
+    def stop(self) -> None:
+        self._auth.stop()
