@@ -23,25 +23,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
 import ringlib
 from ringlib.dtypes import BY_NAME
-from ringlib.transport.addresses import free_tcp_ports
+from ringlib.transport.addresses import free_tcp_ports, local_addresses
+from ringlib.transport.security import generate
 
 from .ranks import WorkerFailed, exit_with_parent, mpirun_missing, run_ranks
 from .results import plot, write_json
 from .sweep_rank import SETTINGS, TURN_CALLS, run_worker
-from .systems import COLLECTIVES, SPLIT, STORE_VARIABLE
+from .systems import (COLLECTIVES, CURVE_KEY_VARIABLE, CURVE_PEERS_VARIABLE, SPLIT,
+                      STORE_VARIABLE)
 from .table import Row, Table, crossover_summary, ratio_summary
 from .timing import format_size, parse_int_list, parse_size_list, parse_sizes
 
 DEFAULT_SIZES = "8B:64MiB:4"
 CROSSOVER_SIZES = "256B:1MiB:2"
-SYSTEMS = ("gloo", "mpi")
+SYSTEMS = ("gloo", "mpi", "curve")
 
 
 class Report:
@@ -191,7 +195,8 @@ def parser(collective: str = "allreduce") -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed turns per size (default: 2)")
     p.add_argument("--compare", type=_systems, default=[],
                    help="also time these systems in the same processes: gloo "
-                        "(torch.distributed), mpi (mpi4py; the ranks then run under mpirun)")
+                        "(torch.distributed), mpi (mpi4py; the ranks then run under mpirun), "
+                        "curve (ringlib with CurveZMQ on every link, a second ring)")
     p.add_argument("--json", type=Path, default=None, help="write the results here as JSON")
     p.add_argument("--plot", type=Path, default=None, help="plot busbw and time here (PNG)")
     p.add_argument("--no-memory", dest="memory", action="store_false",
@@ -260,7 +265,12 @@ def main(argv: list[str] | None = None, collective: str = "allreduce") -> None:
     worker_argv = [*argv, "--collective", args.collective,
                    "--compare", ",".join(args.compare)]
     try:
-        run_ranks(__spec__.name, worker_argv, args.ranks, args.transport, report, env, mpirun)
+        with contextlib.ExitStack() as stack:
+            if "curve" in args.compare:
+                env.update(_curve_ring(args, stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix="rl-"))))
+            run_ranks(__spec__.name, worker_argv, args.ranks, args.transport, report, env,
+                      mpirun)
     except WorkerFailed as exc:
         sys.exit(f"{args.collective} benchmark failed: {exc}")
     except KeyboardInterrupt:
@@ -269,6 +279,13 @@ def main(argv: list[str] | None = None, collective: str = "allreduce") -> None:
         report.close()
     print(report.footer(), file=sys.stdout, flush=True)
     report.save()
+
+
+def _curve_ring(args: argparse.Namespace, directory: str) -> dict[str, str]:
+    """The variables of a second ring, with a new key pair in `directory`."""
+    _, secret = generate(f"{directory}/keys")
+    peers = local_addresses(args.ranks, args.transport, directory)
+    return {CURVE_KEY_VARIABLE: str(secret), CURVE_PEERS_VARIABLE: ",".join(peers)}
 
 
 if __name__ == "__main__":

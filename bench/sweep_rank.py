@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from typing import Any, Callable
 
@@ -23,8 +24,8 @@ import ringlib
 from ringlib.dtypes import BY_NAME
 
 from . import memory
-from .systems import (Case, GlooSystem, MpiSystem, RinglibSystem, System, Unavailable,
-                      check)
+from .systems import (CURVE_KEY_VARIABLE, CURVE_PEERS_VARIABLE, Case, GlooSystem, MpiSystem,
+                      RinglibSystem, System, Unavailable, check)
 from .timing import format_size
 
 ALWAYS = 1 << 62           # a small_bytes no buffer reaches: recursive doubling for all
@@ -63,6 +64,8 @@ def compared_systems(ring: ringlib.Ring, names: list[str],
     `skipped`."""
     made: list[System] = []
     for name in names:
+        if name == "curve":  # a ring of its own: see secure_ring()
+            continue
         try:
             made.append(GlooSystem(ring.rank, ring.world_size) if name == "gloo"
                         else MpiSystem())
@@ -145,6 +148,14 @@ async def measure(ring: ringlib.Ring, systems: list[System], case: Case,
                         for s, t, peak in zip(systems, samples, peaks)]}
 
 
+async def secure_ring(ring: ringlib.Ring) -> ringlib.Ring:
+    """A second ring of the same ranks, with CurveZMQ on every link (--compare curve)."""
+    return await ringlib.connect(ring.rank, ring.world_size,
+                                 os.environ[CURVE_PEERS_VARIABLE].split(","),
+                                 timeout=CONNECT_TIMEOUT, collective_timeout=COLLECTIVE_TIMEOUT,
+                                 curve_key=os.environ[CURVE_KEY_VARIABLE])
+
+
 async def run_worker(args: argparse.Namespace) -> None:
     """This rank's part: join the ring from the environment; rank 0 prints JSON lines."""
     async with ringlib.connect(timeout=CONNECT_TIMEOUT,
@@ -152,6 +163,9 @@ async def run_worker(args: argparse.Namespace) -> None:
         say = _printer(ring.rank)
         skipped: dict[str, str] = {}
         compared = compared_systems(ring, args.compare, skipped)
+        secure = await secure_ring(ring) if "curve" in args.compare else None
+        if secure is not None:
+            compared.append(RinglibSystem(secure, "curve"))
         systems: list[System] = [*ringlib_systems(ring, args), *compared]
         args.memory = args.memory and memory.supported()
         say({"kind": "setup", "labels": [s.label for s in systems],
@@ -170,6 +184,8 @@ async def run_worker(args: argparse.Namespace) -> None:
         finally:  # dropped ones too: each joined its group once, and leaves it once
             for system in compared:
                 system.close()
+            if secure is not None:
+                await secure.close()
 
 
 def _printer(rank: int) -> Callable[[dict[str, Any]], None]:

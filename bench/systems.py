@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 import numpy as np
+import zmq
 
 import ringlib
 from ringlib.dtypes import BY_NAME
@@ -35,6 +36,8 @@ BUS_FACTOR = {  # busbw = algbw x this (nccl-tests' PERFORMANCE.md), n ranks
     "latency": lambda n: 1.0,
 }
 STORE_VARIABLE = "RINGLIB_BENCH_STORE"  # host:port of the Gloo comparison's TCPStore
+# The CurveZMQ comparison's ring: its secret key file, and its ranks' addresses.
+CURVE_KEY_VARIABLE, CURVE_PEERS_VARIABLE = "RINGLIB_BENCH_CURVE_KEY", "RINGLIB_BENCH_CURVE_PEERS"
 EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23,
        "float64": 2.0 ** -52}
 
@@ -169,6 +172,8 @@ class RinglibSystem(System):
 
     def __init__(self, ring: ringlib.Ring, label: str = "ringlib", **settings: int) -> None:
         self.ring, self.label, self.settings = ring, label, settings
+        self.version = f"ringlib {ringlib.__version__}, libzmq {zmq.zmq_version()}" + \
+            (" with CurveZMQ" if ring.endpoint is not None and ring.endpoint.keys else "")
         self._stream = ring.new_stream()
         self._round = itertools.count()
 

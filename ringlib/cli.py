@@ -1,4 +1,4 @@
-"""The `ringlib` command (also `python -m ringlib`): launch, demo, bench."""
+"""The `ringlib` command (also `python -m ringlib`): launch, demo, bench, keygen."""
 
 from __future__ import annotations
 
@@ -28,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="run a benchmark; see `ringlib bench NAME -h`")
     bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
+    keygen = commands.add_parser("keygen", help="write a ring's CurveZMQ key pair")
+    keygen.add_argument("directory", help="where to write ring.key and ring.key_secret")
     args = parser.parse_args(argv)
 
+    if args.command == "keygen":
+        return _keygen(args.directory)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -40,6 +44,20 @@ def main(argv: list[str] | None = None) -> int:
         sweep(args.args, collective=args.name)
     else:
         importlib.import_module(f"ringlib.bench.{args.name}").main(args.args)
+    return 0
+
+
+def _keygen(directory: str) -> int:
+    from .errors import Unauthorized
+    from .transport.security import generate
+
+    try:
+        public, secret = generate(directory)
+    except (Unauthorized, OSError) as exc:
+        print(f"ringlib keygen: {exc}", file=sys.stderr)
+        return 2
+    print(f"public key: {public}\nsecret key: {secret} (give it to every rank: "
+          f"`ringlib launch --keys {secret}` or RINGLIB_CURVE_KEY={secret})")
     return 0
 
 

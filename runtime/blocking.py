@@ -75,6 +75,8 @@ class BlockingRing:
     rank = property(lambda self: self.ring.rank, doc="This rank's number in the ring.")
     world_size = property(lambda self: self.ring.world_size, doc="How many ranks the ring has.")
     peers = property(lambda self: self.ring.peers, doc="Every rank's address, in rank order.")
+    generation = property(lambda self: self.ring.generation,
+                          doc="How many times reform() rebuilt this ring.")
 
     def __repr__(self) -> str:
         return f"<BlockingRing rank {self.rank} of {self.world_size} at {self.ring.address}>"

@@ -1,10 +1,13 @@
 """`ringlib launch`: start the ranks of a ring, relay their output, and stop them together.
 
     ringlib launch -n N [--hosts h1:2,h2:2 | --hostfile FILE] [--rsh 'ssh {host}']
-                   [--transport tcp|ipc] [--port P] [--timeout S] -- COMMAND ARGS...
+                   [--transport tcp|ipc] [--port P] [--timeout S] [--keys FILE]
+                   -- COMMAND ARGS...
 
 Every rank gets RINGLIB_RANK, RINGLIB_LOCAL_RANK, RINGLIB_WORLD_SIZE and RINGLIB_PEERS,
-so that ringlib.connect() and ringlib.init() need no arguments. Each output line comes
+so that ringlib.connect() and ringlib.init() need no arguments; with --keys, also
+RINGLIB_CURVE_KEY (the ring's secret key file, which must exist at that path on every
+host), so that every link is authenticated and encrypted. Each output line comes
 out whole, prefixed with its rank, on the stream it was written to. When a rank fails,
 the others get SIGTERM, then SIGKILL after a grace period, and the launcher exits with
 the failed rank's code (128 + N for signal N). SIGINT and SIGTERM to the launcher are
@@ -26,7 +29,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from ringlib.errors import RendezvousError
+from ringlib.errors import RendezvousError, Unauthorized
+from ringlib.transport.security import Keys
 
 from .hosts import Host, PortReservation, Seat, parse_hosts, read_hostfile, seat
 
@@ -52,7 +56,8 @@ class Rank:
 
 
 def plan(seats: list[Seat], command: list[str], transport: str, port: int | None,
-         rsh: str, workdir: str, timeout: float | None) -> tuple[list[Rank], PortReservation | None]:
+         rsh: str, workdir: str, timeout: float | None,
+         keys: str | None = None) -> tuple[list[Rank], PortReservation | None]:
     """The ranks to start, and the ports held for them on this host (close it at the end)."""
     if not command:
         raise RendezvousError("no command to launch: put it after --, as in "
@@ -76,6 +81,8 @@ def plan(seats: list[Seat], command: list[str], transport: str, port: int | None
                "PYTHONUNBUFFERED": "1"}
         if timeout is not None:
             env["RINGLIB_CONNECT_TIMEOUT"] = str(timeout)
+        if keys is not None:
+            env["RINGLIB_CURVE_KEY"] = keys
         if s.host.local:
             ranks.append(Rank(s, command, {**os.environ, **env}))
         else:
@@ -230,6 +237,9 @@ def parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_PORT} on other hosts)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds the ranks wait for each other at start-up (default: 60)")
+    p.add_argument("--keys", default=None, metavar="FILE",
+                   help="the ring's secret key file from `ringlib keygen`: CurveZMQ on every "
+                        "link (default: RINGLIB_CURVE_KEY if set, else plain links)")
     p.add_argument("--grace", type=float, default=GRACE_S,
                    help="seconds between SIGTERM and SIGKILL when stopping (default: %(default)s)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
@@ -244,10 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="ringlib-")
     reservation = None
     try:
+        keys = os.path.abspath(args.keys) if args.keys else None
+        if keys:
+            Keys.load(keys)  # a bad path fails here, not in every rank
         ranks, reservation = plan(seat(args.ranks, hosts), command, args.transport, args.port,
-                                  args.rsh, workdir, args.timeout)
+                                  args.rsh, workdir, args.timeout, keys)
         return asyncio.run(Supervisor(ranks, args.grace).run())
-    except RendezvousError as exc:
+    except (RendezvousError, Unauthorized) as exc:
         print(f"ringlib launch: {exc}", file=sys.stderr)
         return 2
     finally:

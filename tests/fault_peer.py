@@ -1,9 +1,10 @@
 """One rank of a fault test: `python fault_peer.py SCENARIO SEED`, with RINGLIB_* set.
 
-train: every rank trains a linear model by all-reducing gradients; rank VICTIM kills
-    itself (SIGKILL) at step KILL_AT. The survivors get PeerLost, re-form a ring of three,
-    take the parameters and step from the new rank 0 and finish. Each prints its new rank,
-    world size, seconds from the kill to PeerLost and a digest of its parameters.
+train: every rank trains a linear model by all-reducing gradients, through the blocking
+    facade (ringlib.init) as a training loop would; rank VICTIM kills itself (SIGKILL) at
+    step KILL_AT. The survivors get PeerLost, re-form a ring of three, take the parameters
+    and step from the new rank 0 and finish. Each prints its new rank, world size, when it
+    got PeerLost and a digest of its parameters.
 stall: rank 1 stops itself (SIGSTOP) after a few collectives, as a hung process or a cut
     network looks; the others print how long until PeerLost named it.
 busy: rank 1 blocks its event loop for longer than the peer timeout between collectives;
@@ -34,25 +35,23 @@ def gradient(w: np.ndarray, rank: int, step: int, seed: int) -> np.ndarray:
     return a.T @ (a @ w - b) / 16
 
 
-async def train(seed: int) -> None:
-    async with ringlib.connect() as ring:
+def train(seed: int) -> None:
+    with ringlib.init() as ring:
         w = np.zeros(256, np.float32)
-        await ring.broadcast(w)
+        ring.broadcast(w)
         step, lost_after = 0, None
         while step < STEPS:
             if ring.generation == 0 and ring.rank == VICTIM and step == KILL_AT:
                 print(f"killed {time.time()}", flush=True)
                 os.kill(os.getpid(), signal.SIGKILL)
             try:
-                g = await ring.all_reduce(gradient(w, ring.rank, step, seed), op="mean")
+                g = ring.all_reduce(gradient(w, ring.rank, step, seed), op="mean")
             except ringlib.PeerLost as exc:
                 lost_after = time.time()
                 print(f"lost {exc.rank} {exc.address} at {lost_after}: {exc}", flush=True)
-                await ring.reform()
-                state = np.array([step], np.int64)
-                await ring.broadcast(w)
-                await ring.broadcast(state)
-                step = int(state[0])
+                ring.reform()
+                ring.broadcast(w)
+                step = int(ring.broadcast(np.array([step], np.int64))[0])
                 continue
             w -= 0.05 * g
             step += 1
@@ -90,4 +89,7 @@ async def busy(seed: int) -> None:
 
 if __name__ == "__main__":
     scenario, seed = sys.argv[1], int(sys.argv[2])
-    asyncio.run({"train": train, "stall": stall, "busy": busy}[scenario](seed))
+    if scenario == "train":
+        train(seed)
+    else:
+        asyncio.run({"stall": stall, "busy": busy}[scenario](seed))

@@ -4,7 +4,9 @@ the ring carries on with the right result."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 
 import msgpack
 import numpy as np
@@ -57,4 +59,29 @@ async def test_garbage_and_payloads_unlike_their_header_are_dropped(caplog):
     finally:
         fake.close()
         inbox.close()
+        ctx.term()
+
+
+async def test_foreign_clients_on_the_port_change_nothing(rng):
+    """A ZeroMQ socket of the wrong type and a raw tcp client that writes junk connect to
+    rank 0's port: ZeroMQ's handshake turns both away, and the ring's result is right."""
+    peers = local_addresses(2, "tcp", "")
+    ctx = zmq.asyncio.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.linger = 0
+    host, port = peers[0].removeprefix("tcp://").split(":")
+    xs = [rng.standard_normal(1000).astype(np.float32) for _ in range(2)]
+    expected = xs[0].astype(np.float64) + xs[1]
+    rings = await asyncio.gather(*[ringlib.connect(r, 2, peers, timeout=10) for r in range(2)])
+    try:
+        dealer.connect(peers[0])
+        await dealer.send_multipart([data(1, 16), bytes(16)])
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)) * 4)
+            await asyncio.gather(*[r.all_reduce(x, timeout=10) for r, x in zip(rings, xs)])
+        for x in xs:
+            np.testing.assert_allclose(x, expected, rtol=1e-6)
+    finally:
+        await asyncio.gather(*[r.close() for r in rings])
+        dealer.close()
         ctx.term()

@@ -6,7 +6,8 @@ inbox that files messages by collective, step and sender, and direct socket link
 ZeroMQ for small messages.
 """
 
-from .endpoint import DIRECT_BYTES, Endpoint, context, wait_sent
+from .context import context
+from .endpoint import DIRECT_BYTES, Endpoint, wait_sent
 from .frames import PROTOCOL_VERSION, Header, Kind
 from .inbox import Inbox, Message
 

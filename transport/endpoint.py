@@ -23,9 +23,10 @@ from ringlib.errors import MismatchError, PeerLost, ProtocolError, RendezvousErr
 
 from . import addresses, direct
 from .frames import Header, Kind, decode, encode
-from .heartbeat import Pulse, Watch
+from .context import context, gate, hold, let_go
+from .heartbeat import Watchdog
 from .inbox import Inbox, Message
-from .security import Gate, Keys
+from .security import Keys
 
 log = logging.getLogger(__name__)
 
@@ -36,38 +37,6 @@ _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 # Messages up to this size go over a direct link where one is up (see direct.py).
 DIRECT_BYTES = 256 << 10
 
-_context: zmq.asyncio.Context | None = None
-_gate: Gate | None = None
-_open_endpoints = 0
-
-
-def context() -> zmq.asyncio.Context:
-    """The process's one ZeroMQ context for ringlib, created on first use and terminated
-    when the last endpoint closes. It is ringlib's own, not pyzmq's global instance, so
-    terminating it never waits on sockets that the application opened."""
-    global _context
-    if _context is None or _context.closed:
-        _context = zmq.asyncio.Context()
-    return _context
-
-
-def gate() -> Gate:
-    """The ZAP handler of the context, started with its first secure endpoint."""
-    global _gate
-    if _gate is None:
-        _gate = Gate(context())
-    return _gate
-
-
-async def _end_context() -> None:
-    global _gate
-    if _gate is not None:
-        _gate.stop()
-        _gate = None
-    if _context is not None:
-        await asyncio.get_running_loop().run_in_executor(None, _context.term)
-
-
 class Endpoint:
     """Sends to and receives from the other ranks; knows nothing about what payloads mean.
 
@@ -76,8 +45,7 @@ class Endpoint:
     """
 
     def __init__(self, rank: int, keys: Keys | None = None) -> None:
-        global _open_endpoints
-        _open_endpoints += 1
+        hold()
         self.rank = rank
         self.keys = keys
         self.address: str | None = None
@@ -100,9 +68,7 @@ class Endpoint:
         self.lost: dict[int, str] = {}  # rank -> why it was lost
         self.mismatches: dict[int, MismatchError] = {}  # seq -> what another rank found
         self._departed: set[int] = set()  # ranks that said BYE
-        self._watch: Watch | None = None
-        self._pulse: Pulse | None = None
-        self._watchdog: asyncio.Task | None = None
+        self._watchdog: Watchdog | None = None
         self._control = {Kind.LINK: self._open_link, Kind.HEARTBEAT: lambda message: None,
                          Kind.LOST: self._reported_lost, Kind.BYE: self._said_bye,
                          Kind.MISMATCH: self._reported_mismatch}
@@ -240,9 +206,7 @@ class Endpoint:
 
     def _poll_for(self, key: tuple, deadline: float) -> Message | None:
         while True:
-            self._file_ready()
-            if self._listener is not None:
-                self._listener.poll()
+            self._file_all()
             message = self.inbox.take(key)
             if message is not None or time.perf_counter() >= deadline:
                 return message
@@ -274,8 +238,8 @@ class Endpoint:
         if h.nbytes != nbytes:
             return self._drop(f"{h.kind.name} from rank {h.sender} has {nbytes} payload bytes "
                               f"under a header of {h.nbytes}")
-        if self._watch is not None:
-            self._watch.heard(h.sender)
+        if self._watchdog is not None:
+            self._watchdog.heard(h.sender)
         act = self._control.get(h.kind)
         if act is None:
             self.inbox.deliver(message)
@@ -314,25 +278,20 @@ class Endpoint:
         after `timeout` seconds without a message from it (timeout 0: never)."""
         if timeout <= 0 or not ranks:
             return
-        self._watch = Watch(ranks, timeout)
-        self._pulse = Pulse(context(), self.rank,
-                            [addresses.bind_address(self.peer_addresses[r]) for r in ranks],
-                            interval, self._secure)
-        period = min(interval, timeout / 4)
-        self._watchdog = asyncio.get_running_loop().create_task(self._check_every(period))
+        targets = {r: addresses.bind_address(self.peer_addresses[r]) for r in ranks}
+        self._watchdog = Watchdog(self.rank, targets, interval, timeout, self._secure,
+                                  self._file_all, self._silent)
 
-    async def _check_every(self, period: float) -> None:
-        while True:
-            await asyncio.sleep(period)
-            # What arrived while this loop was busy counts: a stall here is no peer's fault.
-            self._file_ready()
-            if self._listener is not None:
-                self._listener.poll()
-            for rank, quiet in self._watch.silent():
-                self._watch.forget(rank)
-                self._lose(rank, "closed its ring" if rank in self._departed else
-                           f"sent nothing for {quiet:.1f} s: it died or hangs, or the network "
-                           "to it is cut")
+    def _file_all(self) -> None:
+        """File what ZeroMQ and the direct links hold now, without waiting."""
+        self._file_ready()
+        if self._listener is not None:
+            self._listener.poll()
+
+    def _silent(self, rank: int, seconds: float) -> None:
+        self._lose(rank, "closed its ring" if rank in self._departed else
+                   f"sent nothing for {seconds:.1f} s: it died or hangs, or the network to it "
+                   "is cut")
 
     def _lose(self, rank: int, why: str, reporter: int | None = None) -> None:
         """Fail every pending and later receive with PeerLost, and tell the other ranks."""
@@ -387,7 +346,6 @@ class Endpoint:
         that, a process that exits right after its last collective could take with it the
         small messages its neighbours still wait for.
         """
-        global _open_endpoints
         if self._closed:
             return
         for rank in self._push:  # so that this rank's silence worries nobody
@@ -395,12 +353,11 @@ class Endpoint:
                 self.notify(rank, Kind.BYE)
         self._closed = True
         self.inbox.close(RingClosed(f"rank {self.rank}: endpoint closed"))
-        if self._pulse is not None:
-            self._pulse.stop()
-        for task in (self._reader, self._watchdog):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        if self._watchdog is not None:
+            await self._watchdog.stop()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
         for link in self._links.values():  # what they still keep is written first
             link.close(CLOSE_LINGER_MS / 1000)
         if self._listener is not None:
@@ -412,9 +369,7 @@ class Endpoint:
                 os.unlink(self.address.removeprefix("ipc://"))
         for rank, push in self._push.items():  # nothing waits to reach a lost rank
             push.close(0 if rank in self.lost else None)
-        _open_endpoints -= 1
-        if _open_endpoints == 0:
-            await _end_context()
+        await let_go()
 
 
 def _remove_socket_files(address: str) -> None:

@@ -11,25 +11,28 @@ its socket holds before it judges, so that its own stalls never look like a peer
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Callable
 
 import zmq
 
+from .context import context
 from .frames import Header, Kind, encode
 
 
 class Pulse:
     """A thread that sends this rank's heartbeat to `addresses` until stopped."""
 
-    def __init__(self, context: zmq.Context, rank: int, addresses: list[str], interval: float,
+    def __init__(self, rank: int, addresses: list[str], interval: float,
                  secure: Callable[[zmq.Socket], None]) -> None:
         self._beat = encode(Header(Kind.HEARTBEAT, 0, 0, 0, "", 0, rank))
         self._stop = threading.Event()
         self._sockets = []
+        plain = zmq.Context.shadow(context().underlying)
         for address in addresses:  # made here, used and closed only by the thread
-            push = zmq.Context.shadow(context.underlying).socket(zmq.PUSH)
+            push = plain.socket(zmq.PUSH)
             push.linger, push.sndhwm = 0, 4
             secure(push)
             push.connect(address)
@@ -78,3 +81,32 @@ class Watch:
         now = time.monotonic()
         return [(rank, now - last) for rank, last in self._last.items()
                 if now - last > self.timeout]
+
+
+class Watchdog:
+    """A Pulse to `targets` (rank -> address) and a task that calls on_silent(rank,
+    seconds) once for each of them silent past `timeout`. It calls `drain` (file what
+    the sockets hold) before it judges."""
+
+    def __init__(self, rank: int, targets: dict[int, str], interval: float, timeout: float,
+                 secure: Callable[[zmq.Socket], None], drain: Callable[[], None],
+                 on_silent: Callable[[int, float], None]) -> None:
+        self._watch = Watch(list(targets), timeout)
+        self._pulse = Pulse(rank, list(targets.values()), interval, secure)
+        self.heard = self._watch.heard
+        self._task = asyncio.get_running_loop().create_task(
+            self._check_every(min(interval, timeout / 4), drain, on_silent))
+
+    async def _check_every(self, period: float, drain: Callable[[], None],
+                           on_silent: Callable[[int, float], None]) -> None:
+        while True:
+            await asyncio.sleep(period)
+            drain()  # what arrived while this loop was busy counts: a stall here is no peer's
+            for rank, quiet in self._watch.silent():
+                self._watch.forget(rank)
+                on_silent(rank, quiet)
+
+    async def stop(self) -> None:
+        self._pulse.stop()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)

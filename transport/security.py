@@ -24,6 +24,7 @@ from ringlib.errors import Unauthorized
 log = logging.getLogger(__name__)
 
 KEY_NAME = "ring"
+DOMAIN = "ringlib"  # the ZAP domain of ringlib's receiving sockets
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class Keys:
         """Make `socket` (a receiving one) accept only clients holding this pair."""
         socket.curve_server = True
         socket.curve_publickey, socket.curve_secretkey = self.public, self.secret
-        socket.zap_domain = b"ringlib"
+        socket.zap_domain = DOMAIN.encode()
 
     def client(self, socket: zmq.Socket) -> None:
         """Make `socket` (a sending one) present this pair to a server that has it."""
@@ -76,9 +77,10 @@ class Gate:
 
     def __init__(self, context: zmq.Context) -> None:
         self._allowed: set[bytes] = set()
-        self._auth = ThreadAuthenticator(context, log=log)
+        # pyzmq's handler thread needs plain sockets: a plain view of the same context.
+        self._auth = ThreadAuthenticator(zmq.Context.shadow(context.underlying), log=log)
         self._auth.start()
-        self._auth.configure_curve_callback("*", self)
+        self._auth.configure_curve_callback(DOMAIN, self)
 
     def admit(self, keys: Keys) -> None:
         self._allowed.add(keys.public)
