@@ -4,13 +4,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test soak faults venv clean
 
 demo: $(STAMP)
 	$(BIN)/ringlib demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# 10,000 random collectives on 3 ranks, every result checked (tests/test_soak.py runs 1,500).
+soak: $(STAMP)
+	$(BIN)/python -m ringlib.bench.soak -n 3 --collectives 10000
+
+# All-reduce on clean and faulty links between network namespaces (root; README).
+faults: $(STAMP)
+	$(BIN)/python -m ringlib.bench.netem
 
 venv: $(STAMP)
 

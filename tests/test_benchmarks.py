@@ -48,11 +48,14 @@ def bench(tmp_path: Path, *args: str, timeout: float = 100) -> subprocess.Comple
 
 @pytest.mark.timeout(60)
 def test_it_prints_a_checked_row_per_size_and_leaves_no_process(tmp_path):
-    run = bench(tmp_path, "allreduce", "--sizes", "8B,64KiB", "--iters", "5")
-    assert re.search(row("8 B", 2, 5, "doubling"), run.stdout, re.M), run.stdout
-    assert re.search(row("64 KiB", 16384, 5, "doubling"), run.stdout, re.M), run.stdout
+    """With the cost of CurveZMQ beside it: a second ring whose keys leave no file behind."""
+    run = bench(tmp_path, "allreduce", "--sizes", "8B,64KiB", "--iters", "5", "--compare", "curve")
+    assert re.search(row("8 B", 2, 5, "doubling", 1), run.stdout, re.M), run.stdout
+    assert re.search(row("64 KiB", 16384, 5, "doubling", 1), run.stdout, re.M), run.stdout
     assert "busbw = algbw * 1.00" in run.stdout and "2 ranks on tcp" in run.stdout
-    assert "command: ringlib bench allreduce --sizes 8B,64KiB --iters 5" in run.stdout
+    assert "ringlib/curve" in run.stdout and "with CurveZMQ" in run.stdout
+    assert "command: ringlib bench allreduce --sizes 8B,64KiB --iters 5 --compare curve" \
+        in run.stdout
 
 
 @pytest.mark.timeout(120)
