@@ -174,12 +174,11 @@ class Ring:
         try:
             async with asyncio.timeout(limit):
                 result = await algorithm(ch, *args)
-        except TimeoutError:
-            self._endpoint.inbox.abandon(ch.seq)
-            raise self._timed_out(ch, limit) from None
-        except BaseException:
+        except BaseException as exc:
             self._endpoint.inbox.abandon(ch.seq)  # its late messages must not pile up
             self._endpoint.mismatches.pop(ch.seq, None)
+            if isinstance(exc, TimeoutError):
+                raise self._timed_out(ch, limit) from None
             raise
         finally:
             ch.settle()

@@ -21,8 +21,10 @@ pytestmark = pytest.mark.timeout(300)
 SHRUNK = {"RINGLIB_SEGMENT_BYTES": "8192", "RINGLIB_SMALL_BYTES": "256", "RINGLIB_SPIN_US": "0"}
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+# ipc leaves out the ring of one (no sockets at all, as over tcp) and 4 ranks (a power of
+# two, as 2 is), for the suite's time.
+@pytest.mark.parametrize("transport, world", [("tcp", 1), ("tcp", 2), ("tcp", 3), ("tcp", 4),
+                                              ("tcp", 5), ("ipc", 2), ("ipc", 3), ("ipc", 5)])
 def test_every_op_and_dtype_matches_a_float64_reference(world, transport, seed):
     extra = SHRUNK if transport == "ipc" else {}
     finished = run_ring("all", world, transport, seed, extra_env=extra, timeout=240)
