@@ -1,6 +1,6 @@
 """A rank's program for the launcher tests: `python launch_job.py MODE [ARGS]`.
 
-sum          all-reduce rank+1 and print the sum
+sum          all-reduce rank+1 and print the sum (and whether CurveZMQ is on)
 fail R CODE  after an all-reduce, rank R exits with CODE; the others sleep
 kill R       after an all-reduce, rank R kills itself with SIGKILL; the others sleep
 sleep        print "ready", then sleep
@@ -27,7 +27,9 @@ def main(mode: str, args: list[str]) -> int:
     with ringlib.init() as ring:
         x = np.full(3, ring.rank + 1.0)
         ring.all_reduce(x)
-        print(f"rank {ring.rank} of {ring.world_size} sum {x[0]:g} pid {os.getpid()}", flush=True)
+        curve = "on" if ring.ring.endpoint.keys else "off"
+        print(f"rank {ring.rank} of {ring.world_size} sum {x[0]:g} pid {os.getpid()} "
+              f"curve {curve}", flush=True)
         if mode == "fail" and ring.rank == int(args[0]):
             print(f"rank {ring.rank} gives up", file=sys.stderr, flush=True)
             return int(args[1])

@@ -14,6 +14,7 @@ import pytest
 from leftovers import assert_none_left, tagged_env
 from ringlib import RendezvousError
 from ringlib.runtime.hosts import Host, parse_hosts, read_hostfile, seat
+from ringlib.transport.security import generate
 
 pytestmark = pytest.mark.timeout(120)
 JOB = str(Path(__file__).with_name("launch_job.py"))
@@ -34,6 +35,18 @@ def test_ranks_find_each_other_and_each_line_carries_its_rank(tmp_path):
     lines = sorted(done.stdout.splitlines())
     assert [line.split(" sum ")[0] for line in lines] == [f"[{r}] rank {r} of 3" for r in range(3)]
     assert all(line.split(" sum ")[1].startswith("6 ") for line in lines)
+
+
+def test_keys_put_every_rank_on_curvezmq_and_a_bad_key_file_stops_the_launch(tmp_path):
+    _, secret = generate(tmp_path / "keys")
+    done, _ = launch(tmp_path, "-n", "2", "--keys", str(secret), "--", sys.executable, JOB, "sum")
+    assert done.returncode == 0, done.stderr
+    assert sorted(line.split(" pid ")[0] for line in done.stdout.splitlines()) == \
+        [f"[{r}] rank {r} of 2 sum 3" for r in range(2)]
+    assert done.stdout.count(" curve on") == 2, done.stdout
+    bad, _ = launch(tmp_path, "-n", "2", "--keys", str(tmp_path / "keys" / "ring.key"), "--",
+                    sys.executable, JOB, "sum")
+    assert bad.returncode == 2 and "only a public key" in bad.stderr, bad.stderr
 
 
 def test_ipc_endpoints_live_in_a_private_directory_that_goes_away(tmp_path):
