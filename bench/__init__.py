@@ -5,5 +5,7 @@
                                                    (python -m ringlib.bench.sweep)
     ringlib bench trainer                          (python -m ringlib.bench.trainer)
     ringlib bench pipeline                         (python -m ringlib.bench.pipeline)
+    ringlib bench soak                             (python -m ringlib.bench.soak; make soak)
+    ringlib bench netem                            (python -m ringlib.bench.netem; make faults)
     python -m ringlib.bench.loopback               the floor plain sockets set here
 """

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 SWEEPS = ("allreduce", "reduce_scatter", "all_gather", "broadcast", "latency")  # bench.sweep
-BENCHMARKS = ("kernels", *SWEEPS, "trainer", "pipeline")
+BENCHMARKS = ("kernels", *SWEEPS, "trainer", "pipeline", "soak", "netem")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         from .bench.sweep import main as sweep
 
         sweep(args.args, collective=args.name)
-    else:
-        importlib.import_module(f"ringlib.bench.{args.name}").main(args.args)
-    return 0
+        return 0
+    return importlib.import_module(f"ringlib.bench.{args.name}").main(args.args) or 0
 
 
 def _keygen(directory: str) -> int:
