@@ -21,6 +21,7 @@ import itertools
 
 import msgpack
 
+from ringlib.errors import RendezvousTimeout
 from ringlib.transport import Endpoint, Kind
 
 POLL_S = 0.2  # how often a wait checks whether the rank it waits on was lost meanwhile
@@ -41,6 +42,10 @@ async def agree(old: Endpoint, generation: int, address: str, world_size: int,
                                          for r in others))
         seen = [set(reply[0]) for reply in replies if reply is not None]
         union = lost.union(*seen, (r for r, reply in zip(others, replies) if reply is None))
+        if old.rank in union:
+            raise RendezvousTimeout(
+                f"rank {old.rank} ({old.address}): the other survivors re-formed the ring "
+                f"without this rank; it did not answer them within {timeout:g} s")
         if union == lost and all(s == lost for s in seen):
             table = dict(zip(others, (reply[1] for reply in replies)))
             table[old.rank] = address

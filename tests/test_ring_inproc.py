@@ -13,7 +13,7 @@ import torch
 
 import ringlib
 from ringlib import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError,
-                     RendezvousTimeout, RingClosed, RingError, UnsupportedBuffer, UnsupportedOp)
+                     PeerLost, RendezvousTimeout, RingClosed, RingError, UnsupportedBuffer, UnsupportedOp)
 from ringlib.transport.addresses import free_tcp_ports
 from ringlib.transport import Endpoint, Header, Inbox, Kind, Message
 
@@ -150,6 +150,29 @@ async def test_every_rank_raises_a_mismatch_naming_the_ranks_and_their_arguments
         ys = [np.full(4, ring.rank, np.float32) for ring in rings]
         await asyncio.gather(*[ring.all_reduce(y, timeout=10) for ring, y in zip(rings, ys)])
         assert all(y.tolist() == [3.0] * 4 for y in ys)
+
+
+async def test_a_rank_that_leaves_is_lost_and_the_others_re_form_down_to_one():
+    """Rank 1 closes its ring: the others' next collective raises PeerLost (it said BYE,
+    so 'closed its ring'); they re-form as ranks 0 and 1 of 2, then rank 0 alone."""
+    async with ring_of(3, peer_timeout=0.5, heartbeat_s=0.1) as (r0, r1, r2):
+        await r1.close()
+        lost = await asyncio.gather(r0.all_reduce(np.ones(4)), r2.all_reduce(np.ones(4)),
+                                    return_exceptions=True)
+        for exc in lost:
+            assert isinstance(exc, PeerLost) and exc.rank == 1, exc
+            assert "closed its ring" in str(exc) and exc.address in str(exc)
+        await asyncio.gather(r0.reform(timeout=10), r2.reform(timeout=10))
+        assert [(r.rank, r.world_size, r.generation) for r in (r0, r2)] == [(0, 2, 1), (1, 2, 1)]
+        xs = [np.full(4, 1.0 + r.rank) for r in (r0, r2)]
+        await asyncio.gather(*[r.all_reduce(x, timeout=10) for r, x in zip((r0, r2), xs)])
+        assert all(x.tolist() == [3.0] * 4 for x in xs)
+        await r2.close()
+        with pytest.raises(PeerLost):
+            await r0.barrier(timeout=10)
+        await r0.reform(timeout=10)
+        assert (r0.rank, r0.world_size, r0.endpoint) == (0, 1, None)
+        assert (await r0.all_reduce(np.full(3, 5.0))).tolist() == [5.0] * 3
 
 
 async def test_a_rank_that_never_calls_makes_the_others_time_out_naming_it():

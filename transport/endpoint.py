@@ -169,8 +169,10 @@ class Endpoint:
             options = {"copy": False, "track": not isinstance(payload, zmq.Frame)}
         try:  # straight into ZeroMQ's queue while it has room: no future, no loop round
             return self._push_now[to].send_multipart(frames, zmq.NOBLOCK, **options)
-        except zmq.Again:  # the queue is at its high-water mark: wait for room
-            return await self._push[to].send_multipart(frames, **options)
+        except zmq.Again:  # the queue is full (or has no peer yet): wait for room
+            # A send waiting on a peer that takes nothing must not outlast PeerLost.
+            return await self.inbox.unless_failed(self._push[to].send_multipart(frames,
+                                                                                **options))
 
     def notify(self, to: int, kind: Kind, seq: int = 0, payload: bytes | None = None,
                step: int = 0) -> None:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, NamedTuple
+from typing import Any, Awaitable, Callable, NamedTuple, TypeVar
 
 from .frames import Header, Kind
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Message(NamedTuple):
@@ -28,6 +29,7 @@ class Inbox:
         self._failure: BaseException | None = None
         self._closed: BaseException | None = None
         self._resilient: set[tuple] = set()  # keys waited on despite_failure
+        self._watchers: list[asyncio.Future] = []  # until_failed() calls
         self._abandoned: dict[int, BaseException | None] = {}  # collective seq -> its error
         # collective seq -> (its signature here, what to raise for a message of another)
         self._expected: dict[int, tuple[str, Callable[[Header], BaseException]]] = {}
@@ -53,6 +55,32 @@ class Inbox:
     def failure(self) -> BaseException | None:
         """What fail() or close() reported, if either was called."""
         return self._closed or self._failure
+
+    async def unless_failed(self, operation: Awaitable[T]) -> T:
+        """Await `operation` (a send waiting for room), unless fail() or close() comes
+        first: then cancel it and raise what they reported."""
+        done = asyncio.ensure_future(operation)
+        failed = asyncio.ensure_future(self._until_failed())
+        try:
+            await asyncio.wait([done, failed], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            done.cancel()
+            raise
+        finally:
+            failed.cancel()
+        if done.done():
+            return done.result()
+        done.cancel()
+        raise self.failure
+
+    async def _until_failed(self) -> None:
+        if self.failure is None:
+            watcher = asyncio.get_running_loop().create_future()
+            self._watchers.append(watcher)
+            try:
+                await watcher
+            finally:
+                self._watchers.remove(watcher)
 
     def take(self, key: tuple) -> Message | None:
         """The message kept under `key`, if one is, without waiting."""
@@ -118,11 +146,18 @@ class Inbox:
         if self._failure is None:
             self._failure = exc
         self._fail_waiters(self._failure, lambda key: key not in self._resilient)
+        self._wake_watchers()
 
     def close(self, exc: BaseException) -> None:
         """Make every current and later wait raise `exc` (the endpoint closed or broke)."""
         self._closed = exc
         self._fail_waiters(exc, lambda key: True)
+        self._wake_watchers()
+
+    def _wake_watchers(self) -> None:
+        for watcher in self._watchers:
+            if not watcher.done():
+                watcher.set_result(None)
 
     def _fail_waiters(self, exc: BaseException, which: Callable[[tuple], bool]) -> None:
         for key in [k for k, w in self._waiting.items() if which(k) and not w.done()]:
