@@ -21,11 +21,13 @@ def report(finished: list[Finished]) -> str:
                      for f in finished)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "ipc"])
-def test_survivors_of_a_kill_re_form_and_keep_identical_parameters(transport, seed):
-    """4 ranks train; rank 2 is SIGKILLed at step 15 with the default peer timeout (5 s);
-    the 3 survivors raise PeerLost within 10 s, re-form, and end with equal parameters."""
-    finished = run_ring("train", 4, transport, seed, peer=FAULT_PEER,
+@pytest.mark.parametrize("transport, env", [("tcp", {}), ("ipc", FAST)],
+                         ids=["tcp-default-timeout", "ipc-1.5s-timeout"])
+def test_survivors_of_a_kill_re_form_and_keep_identical_parameters(transport, env, seed):
+    """4 ranks train; rank 2 is SIGKILLed at step 15 (over tcp with the default peer timeout,
+    5 s); the 3 survivors raise PeerLost within 10 s, re-form, and end with equal
+    parameters. Over ipc the survivors also remove the killed rank's socket files."""
+    finished = run_ring("train", 4, transport, seed, extra_env=env, peer=FAULT_PEER,
                         expendable=frozenset({2}), timeout=90)
     log = report(finished)
     assert finished[2].returncode == -9, log
