@@ -23,12 +23,12 @@ BENCH = [sys.executable, "-m", "ringlib.bench.netem"]
 def namespaces_work() -> None:
     """Skip, saying why, where this process cannot make a network namespace."""
     if os.geteuid() != 0:
-        pytest.skip("the netem benchmark needs root to create network namespaces")
+        pytest.skip(reason="the netem benchmark needs root to create network namespaces")
     probe = f"rl-probe-{uuid.uuid4().hex[:6]}"
     done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     if done.returncode != 0:
-        pytest.skip(f"`ip netns add` fails here: {done.stderr.strip()}")
+        pytest.skip(reason=f"`ip netns add` fails here: {done.stderr.strip()}")
 
 
 def namespaces_of(pid: int) -> list[str]:
