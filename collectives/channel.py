@@ -114,7 +114,7 @@ class Channel:
         """Wait until ZeroMQ has sent every piece of `region` shared with it."""
         trackers = self.sent.pop(region, ())
         if trackers:
-            await wait_sent(trackers)
+            await wait_sent(trackers, self.endpoint.inbox)
 
     async def drain(self) -> None:
         """Wait until every buffer shared with ZeroMQ has left, so the caller may change it."""

@@ -2,8 +2,11 @@
 
 Every survivor binds a fresh address, then runs rounds over the old ring's sockets: in
 round k it sends each rank it believes alive a REFORM message with the ranks it knows
-lost and its fresh address, and waits for theirs. A rank that stays silent until the
-deadline, or that the heartbeats find lost meanwhile, joins the lost set. A survivor
+lost and its fresh address, and waits for theirs. A rank that stays silent for the whole
+timeout of a round, or that the heartbeats find lost meanwhile, joins the lost set; each
+round has a timeout of its own, so survivors that answer are never dropped for another's
+silence. A rank that the others declared lost (it stalled, or was cut off) is out: its
+reform() raises RendezvousTimeout at once. A survivor
 stops once every member's message of a round carried its own lost set, unchanged; a
 larger set anywhere starts another round. The members, in old rank order, become ranks
 0..M-1 of the new ring.
@@ -30,9 +33,10 @@ POLL_S = 0.2  # how often a wait checks whether the rank it waits on was lost me
 async def agree(old: Endpoint, generation: int, address: str, world_size: int,
                 timeout: float) -> tuple[list[int], list[str]]:
     """(old ranks of the new ring's members, in order; their fresh addresses)."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    _check_not_excluded(old)
     lost = set(old.lost)
     for round_ in itertools.count():
+        deadline = asyncio.get_running_loop().time() + timeout
         members = [r for r in range(world_size) if r not in lost]
         others = [r for r in members if r != old.rank]
         payload = msgpack.packb([sorted(lost), address])
@@ -59,11 +63,19 @@ async def _reply(old: Endpoint, generation: int, round_: int, rank: int,
     key = (Kind.REFORM, generation, round_, 0, rank)
     loop = asyncio.get_running_loop()
     while rank not in old.lost and loop.time() < deadline:
+        _check_not_excluded(old)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(POLL_S, max(deadline - loop.time(), 0))):
                 message = await old.recv(key, despite_failure=True)
                 return _parse(message.payload)
     return None
+
+
+def _check_not_excluded(old: Endpoint) -> None:
+    if old.excluded_by is not None:
+        raise RendezvousTimeout(f"rank {old.rank} ({old.address}) cannot re-form: rank "
+                                f"{old.excluded_by} declared it lost, and the others go on "
+                                "without it")
 
 
 def _parse(payload: object) -> tuple[list[int], str] | None:

@@ -71,8 +71,9 @@ async def greet_neighbours(endpoint: Endpoint, left: int, right: int, timeout: f
     _, missing = await _receive_from(endpoint, Kind.HELLO, neighbours, timeout)
     if missing:
         silent = ", ".join(f"rank {r} at {endpoint.peer_addresses[r]}" for r in missing)
+        keys = "; with CurveZMQ keys, do all ranks hold the same key?" if endpoint.keys else ""
         raise RendezvousTimeout(f"rank {endpoint.rank} ({endpoint.address}) could not reach "
-                                f"{silent} within {timeout:g} s")
+                                f"{silent} within {timeout:g} s{keys}")
 
 
 async def _receive_from(endpoint: Endpoint, kind: Kind, ranks: Iterable[int],

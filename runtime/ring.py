@@ -44,9 +44,11 @@ class Ring:
     supports; ops are "sum", "mean", "min", "max", "prod" or an Op. Every collective takes
     `timeout` (seconds), defaulting to the ring's `collective_timeout`.
 
-    Ranks that pass different shapes, dtypes, ops or roots all raise MismatchError. When a
-    rank dies or is cut off, every pending and later collective raises PeerLost within
-    about `peer_timeout` seconds, until reform() rebuilds a ring of the survivors.
+    Ranks that pass different shapes, dtypes, ops or roots all raise MismatchError (but a
+    rank whose buffer alone is empty skips the collective, and the others time out naming
+    it). When a rank dies or is cut off, every pending and later collective raises
+    PeerLost within about `peer_timeout` seconds, until reform() rebuilds a ring of the
+    survivors.
     """
 
     def __init__(self, where: Placement, endpoint: Endpoint | None, peers: list[str],
@@ -154,9 +156,13 @@ class Ring:
 
     def _needs_peers(self, size: int) -> bool:
         """Whether a collective over `size` elements must talk to other ranks. Ranks agree
-        on it without talking, since they pass the same sizes."""
+        on it without talking, since they pass the same sizes; an empty one still takes
+        its sequence number, so that a rank whose buffer alone is empty (the others then
+        time out naming it) keeps its later collectives in step."""
         if self._closed:
             raise RingClosed(f"rank {self.rank}: the ring is closed")
+        if self.world_size > 1 and size == 0:
+            next(self._seq)
         return self.world_size > 1 and size > 0
 
     async def _run(self, sig: str, dtype: DType, timeout: float | None,
@@ -175,23 +181,23 @@ class Ring:
             async with asyncio.timeout(limit):
                 result = await algorithm(ch, *args)
         except BaseException as exc:
-            self._endpoint.inbox.abandon(ch.seq)  # its late messages must not pile up
-            self._endpoint.mismatches.pop(ch.seq, None)
+            ch.endpoint.inbox.abandon(ch.seq)  # its late messages must not pile up
+            ch.endpoint.mismatches.pop(ch.seq, None)
             if isinstance(exc, TimeoutError):
                 raise self._timed_out(ch, limit) from None
             raise
         finally:
             ch.settle()
             self._running.discard(ch.seq)
-        self._raise_late_mismatch(ch.seq)
+        self._raise_late_mismatch(ch.endpoint, ch.seq)
         return result
 
-    def _raise_late_mismatch(self, seq: int) -> None:
+    def _raise_late_mismatch(self, endpoint: Endpoint, seq: int) -> None:
         """Raise MismatchError for a collective up to `seq` that this rank finished while
         another rank found it called differently. Only a sender finishes so (a broadcast's
         root): it learns on the collective it is in when the news comes, or on the next,
         which all ranks still complete, so that none falls out of step."""
-        notices = self._endpoint.mismatches
+        notices = endpoint.mismatches
         for late in sorted(s for s in notices if s <= seq and s not in self._running):
             exc = notices.pop(late)
             if late < seq:
@@ -293,6 +299,11 @@ class Settings:
                                                                  PEER_TIMEOUT))
     curve_key: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_CURVE_KEY"))
 
+    def __post_init__(self) -> None:
+        if self.peer_timeout and not 0 < self.heartbeat_s < self.peer_timeout:
+            raise InvalidArgument(f"heartbeat_s={self.heartbeat_s} must be above 0 and below "
+                                  f"peer_timeout={self.peer_timeout}")
+
 
 def _env_number(name: str, default: float) -> float:
     try:
@@ -371,10 +382,12 @@ async def _join(endpoint: Endpoint, peers: list[str], settings: Settings,
     rank, world_size = endpoint.rank, len(peers)
     endpoint.set_peers(peers)
     left, right = neighbours(rank, world_size)
+    # Beating starts first: a neighbour that waits for its other, late, neighbour must
+    # hear from this rank meanwhile.
+    endpoint.watch(sorted({left, right}), settings.heartbeat_s, settings.peer_timeout)
     await greet_neighbours(endpoint, left, right, timeout)
     endpoint.direct_bytes = settings.direct_bytes
     await endpoint.offer_links(r for r in range(world_size) if r != rank)
-    endpoint.watch(sorted({left, right}), settings.heartbeat_s, settings.peer_timeout)
 
 
 def _warm_kernels() -> None:

@@ -6,7 +6,8 @@ train: every rank trains a linear model by all-reducing gradients, through the b
     and step from the new rank 0 and finish. Each prints its new rank, world size, when it
     got PeerLost and a digest of its parameters.
 stall: rank 1 stops itself (SIGSTOP) after a few collectives, as a hung process or a cut
-    network looks; the others print how long until PeerLost named it.
+    network looks; the others print how long until PeerLost named it, and rank 0 then
+    wakes it (SIGCONT): it learns that it is out of the ring, and cannot re-form.
 busy: rank 1 blocks its event loop for longer than the peer timeout between collectives;
     its heartbeats still flow, and every collective completes.
 """
@@ -61,16 +62,25 @@ def train(seed: int) -> None:
 
 async def stall(seed: int) -> None:
     async with ringlib.connect() as ring:
+        pids = await ring.all_gather(np.array([os.getpid()]))
         x = np.ones(1000, np.float32)
         for _ in range(3):
             await ring.all_reduce(x)
         if ring.rank == 1:
             os.kill(os.getpid(), signal.SIGSTOP)
         start = time.monotonic()
-        try:
-            await ring.all_reduce(x)
+        try:  # woken, rank 1 may still finish the collective that the others gave up
+            for _ in range(2 if ring.rank == 1 else 1):
+                await ring.all_reduce(x)
         except ringlib.PeerLost as exc:
             print(f"lost {exc.rank} after {time.monotonic() - start:.2f} s: {exc}", flush=True)
+            if ring.rank == 0:
+                os.kill(int(pids[1][0]), signal.SIGCONT)
+            elif ring.rank == 1:
+                try:
+                    await ring.reform(timeout=10)
+                except ringlib.RendezvousTimeout as left_out:
+                    print(f"left out: {left_out}", flush=True)
             return
         sys.exit("the stalled rank was never reported lost")
 

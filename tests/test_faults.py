@@ -45,17 +45,20 @@ def test_survivors_of_a_kill_re_form_and_keep_identical_parameters(transport, en
     assert all(0 < d <= 10 for d in delays), (delays, log)
 
 
-def test_a_stopped_rank_is_reported_lost_by_every_other_rank(seed):
+def test_a_stopped_rank_is_reported_lost_by_every_other_rank_and_told_when_it_wakes(seed):
     """A rank that stops (SIGSTOP: hung, or cut off) sends no heartbeats; the others'
-    pending collective raises PeerLost naming it within the timeout."""
-    finished = run_ring("stall", 3, "tcp", seed, extra_env=FAST, peer=FAULT_PEER,
-                        expendable=frozenset({1}), timeout=60)
+    pending collective raises PeerLost naming it within the timeout. Woken (SIGCONT), it
+    learns that it is out of the ring, and its reform() says it cannot re-form."""
+    finished = run_ring("stall", 3, "tcp", seed, extra_env=FAST, peer=FAULT_PEER, timeout=60)
     log = report(finished)
+    assert all(f.returncode == 0 for f in finished), log
     for f in (finished[0], finished[2]):
-        assert f.returncode == 0, log
         found = re.search(r"lost 1 after (\S+) s: (.*)", f.stdout)
         assert found and float(found.group(1)) <= 1.5 + 1.0, log
         assert "rank 1 (tcp://127.0.0.1:" in found.group(2) and "sent nothing" in found.group(2)
+    assert re.search(r"lost 1 after \S+ s: rank 1 \(tcp://\S+\) is out of the ring: rank [02]",
+                     finished[1].stdout), log
+    assert "left out: rank 1 " in finished[1].stdout and "cannot re-form" in finished[1].stdout
 
 
 def test_a_rank_whose_event_loop_is_busy_is_not_taken_for_lost(seed):

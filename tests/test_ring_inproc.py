@@ -114,6 +114,9 @@ async def test_bad_arguments_fail_before_anything_is_sent():
             await r0.all_reduce(np.ones(3, np.int64), "mean")
         with pytest.raises(InvalidArgument, match="root 2 is not a rank"):
             await r0.broadcast(np.ones(3), root=2)
+    for beats in ({"heartbeat_s": 0}, {"heartbeat_s": 6}, {"heartbeat_s": 1, "peer_timeout": 1}):
+        with pytest.raises(InvalidArgument, match="heartbeat_s=.* must be above 0 and below"):
+            ringlib.connect(0, 2, addresses(2), **beats)
 
 
 MISMATCHES = {  # collective -> (what ranks 0 and 1 pass, what rank 2 passes), as call kwargs
@@ -152,27 +155,58 @@ async def test_every_rank_raises_a_mismatch_naming_the_ranks_and_their_arguments
         assert all(y.tolist() == [3.0] * 4 for y in ys)
 
 
-async def test_a_rank_that_leaves_is_lost_and_the_others_re_form_down_to_one():
-    """Rank 1 closes its ring: the others' next collective raises PeerLost (it said BYE,
-    so 'closed its ring'); they re-form as ranks 0 and 1 of 2, then rank 0 alone."""
-    async with ring_of(3, peer_timeout=0.5, heartbeat_s=0.1) as (r0, r1, r2):
+async def lost_everywhere(rings) -> None:
+    """Every ring's next collective raises PeerLost for a rank that closed its ring."""
+    results = await asyncio.gather(*[r.all_reduce(np.ones(4), timeout=10) for r in rings],
+                                   return_exceptions=True)
+    for exc in results:
+        assert isinstance(exc, PeerLost) and "closed its ring" in str(exc), exc
+
+
+async def re_formed(rings) -> None:
+    """The rings re-form as ranks 0..M-1 in their order, and all-reduce right."""
+    await asyncio.gather(*[r.reform(timeout=10) for r in rings])
+    assert [(r.rank, r.world_size) for r in rings] == [(i, len(rings)) for i in range(len(rings))]
+    xs = [np.full(4, 1.0 + r.rank) for r in rings]
+    await asyncio.gather(*[r.all_reduce(x, timeout=10) for r, x in zip(rings, xs)])
+    assert all(x.tolist() == [sum(range(1, len(rings) + 1))] * 4 for x in xs)
+
+
+async def test_a_rank_that_leaves_is_lost_everywhere_and_the_others_re_form_down_to_one():
+    """Rank 1 of 4 closes its ring: every other rank's next collective raises PeerLost,
+    rank 3 (no neighbour of rank 1) through the others' notice; they re-form as 3 ranks,
+    then 2, then rank 0 alone."""
+    async with ring_of(4, peer_timeout=0.5, heartbeat_s=0.1) as (r0, r1, r2, r3):
         await r1.close()
-        lost = await asyncio.gather(r0.all_reduce(np.ones(4)), r2.all_reduce(np.ones(4)),
-                                    return_exceptions=True)
-        for exc in lost:
-            assert isinstance(exc, PeerLost) and exc.rank == 1, exc
-            assert "closed its ring" in str(exc) and exc.address in str(exc)
-        await asyncio.gather(r0.reform(timeout=10), r2.reform(timeout=10))
-        assert [(r.rank, r.world_size, r.generation) for r in (r0, r2)] == [(0, 2, 1), (1, 2, 1)]
-        xs = [np.full(4, 1.0 + r.rank) for r in (r0, r2)]
-        await asyncio.gather(*[r.all_reduce(x, timeout=10) for r, x in zip((r0, r2), xs)])
-        assert all(x.tolist() == [3.0] * 4 for x in xs)
+        await lost_everywhere([r0, r2, r3])
+        await re_formed([r0, r2, r3])
+        await r3.close()
+        await lost_everywhere([r0, r2])
+        await re_formed([r0, r2])
         await r2.close()
-        with pytest.raises(PeerLost):
-            await r0.barrier(timeout=10)
+        await lost_everywhere([r0])
         await r0.reform(timeout=10)
-        assert (r0.rank, r0.world_size, r0.endpoint) == (0, 1, None)
+        assert (r0.rank, r0.world_size, r0.generation, r0.endpoint) == (0, 1, 3, None)
         assert (await r0.all_reduce(np.full(3, 5.0))).tolist() == [5.0] * 3
+
+
+async def test_a_rank_that_starts_later_than_the_peer_timeout_is_not_taken_for_lost():
+    """Heartbeats start before the greeting, and a neighbour's clock with its first word:
+    rank 3 joining 1.5 s late (peer timeout 0.5 s) loses nobody."""
+    peers = addresses(4)
+
+    async def join(rank: int) -> ringlib.Ring:
+        await asyncio.sleep(1.5 if rank == 3 else 0)
+        return await ringlib.connect(rank, 4, peers, timeout=10, peer_timeout=0.5,
+                                     heartbeat_s=0.1)
+    rings = await asyncio.gather(*map(join, range(4)))
+    try:
+        xs = [np.full(4, 1.0) for _ in rings]
+        await asyncio.gather(*[r.all_reduce(x, timeout=10) for r, x in zip(rings, xs)])
+        assert all(x.tolist() == [4.0] * 4 for x in xs)
+        assert all(not r.endpoint.lost for r in rings)
+    finally:
+        await asyncio.gather(*[r.close() for r in rings])
 
 
 async def test_a_rank_that_never_calls_makes_the_others_time_out_naming_it():

@@ -44,6 +44,10 @@ def test_keygen_writes_a_private_pair_and_never_overwrites_it(tmp_path):
         Keys.load(tmp_path / "ring.key")
     with pytest.raises(Unauthorized, match="cannot read"):
         Keys.load(tmp_path / "missing")
+    malformed = tmp_path / "malformed.key_secret"
+    malformed.write_text('curve\n    public-key = "short"\n    secret-key = "short"\n')
+    with pytest.raises(Unauthorized, match="malformed key"):
+        Keys.load(malformed)
 
 
 async def test_strangers_cannot_inject_into_a_ring_with_keys(key_file, tmp_path, caplog, rng):
@@ -93,3 +97,4 @@ def test_a_rank_without_the_key_cannot_join(key_file, tmp_path):
     finished = run_ranks(["-c", code], envs, timeout=40)
     for f in finished:
         assert f.returncode != 0 and "RendezvousTimeout" in f.stderr, f.stderr[-2000:]
+        assert "do all ranks hold the same key?" in f.stderr, f.stderr[-2000:]

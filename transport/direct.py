@@ -50,6 +50,15 @@ def listen_address(peer_address: str) -> str | None:
     return None
 
 
+def remove_socket_files(peer_address: str) -> None:
+    """Remove a lost ipc peer's socket files (ZeroMQ's and its direct link's), which a
+    killed process leaves behind. Every survivor tries; the first one succeeds."""
+    for where in (peer_address, listen_address(peer_address)):
+        if where and where.startswith("ipc://"):
+            with contextlib.suppress(OSError):
+                os.unlink(where.removeprefix("ipc://"))
+
+
 def offered_by(offer: str, peer_address: str) -> bool:
     """Whether `offer` is where the peer at `peer_address` would listen for direct links:
     its own host (any port), or its own socket file. An offer that points elsewhere would

@@ -19,7 +19,8 @@ from typing import Any, Iterable
 import zmq
 import zmq.asyncio
 
-from ringlib.errors import MismatchError, PeerLost, ProtocolError, RendezvousError, RingClosed
+from ringlib.errors import (MismatchError, PeerLost, ProtocolError, RendezvousError, RingClosed,
+                            Unauthorized)
 
 from . import addresses, direct
 from .frames import Header, Kind, decode, encode
@@ -45,7 +46,6 @@ class Endpoint:
     """
 
     def __init__(self, rank: int, keys: Keys | None = None) -> None:
-        hold()
         self.rank = rank
         self.keys = keys
         self.address: str | None = None
@@ -53,8 +53,14 @@ class Endpoint:
         self._pull = context().socket(zmq.PULL)
         self._pull.linger = 0
         if keys is not None:
+            try:
+                keys.server(self._pull)
+            except zmq.ZMQError as exc:
+                self._pull.close(0)
+                raise Unauthorized(f"rank {rank}: ZeroMQ refused the CurveZMQ keys: {exc}") \
+                    from None
             gate().admit(keys)
-            keys.server(self._pull)
+        hold()  # nothing below fails: close() lets go
         # The same socket as a plain one, for reads that do not yield to the event loop.
         self._pull_now = zmq.Socket.shadow(self._pull.underlying)
         self._push: dict[int, zmq.asyncio.Socket] = {}
@@ -66,6 +72,7 @@ class Endpoint:
         self._links: dict[int, direct.Writer] = {}
         self.direct_bytes = DIRECT_BYTES
         self.lost: dict[int, str] = {}  # rank -> why it was lost
+        self.excluded_by: int | None = None  # a rank that declared this one lost
         self.mismatches: dict[int, MismatchError] = {}  # seq -> what another rank found
         self._departed: set[int] = set()  # ranks that said BYE
         self._watchdog: Watchdog | None = None
@@ -296,28 +303,37 @@ class Endpoint:
                    "is cut")
 
     def _lose(self, rank: int, why: str, reporter: int | None = None) -> None:
-        """Fail every pending and later receive with PeerLost, and tell the other ranks."""
+        """Fail every pending and later receive with PeerLost and stop beating to `rank`;
+        if this rank found it, tell every other rank, `rank` included: it may be alive
+        (stalled, or cut off for a while) and must learn that it is out."""
         if rank in self.lost or rank == self.rank or rank not in self.peer_addresses:
             return
         self.lost[rank] = why
         address = self.peer_addresses[rank]
-        _remove_socket_files(address)
+        if self._watchdog is not None:
+            self._watchdog.forget(rank)
+        direct.remove_socket_files(address)
         found = "" if reporter is None else f" (found by rank {reporter})"
         message = f"rank {self.rank} ({self.address}): rank {rank} ({address}) {why}{found}"
         self.inbox.fail(PeerLost(message, rank, address))
         if reporter is not None:
             return
-        if rank in self._departed:
-            log.info("%s", message)
-            return
-        log.warning("%s", message)
+        log.log(logging.INFO if rank in self._departed else logging.WARNING, "%s", message)
         for other in self.peer_addresses:
-            if other not in self.lost and other != self.rank:
+            if other != self.rank and (other not in self.lost or other == rank):
                 self.notify(other, Kind.LOST, rank, why.encode())
 
     def _reported_lost(self, message: Message) -> None:
         why = bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""
-        self._lose(message.header.seq, why, reporter=message.header.sender)
+        rank, reporter = message.header.seq, message.header.sender
+        if rank != self.rank:
+            return self._lose(rank, why, reporter=reporter)
+        if self.excluded_by is None:
+            self.excluded_by = reporter
+            self.inbox.fail(PeerLost(
+                f"rank {self.rank} ({self.address}) is out of the ring: rank {reporter} "
+                f"({self.peer_addresses.get(reporter)}) found that it {why}", self.rank,
+                self.address))
 
     def _said_bye(self, message: Message) -> None:
         self._departed.add(message.header.sender)
@@ -372,27 +388,3 @@ class Endpoint:
         for rank, push in self._push.items():  # nothing waits to reach a lost rank
             push.close(0 if rank in self.lost else None)
         await let_go()
-
-
-def _remove_socket_files(address: str) -> None:
-    """Remove the socket files of a lost ipc peer (its own and its direct link's), which a
-    killed process leaves behind. Every survivor tries; the first one succeeds."""
-    for where in (address, direct.listen_address(address)):
-        if where and where.startswith("ipc://"):
-            with contextlib.suppress(OSError):
-                os.unlink(where.removeprefix("ipc://"))
-
-
-async def wait_sent(trackers: Iterable[zmq.MessageTracker]) -> None:
-    """Wait until ZeroMQ has let go of every tracked buffer, so it may be changed or freed.
-
-    Trackers are set from ZeroMQ's own thread; polling them costs nothing when they are done
-    already, which is the usual case for all but the last messages of a collective. The
-    caller's deadline (a collective's timeout) bounds the wait.
-    """
-    pending = [t for t in trackers if not t.done]
-    delay = 0.0
-    while pending:
-        await asyncio.sleep(delay)
-        delay = min(2 * delay or 20e-6, 2e-3)
-        pending = [t for t in pending if not t.done]

@@ -4,9 +4,12 @@ falls silent.
 A Pulse sends a HEARTBEAT to each neighbour every `interval` seconds from its own thread
 and its own PUSH sockets, so that a rank whose event loop is busy (a long forward pass
 in the loop's thread) still looks alive; the thread needs the GIL only for a moment per
-beat. A Watch keeps when each neighbour was last heard from (any message counts) and
-says which have been silent for longer than the timeout. The receiving side files what
-its socket holds before it judges, so that its own stalls never look like a peer's.
+beat. Beating starts as soon as the peers are known, before the greeting, so that a rank
+still waiting for a late neighbour looks alive to its other one. A Watch keeps when each
+neighbour was last heard from (any message counts; a neighbour's clock starts with its
+first message) and says which have been silent for longer than the timeout. The
+receiving side files what its socket holds before it judges, so that its own stalls
+never look like a peer's.
 """
 
 from __future__ import annotations
@@ -23,20 +26,22 @@ from .frames import Header, Kind, encode
 
 
 class Pulse:
-    """A thread that sends this rank's heartbeat to `addresses` until stopped."""
+    """A thread that sends this rank's heartbeat to `targets` (rank -> address) until
+    stopped; silence(rank) stops the beats to one of them."""
 
-    def __init__(self, rank: int, addresses: list[str], interval: float,
+    def __init__(self, rank: int, targets: dict[int, str], interval: float,
                  secure: Callable[[zmq.Socket], None]) -> None:
         self._beat = encode(Header(Kind.HEARTBEAT, 0, 0, 0, "", 0, rank))
         self._stop = threading.Event()
-        self._sockets = []
+        self._sockets: dict[int, zmq.Socket] = {}
+        self._silenced: set[int] = set()
         plain = zmq.Context.shadow(context().underlying)
-        for address in addresses:  # made here, used and closed only by the thread
+        for target, address in targets.items():  # made here, used and closed by the thread
             push = plain.socket(zmq.PUSH)
             push.linger, push.sndhwm = 0, 4
             secure(push)
             push.connect(address)
-            self._sockets.append(push)
+            self._sockets[target] = push
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True,
                                         name=f"ringlib-heartbeat-rank{rank}")
         self._thread.start()
@@ -44,7 +49,9 @@ class Pulse:
     def _run(self, interval: float) -> None:
         try:
             while True:
-                for push in self._sockets:
+                for target, push in self._sockets.items():
+                    if target in self._silenced:
+                        continue
                     try:
                         push.send(self._beat, zmq.NOBLOCK)
                     except zmq.Again:  # the peer takes nothing: its silence is the news
@@ -52,8 +59,11 @@ class Pulse:
                 if self._stop.wait(interval):
                     return
         finally:
-            for push in self._sockets:
+            for push in self._sockets.values():
                 push.close(0)
+
+    def silence(self, rank: int) -> None:
+        self._silenced.add(rank)
 
     def stop(self) -> None:
         """Stop beating and close the sockets (before the context terminates)."""
@@ -65,9 +75,8 @@ class Watch:
     """When each watched rank was last heard from, and which have been silent too long."""
 
     def __init__(self, ranks: list[int], timeout: float) -> None:
-        now = time.monotonic()
         self.timeout = timeout
-        self._last = dict.fromkeys(ranks, now)
+        self._last: dict[int, float | None] = dict.fromkeys(ranks)  # None: not heard yet
 
     def heard(self, rank: int) -> None:
         if rank in self._last:
@@ -80,7 +89,7 @@ class Watch:
         """(rank, seconds of silence) of every watched rank silent past the timeout."""
         now = time.monotonic()
         return [(rank, now - last) for rank, last in self._last.items()
-                if now - last > self.timeout]
+                if last is not None and now - last > self.timeout]
 
 
 class Watchdog:
@@ -92,7 +101,7 @@ class Watchdog:
                  secure: Callable[[zmq.Socket], None], drain: Callable[[], None],
                  on_silent: Callable[[int, float], None]) -> None:
         self._watch = Watch(list(targets), timeout)
-        self._pulse = Pulse(rank, list(targets.values()), interval, secure)
+        self._pulse = Pulse(rank, targets, interval, secure)
         self.heard = self._watch.heard
         self._task = asyncio.get_running_loop().create_task(
             self._check_every(min(interval, timeout / 4), drain, on_silent))
@@ -103,8 +112,13 @@ class Watchdog:
             await asyncio.sleep(period)
             drain()  # what arrived while this loop was busy counts: a stall here is no peer's
             for rank, quiet in self._watch.silent():
-                self._watch.forget(rank)
+                self.forget(rank)
                 on_silent(rank, quiet)
+
+    def forget(self, rank: int) -> None:
+        """Neither watch `rank` nor beat to it any more (it was lost)."""
+        self._watch.forget(rank)
+        self._pulse.silence(rank)
 
     async def stop(self) -> None:
         self._pulse.stop()

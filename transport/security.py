@@ -18,6 +18,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from ringlib.errors import Unauthorized
 
@@ -44,6 +45,14 @@ class Keys:
         if secret is None:
             raise Unauthorized(f"{path} holds only a public key; ringlib needs the secret key "
                                f"file ({KEY_NAME}.key_secret, from `ringlib keygen`)")
+        for key in (public, secret):
+            try:
+                valid = len(z85.decode(key)) == 32
+            except (ValueError, TypeError, KeyError):
+                valid = False
+            if not valid:
+                raise Unauthorized(f"{path} holds a malformed key: CurveZMQ keys are 40 z85 "
+                                   "characters (32 bytes)")
         return cls(public, secret)
 
     def server(self, socket: zmq.Socket) -> None:
@@ -66,8 +75,12 @@ def generate(directory: str | os.PathLike) -> tuple[Path, Path]:
     secret = directory / f"{KEY_NAME}.key_secret"
     if secret.exists():
         raise Unauthorized(f"{secret} exists already; remove it first to make a new pair")
-    public_file, secret_file = zmq.auth.create_certificates(directory, KEY_NAME)
-    os.chmod(secret_file, 0o600)
+    mask = os.umask(0o077)  # the secret file is private from its first byte
+    try:
+        public_file, secret_file = zmq.auth.create_certificates(directory, KEY_NAME)
+    finally:
+        os.umask(mask)
+    os.chmod(public_file, 0o644)
     return Path(public_file), Path(secret_file)
 
 
