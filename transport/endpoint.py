@@ -324,7 +324,7 @@ class Endpoint:
                 self.notify(other, Kind.LOST, rank, why.encode())
 
     def _reported_lost(self, message: Message) -> None:
-        why = bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""
+        why = _text(message)
         rank, reporter = message.header.seq, message.header.sender
         if rank != self.rank:
             return self._lose(rank, why, reporter=reporter)
@@ -339,7 +339,7 @@ class Endpoint:
         self._departed.add(message.header.sender)
 
     def _reported_mismatch(self, message: Message) -> None:
-        why = bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""
+        why = _text(message)
         seq = message.header.seq
         if self.inbox.abandoned(seq):
             return  # it failed here already
@@ -388,3 +388,8 @@ class Endpoint:
         for rank, push in self._push.items():  # nothing waits to reach a lost rank
             push.close(0 if rank in self.lost else None)
         await let_go()
+
+
+def _text(message: Message) -> str:
+    """A control message's payload as text (why a peer was lost, what mismatched)."""
+    return bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""

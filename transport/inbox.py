@@ -29,7 +29,7 @@ class Inbox:
         self._failure: BaseException | None = None
         self._closed: BaseException | None = None
         self._resilient: set[tuple] = set()  # keys waited on despite_failure
-        self._watchers: list[asyncio.Future] = []  # until_failed() calls
+        self._watchers: list[asyncio.Future] = []  # unless_failed() calls waiting
         self._abandoned: dict[int, BaseException | None] = {}  # collective seq -> its error
         # collective seq -> (its signature here, what to raise for a message of another)
         self._expected: dict[int, tuple[str, Callable[[Header], BaseException]]] = {}
