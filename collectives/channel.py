@@ -22,7 +22,7 @@ import numpy as np
 
 from ringlib.errors import MismatchError, ProtocolError
 from ringlib.partition import sub_chunks
-from ringlib.transport import Endpoint, Header, Kind, wait_sent
+from ringlib.transport import Endpoint, Header, Kind, discard, wait_sent
 
 
 def signature(name: str, dtype: str, shape: tuple[int, ...], op: str = "",
@@ -52,6 +52,7 @@ class Channel:
     spin: float = 0.0      # seconds each receive polls before yielding (Endpoint.recv)
     sent: dict[Any, list] = field(default_factory=lambda: defaultdict(list))
     waiting_for: tuple[int, int] | None = None  # (peer, step), for timeout messages
+    held: list = field(default_factory=list)  # received frames not yet released
 
     @property
     def rank(self) -> int:
@@ -66,17 +67,19 @@ class Channel:
         changes later: its tracker is kept under `region` for before_overwrite()."""
         nbytes = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
         header = Header(Kind.DATA, self.seq, step, chunk, self.sig, nbytes, self.rank)
-        tracker = await self.endpoint.send(to, header, payload)
+        tracker = await self.endpoint.send(to, header, payload, prompt=not self.spin)
         if region is not None and tracker is not None:
             self.sent[region].append(tracker)
 
     async def recv(self, frm: int, step: int, chunk: int, count: int) -> tuple[np.ndarray, Any]:
         """Receive one piece of `count` elements from rank `frm`: its storage view (read-only,
-        in ZeroMQ's buffer) and the frame itself, which may be forwarded without a copy."""
+        in ZeroMQ's buffer or in the sender's shared memory) and the frame itself, which
+        may be forwarded without a copy. The view is valid until release(frame)."""
         self.waiting_for = (frm, step)
         message = await self.endpoint.recv((Kind.DATA, self.seq, step, chunk, frm), self.spin)
         self.waiting_for = None
         header, frame = message
+        self.held.append(frame)
         if header.nbytes != count * self.storage.itemsize:
             raise ProtocolError(
                 f"{self.name} #{self.seq} on rank {self.rank}: rank {frm} "
@@ -84,12 +87,27 @@ class Channel:
                 f"{step} where {count} elements of {self.storage} were expected")
         return np.frombuffer(frame.buffer, self.storage), frame
 
+    def release(self, frame: Any) -> None:
+        """Done with a received piece: a shared-memory sender may write over it now."""
+        self.held.remove(frame)
+        discard(frame)
+
+    def release_all(self) -> None:
+        """Release every piece still held (the collective ended, or failed)."""
+        for frame in self.held:
+            discard(frame)
+        self.held.clear()
+
     def expect(self) -> None:
         """Check from now on that every message of this collective carries its signature."""
         self.endpoint.inbox.expect(self.seq, self.sig, self._mismatch)
 
-    def settle(self) -> None:
+    def finish(self) -> None:
+        """The collective is over, or failed: release what it holds, stop checking its
+        messages, and wake the peers that have not read what it sent them."""
+        self.release_all()
         self.endpoint.inbox.settle(self.seq)
+        self.endpoint.wake_readers()
 
     def _mismatch(self, theirs: Header) -> MismatchError:
         """The error of a rank that found another calling something else; the other ranks

@@ -35,4 +35,5 @@ async def all_gather_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
             await ch.run(np.copyto, buf[a:b], piece)
             if step < n - 2:
                 await ch.send(right, first_step + step + 1, k, frame)
+            ch.release(frame)
     await ch.drain()

@@ -27,3 +27,4 @@ async def ring_broadcast(ch: Channel, buf: np.ndarray, root: int) -> None:
         await ch.run(np.copyto, buf[a:b], piece)
         if right != root:
             await ch.send(right, 0, k, frame)
+        ch.release(frame)

@@ -60,9 +60,10 @@ async def reduce_scatter_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
         _, c = reduce_scatter_chunks(r, n, step)
         last = step == n - 2
         for k, (a, b) in enumerate(ch.pieces(bounds, c)):
-            piece, _ = await ch.recv(left, step, k, b - a)
+            piece, frame = await ch.recv(left, step, k, b - a)
             if step == 0:
                 await own.received(k)
             await ch.run(final if last else partial, buf[a:b], piece)
+            ch.release(frame)
             if not last:  # the chunk reduced at step s is the one sent at step s+1
                 await ch.send(right, step + 1, k, buf[a:b], region=c)

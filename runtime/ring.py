@@ -34,6 +34,8 @@ SEGMENT_BYTES = 4 << 20      # the largest message a ring step sends; pieces pip
 SPIN_US = 200                # how long small collectives poll for a message before yielding
 HEARTBEAT_S = 0.5            # how often a rank tells its neighbours it is alive
 PEER_TIMEOUT = 5.0           # silence after which a neighbour is lost (PeerLost)
+SHM_BYTES = 32 << 20         # a shared-memory link's ring to the right neighbour
+SIDE_SHM_BYTES = 1 << 20     # ... and to any other rank, which gets small messages only
 
 
 class Ring:
@@ -187,7 +189,7 @@ class Ring:
                 raise self._timed_out(ch, limit) from None
             raise
         finally:
-            ch.settle()
+            ch.finish()
             self._running.discard(ch.seq)
         self._raise_late_mismatch(ch.endpoint, ch.seq)
         return result
@@ -298,8 +300,11 @@ class Settings:
     peer_timeout: float = field(default_factory=lambda: _env_number("RINGLIB_PEER_TIMEOUT",
                                                                  PEER_TIMEOUT))
     curve_key: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_CURVE_KEY"))
+    shm_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SHM_BYTES", SHM_BYTES))
 
     def __post_init__(self) -> None:
+        if self.shm_bytes < 0:
+            raise InvalidArgument(f"shm_bytes={self.shm_bytes} must be 0 (off) or more")
         if self.peer_timeout and not 0 < self.heartbeat_s < self.peer_timeout:
             raise InvalidArgument(f"heartbeat_s={self.heartbeat_s} must be above 0 and below "
                                   f"peer_timeout={self.peer_timeout}")
@@ -345,6 +350,10 @@ def connect(rank: int | None = None, world_size: int | None = None,
     curve_key: path of the ring's secret key file (`ringlib keygen`); every link is then
         authenticated and encrypted with CurveZMQ, and a process without the key can
         neither join nor send (default RINGLIB_CURVE_KEY; none: plain links).
+    shm_bytes: ranks on one host pass collective payloads through shared memory (/dev/shm)
+        instead of sockets; this is the ring each rank writes for its right neighbour
+        (1 MiB for other ranks), and a message that does not fit takes a socket. 0 turns
+        shared memory off (default RINGLIB_SHM_BYTES or 32 MiB).
     """
     where = placement(rank, world_size, peers)
     if timeout is None:
@@ -378,7 +387,8 @@ async def _open(where: Placement, timeout: float, settings: Settings) -> Ring:
 
 async def _join(endpoint: Endpoint, peers: list[str], settings: Settings,
                 timeout: float) -> None:
-    """Meet the neighbours, offer direct links and start watching the neighbours."""
+    """Meet the neighbours, start watching them, and offer every rank a direct link and
+    a shared-memory link (taken by those on this host)."""
     rank, world_size = endpoint.rank, len(peers)
     endpoint.set_peers(peers)
     left, right = neighbours(rank, world_size)
@@ -388,6 +398,9 @@ async def _join(endpoint: Endpoint, peers: list[str], settings: Settings,
     await greet_neighbours(endpoint, left, right, timeout)
     endpoint.direct_bytes = settings.direct_bytes
     await endpoint.offer_links(r for r in range(world_size) if r != rank)
+    endpoint.offer_shared({r: settings.shm_bytes if r == right else
+                           min(settings.shm_bytes, SIDE_SHM_BYTES)
+                           for r in range(world_size) if r != rank})
 
 
 def _warm_kernels() -> None:

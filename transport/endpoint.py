@@ -28,6 +28,8 @@ from .context import context, gate, hold, let_go
 from .heartbeat import Watchdog
 from .inbox import Inbox, Message
 from .security import Keys
+from .shared import SharedPayload, discard
+from .shared_links import SharedLinks
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ CLOSE_LINGER_MS = 2000
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 # Messages up to this size go over a direct link where one is up (see direct.py).
 DIRECT_BYTES = 256 << 10
+# Polls of the shared-memory links per poll of the sockets, while a receive spins.
+_SHARED_POLLS = 8
 
 class Endpoint:
     """Sends to and receives from the other ranks; knows nothing about what payloads mean.
@@ -76,9 +80,12 @@ class Endpoint:
         self.mismatches: dict[int, MismatchError] = {}  # seq -> what another rank found
         self._departed: set[int] = set()  # ranks that said BYE
         self._watchdog: Watchdog | None = None
+        self.shared = SharedLinks(rank, self.notify, self._deliver)
+        self._unrung: dict[int, int] = {}  # rank -> the head it may not have read
         self._control = {Kind.LINK: self._open_link, Kind.HEARTBEAT: lambda message: None,
                          Kind.LOST: self._reported_lost, Kind.BYE: self._said_bye,
-                         Kind.MISMATCH: self._reported_mismatch}
+                         Kind.MISMATCH: self._reported_mismatch, Kind.SHARED: self.shared.answer,
+                         Kind.DOORBELL: lambda message: self.shared.poll(message.header.sender)}
         self._closed = False
 
     def bind(self, address: str) -> str:
@@ -128,6 +135,17 @@ class Endpoint:
         for rank in ranks:
             await self.send(rank, Header(Kind.LINK, 0, 0, 0, "", 0, self.rank), offer)
 
+    def offer_shared(self, capacities: dict[int, int]) -> None:
+        """Offer each rank a shared-memory link of the given capacity (see shared_links.py);
+        those on this host take it. Not within one process (inproc), where it buys nothing."""
+        if self._may_poll:
+            for rank, capacity in capacities.items():
+                self.shared.offer(rank, capacity)
+
+    def shared_peers(self) -> list[int]:
+        """The ranks this rank sends collective payloads to through shared memory, now."""
+        return sorted(rank for rank in self.shared.writers if self.shared.ready(rank))
+
     def set_peers(self, table: list[str]) -> None:
         """Learn every rank's address; links open on first use or through connect()."""
         self.peer_addresses.update(enumerate(table))
@@ -144,13 +162,16 @@ class Endpoint:
         self._push_now[rank] = zmq.Socket.shadow(push.underlying)
         self.peer_addresses[rank] = address
 
-    async def send(self, to: int, header: Header, payload: Any = None) -> zmq.MessageTracker:
+    async def send(self, to: int, header: Header, payload: Any = None,
+                   prompt: bool = True) -> zmq.MessageTracker:
         """Queue one message for rank `to`; the payload buffer is shared, not copied, when large.
 
         The returned tracker is done once ZeroMQ no longer reads the payload buffer; None
         means there is nothing to wait for: a received zmq.Frame passed on as a payload
         (ZeroMQ shares its buffer, and nobody changes it) or a copied payload. The
-        header's nbytes is set to the payload's length.
+        header's nbytes is set to the payload's length. A shared-memory peer that is not
+        polling is woken at once, or with `prompt` False only once this rank stops polling
+        itself (wake_readers) and the peer has still not read it.
         """
         if self._closed:
             raise RingClosed(f"rank {self.rank}: endpoint is closed")
@@ -158,9 +179,23 @@ class Endpoint:
             raise self.inbox.failure
         if to not in self._push:
             self.connect(to, self.peer_addresses[to])
+        in_segment = isinstance(payload, SharedPayload)  # read in place, released soon
+        if in_segment:
+            payload = payload.buffer
         nbytes = 0 if payload is None else memoryview(payload).nbytes
         if header.nbytes != nbytes:
             header = header._replace(nbytes=nbytes)
+        shared = self.shared.ready(to) if header.kind == Kind.DATA else None
+        if shared is not None:
+            asleep = shared.write(encode(header), payload)
+            if asleep is not None:
+                if not prompt:
+                    self._unrung[to] = shared.head
+                elif asleep:
+                    self._ring(to)
+                return None
+        if in_segment:  # a socket may read it later: copy it out of the segment
+            payload = bytes(payload)
         link = self._links.get(to)
         if link is not None and link.ready and nbytes <= self.direct_bytes and \
                 link.send(encode(header), payload):
@@ -180,6 +215,21 @@ class Endpoint:
             # A send waiting on a peer that takes nothing must not outlast PeerLost.
             return await self.inbox.unless_failed(self._push[to].send_multipart(frames,
                                                                                 **options))
+
+    def wake_readers(self) -> None:
+        """Wake the shared-memory peers that sleep with a record unread (see send)."""
+        for to, upto in self._unrung.items():
+            writer = self.shared.ready(to)
+            if writer is not None and writer.unread(upto):
+                self._ring(to)
+        self._unrung.clear()
+
+    def _ring(self, to: int) -> None:
+        """Wake rank `to` to read its shared-memory link: over the direct link if one is up."""
+        link = self._links.get(to)
+        doorbell = encode(Header(Kind.DOORBELL, 0, 0, 0, "", 0, self.rank))
+        if link is None or not link.ready or not link.send(doorbell, None):
+            self.notify(to, Kind.DOORBELL)
 
     def notify(self, to: int, kind: Kind, seq: int = 0, payload: bytes | None = None,
                step: int = 0) -> None:
@@ -208,13 +258,28 @@ class Endpoint:
         than that. Worth it only for small, latency-bound collectives; never done on inproc.
         """
         if spin > 0 and self._may_poll and not self._closed:
-            message = self._poll_for(header_key, time.perf_counter() + spin)
+            self.shared.poll()  # a shared-memory peer's message is often there already
+            message = self.inbox.take(header_key)
             if message is not None:
                 return message
+            self.shared.awake()
+            try:
+                message = self._poll_for(header_key, time.perf_counter() + spin)
+            finally:
+                self.shared.asleep()
+            if message is not None:
+                return message
+        self.wake_readers()
         return await self.inbox.get(header_key, despite_failure)
 
     def _poll_for(self, key: tuple, deadline: float) -> Message | None:
+        """Poll shared memory first (a few loads), the sockets (system calls) less often."""
         while True:
+            for _ in range(_SHARED_POLLS if self.shared.readers else 1):
+                self.shared.poll()
+                message = self.inbox.take(key)
+                if message is not None:
+                    return message
             self._file_all()
             message = self.inbox.take(key)
             if message is not None or time.perf_counter() >= deadline:
@@ -242,11 +307,13 @@ class Endpoint:
         try:
             message = Message(decode(header), payload)
         except ProtocolError as exc:
-            return self._drop(str(exc))
+            return self._drop(str(exc), payload)
         h, nbytes = message.header, 0 if payload is None else len(payload)
         if h.nbytes != nbytes:
             return self._drop(f"{h.kind.name} from rank {h.sender} has {nbytes} payload bytes "
-                              f"under a header of {h.nbytes}")
+                              f"under a header of {h.nbytes}", payload)
+        if isinstance(payload, SharedPayload) and h.kind != Kind.DATA:
+            return self._drop(f"{h.kind.name} from rank {h.sender} in shared memory", payload)
         if self._watchdog is not None:
             self._watchdog.heard(h.sender)
         act = self._control.get(h.kind)
@@ -273,7 +340,8 @@ class Endpoint:
             log.info("rank %d: no direct link to rank %d at %s (%s)", self.rank, rank,
                      address, exc)
 
-    def _drop(self, why: str) -> None:
+    def _drop(self, why: str, payload: Any = None) -> None:
+        discard(payload)
         log.warning("rank %d at %s dropped a message: %s", self.rank, self.address, why)
 
     def _secure(self, socket: zmq.Socket) -> None:
@@ -296,6 +364,7 @@ class Endpoint:
         self._file_ready()
         if self._listener is not None:
             self._listener.poll()
+        self.shared.poll()
 
     def _silent(self, rank: int, seconds: float) -> None:
         self._lose(rank, "closed its ring" if rank in self._departed else
@@ -313,6 +382,7 @@ class Endpoint:
         if self._watchdog is not None:
             self._watchdog.forget(rank)
         direct.remove_socket_files(address)
+        self.shared.lose(rank)
         found = "" if reporter is None else f" (found by rank {reporter})"
         message = f"rank {self.rank} ({self.address}): rank {rank} ({address}) {why}{found}"
         self.inbox.fail(PeerLost(message, rank, address))
@@ -380,6 +450,7 @@ class Endpoint:
             link.close(CLOSE_LINGER_MS / 1000)
         if self._listener is not None:
             self._listener.close()
+        self.shared.close()
         self._pull.close(0)
         if self.address and self.address.startswith("ipc://"):
             # libzmq leaves the socket file behind; nobody else will remove it.

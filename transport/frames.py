@@ -37,6 +37,8 @@ class Kind(enum.IntEnum):
     BYE = 8        # a peer closes its ring on purpose: its silence is no loss
     MISMATCH = 9   # ranks called collective `seq` differently (payload: who and how)
     REFORM = 10    # survivors agree on a new ring (runtime/reform.py)
+    SHARED = 11    # a shared-memory link offered, taken or declined (shared_links.py)
+    DOORBELL = 12  # a record waits in a shared-memory link (shared.py)
 
 
 class Header(NamedTuple):

@@ -12,6 +12,7 @@ import logging
 from typing import Any, Awaitable, Callable, NamedTuple, TypeVar
 
 from .frames import Header, Kind
+from .shared import discard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,14 +40,16 @@ class Inbox:
         key = message.header.key
         if key[0] == Kind.DATA:
             if key[1] in self._abandoned:
-                return
+                return discard(message.payload)
             expected = self._expected.get(key[1])
             if expected is not None and message.header.sig != expected[0]:
+                discard(message.payload)
                 return self.abandon(key[1], expected[1](message.header))
         waiter = self._waiting.pop(key, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(message)
         elif key in self._kept:
+            discard(message.payload)
             log.warning("dropped a duplicate message %s", message.header)
         else:
             self._kept[key] = message
@@ -136,7 +139,7 @@ class Inbox:
         if self._abandoned.get(seq) is None:
             self._abandoned[seq] = exc
         for key in [k for k in self._kept if k[0] == Kind.DATA and k[1] == seq]:
-            del self._kept[key]
+            discard(self._kept.pop(key).payload)
         if exc is not None:
             self._fail_waiters(exc, lambda key: key[0] == Kind.DATA and key[1] == seq)
 

@@ -1,0 +1,301 @@
+"""Shared-memory links: messages between two peers on one host through a /dev/shm segment.
+
+Loopback sockets copy every byte through the kernel twice and wake two threads per
+message. Between peers on one host the sender instead copies a message into a segment
+that both have mapped, a ring of records, and the receiver reads it in place: the compiled
+core reduces straight out of it. A link is one-way; its segment belongs to the sender.
+
+Segment layout (all counters are uint64 byte counts that only grow; position = count mod
+capacity):
+
+    word 0: nonce        word 1: capacity          (written once by the sender)
+    word 8: head         end of the last record published          (the sender's)
+    word 16: tail        end of the last record released in order  (the receiver's)
+    word 24: asleep      1 unless the receiver is polling the ring (the receiver's)
+    word 32: read        end of the last record delivered           (the receiver's)
+    byte 4096 on: the ring of records, each 64-byte aligned:
+        [header length u64 | SKIP][payload length u64][msgpack header] pad [payload] pad
+
+A record never wraps: where one would not fit before the end, a SKIP record fills the rest.
+The receiver may release records out of order (a piece kept for a later collective); the
+tail moves over released records only. When the ring is full the sender falls back to a
+socket for that message, so a slow receiver costs speed, never a lost message or a hang.
+
+Wake-ups: a receiver that polls the ring (Endpoint.recv's spin) clears `asleep`; a sender
+that finds it set after publishing rings a doorbell over a socket, at once or, in a
+latency-bound exchange, only when it stops polling itself and the record is still unread
+(`unread`): by then the receiver has usually taken it while polling. Both sides store
+their word, then load the other's with a fence between (ringlib.atomics), so at least one
+of them sees the other's store, and no wake-up is lost.
+
+Nothing stays in /dev/shm: the receiver unlinks the name as soon as it has mapped it; an
+offer never accepted is unlinked by the sender, by a survivor that loses the sender, or
+by `ringlib launch`, which removes every name of its job (`remove_job_segments`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import glob
+import logging
+import mmap
+import os
+import secrets
+import struct
+from typing import Any, Callable
+
+import numpy as np
+
+from ringlib import atomics
+from ringlib.errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+DIRECTORY = "/dev/shm"
+PREFIX = "ringlib-"
+JOB_VARIABLE = "RINGLIB_JOB"  # set by `ringlib launch`: names of one job share it
+DATA_OFFSET = 4096
+ALIGN = 64
+NONCE, CAPACITY, HEAD, TAIL, ASLEEP, READ = 0, 1, 8, 16, 24, 32
+SKIP = 1 << 63
+MAX_HEADER = 1024
+_RECORD = struct.Struct("<QQ")  # a record's header length (or SKIP) and payload length
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def record_size(header_len: int, payload_len: int) -> int:
+    """Bytes a record takes in the ring, padding included."""
+    return _aligned(_aligned(_RECORD.size + header_len) + payload_len)
+
+
+def job() -> str:
+    """This job's part of segment names: the launcher's, or this process's own."""
+    return os.environ.get(JOB_VARIABLE) or f"p{os.getpid()}"
+
+
+def remove_job_segments(job_name: str) -> int:
+    """Unlink every segment name of a job (its ranks may have been killed before their
+    peers took them); return how many there were."""
+    names = glob.glob(os.path.join(DIRECTORY, glob.escape(f"{PREFIX}{job_name}-")) + "*")
+    for path in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return len(names)
+
+
+def unlink(name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(DIRECTORY, name))
+
+
+def _map(fd: int, size: int) -> tuple[mmap.mmap, np.ndarray, memoryview]:
+    """The mapping, its control words, and its ring of records."""
+    memory = mmap.mmap(fd, size)
+    words = np.frombuffer(memory, np.uint64, count=DATA_OFFSET // 8)
+    return memory, words, memoryview(memory)[DATA_OFFSET:]
+
+
+def _unmap(memory: mmap.mmap) -> None:
+    """Unmap, unless arrays still view the memory: then the last of them does."""
+    with contextlib.suppress(BufferError):
+        memory.close()
+
+
+class Writer:
+    """The sending end: creates the segment and copies messages into its ring."""
+
+    def __init__(self, rank: int, peer: int, capacity: int) -> None:
+        self.capacity = _aligned(capacity)
+        self.name = f"{PREFIX}{job()}-{rank}-{peer}-{secrets.token_hex(6)}"
+        self.nonce = int.from_bytes(secrets.token_bytes(8), "little") >> 1
+        self.ready = False     # the receiver has mapped it
+        self.named = True      # the name still exists in /dev/shm
+        path = os.path.join(DIRECTORY, self.name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, DATA_OFFSET + self.capacity)
+            self._memory, self._words, self._view = _map(fd, DATA_OFFSET + self.capacity)
+        except BaseException:
+            os.unlink(path)
+            raise
+        finally:
+            os.close(fd)
+        self._words[CAPACITY] = self.capacity
+        self._words[ASLEEP] = 1
+        atomics.store(self._words, NONCE, self.nonce)
+        self._head = 0
+        self._tail = 0  # the receiver's tail as last read
+
+    def accepted(self) -> None:
+        """The receiver mapped the segment and unlinked its name."""
+        self.ready, self.named = True, False
+
+    def write(self, header: bytes, payload: Any) -> bool | None:
+        """Copy one message into the ring. None if it does not fit now (send it another way);
+        else whether the receiver is asleep and needs a doorbell."""
+        view = None if payload is None else memoryview(payload).cast("B")
+        nbytes = 0 if view is None else view.nbytes
+        size = record_size(len(header), nbytes)
+        pos = self._head % self.capacity
+        waste = self.capacity - pos if self.capacity - pos < size else 0
+        if not self._room(waste + size):
+            return None
+        if waste:
+            _RECORD.pack_into(self._view, pos, SKIP, 0)
+            self._head += waste
+            pos = 0
+        _RECORD.pack_into(self._view, pos, len(header), nbytes)
+        body = pos + _RECORD.size
+        self._view[body:body + len(header)] = header
+        if nbytes:
+            start = _aligned(body + len(header))
+            self._view[start:start + nbytes] = view
+        self._head += size
+        return bool(atomics.store_then_load(self._words, HEAD, self._head, ASLEEP))
+
+    @property
+    def head(self) -> int:
+        return self._head
+
+    def unread(self, upto: int) -> bool:
+        """Whether the receiver sleeps without having read the records before `upto`."""
+        return atomics.load(self._words, READ) < upto and bool(atomics.load(self._words, ASLEEP))
+
+    def _room(self, size: int) -> bool:
+        if size > self.capacity:
+            return False
+        if self._head + size - self._tail > self.capacity:
+            self._tail = int(atomics.load(self._words, TAIL))
+        return self._head + size - self._tail <= self.capacity
+
+    def close(self) -> None:
+        """Unmap, and unlink the name if nobody took it."""
+        self.ready = False
+        if self.named:
+            unlink(self.name)
+            self.named = False
+        self._words = self._view = None
+        _unmap(self._memory)
+
+
+class SharedPayload:
+    """A received payload, read in place in the sender's segment until released. Like a
+    zmq.Frame it has `.buffer`, `.bytes` and a length; release() gives the space back."""
+
+    __slots__ = ("buffer", "_reader", "_entry")
+
+    def __init__(self, buffer: memoryview, reader: Reader, entry: list) -> None:
+        self.buffer, self._reader, self._entry = buffer, reader, entry
+
+    def __len__(self) -> int:
+        return self.buffer.nbytes
+
+    @property
+    def bytes(self) -> bytes:
+        return bytes(self.buffer)
+
+    def release(self) -> None:
+        """The receiver is done with it: the sender may write over it. Idempotent."""
+        if self._reader is not None:
+            self._reader.release(self._entry)
+            self._reader = None
+
+
+def discard(payload: Any) -> None:
+    """Give back a payload nobody will read (a dropped or abandoned message)."""
+    if isinstance(payload, SharedPayload):
+        payload.release()
+
+
+class Reader:
+    """The receiving end: maps the sender's segment and hands out its records in place."""
+
+    def __init__(self, name: str, nonce: int, capacity: int,
+                 deliver: Callable[[memoryview, SharedPayload], None]) -> None:
+        if "/" in name or not name.startswith(PREFIX):
+            raise ProtocolError(f"segment name {name!r} is not a ringlib segment")
+        path = os.path.join(DIRECTORY, name)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if os.fstat(fd).st_size != DATA_OFFSET + capacity:
+                raise ProtocolError(f"segment {name} is not {capacity} bytes long")
+            self._memory, self._words, self._view = _map(fd, DATA_OFFSET + capacity)
+        finally:
+            os.close(fd)
+        if int(atomics.load(self._words, NONCE)) != nonce or self._words[CAPACITY] != capacity:
+            _unmap(self._memory)
+            raise ProtocolError(f"segment {name} holds another nonce or capacity")
+        os.unlink(path)  # mapped on both ends: the name may go
+        self.capacity = capacity
+        self._deliver = deliver
+        self._read = int(atomics.load(self._words, TAIL))
+        self._pending: collections.deque[list] = collections.deque()  # [end, released]
+        self.broken = False
+
+    def poll(self) -> int:
+        """Deliver every record published since the last poll; return how many."""
+        if self.broken:
+            return 0
+        head, count = int(atomics.load(self._words, HEAD)), 0
+        while self._read < head:
+            try:
+                self._take(head)
+            except ProtocolError as exc:  # a ring out of step cannot be trusted any further
+                log.warning("shared-memory link broken: %s; sockets carry", exc)
+                self.broken = True
+                return count
+            count += 1
+        if count:
+            atomics.store(self._words, READ, self._read)
+        return count
+
+    def _take(self, head: int) -> None:
+        pos = self._read % self.capacity
+        header_len, payload_len = _RECORD.unpack_from(self._view, pos)
+        if header_len == SKIP:
+            size = self.capacity - pos
+        else:
+            size = record_size(header_len, payload_len)
+            if header_len > MAX_HEADER or pos + size > self.capacity:
+                raise ProtocolError(f"record of {header_len} + {payload_len} bytes at {pos}")
+        if self._read + size > head:
+            raise ProtocolError(f"record at {pos} runs past the published end")
+        self._read += size
+        entry = [self._read, False]
+        self._pending.append(entry)
+        if header_len == SKIP:
+            return self.release(entry)
+        body = pos + _RECORD.size
+        start = _aligned(body + header_len)
+        self._deliver(self._view[body:body + header_len],
+                      SharedPayload(self._view[start:start + payload_len], self, entry))
+
+    def release(self, entry: list) -> None:
+        entry[1] = True
+        if self._words is None:
+            return
+        tail = None
+        while self._pending and self._pending[0][1]:
+            tail = self._pending.popleft()[0]
+        if tail is not None:
+            atomics.store(self._words, TAIL, tail)
+
+    def awake(self) -> None:
+        """This end polls the ring now: senders need not ring."""
+        if not self.broken:
+            atomics.store(self._words, ASLEEP, 0)
+
+    def asleep(self) -> None:
+        """This end stops polling: senders ring from now on. Poll once more after this."""
+        if not self.broken:
+            atomics.store_then_load(self._words, ASLEEP, 1, HEAD)
+
+    def close(self) -> None:
+        """Unmap; payloads still held keep their pages until they are dropped."""
+        self.broken = True
+        self._words = self._view = None
+        _unmap(self._memory)

@@ -1,0 +1,119 @@
+"""Setting up shared-memory links (shared.py) between an endpoint and its peers.
+
+A rank offers each peer a segment to read from: it creates one and sends its name over
+the socket links (a SHARED message, step OFFER). A peer that can open it, map it and find
+the nonce in it shares this host's /dev/shm; it unlinks the name and answers ACCEPT, and
+from then on collective payloads to it travel through the segment. A peer on another host
+(or in a container with its own /dev/shm) finds no such file and answers DECLINE, and the
+sockets carry, as they always do until an answer comes. So a ring spread over several
+hosts runs shared memory between the ranks on each host and tcp between hosts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import msgpack
+
+from ringlib.errors import ProtocolError
+
+from .frames import Kind
+from .inbox import Message
+from .shared import Reader, SharedPayload, Writer
+
+log = logging.getLogger(__name__)
+
+OFFER, ACCEPT, DECLINE = 0, 1, 2
+
+
+class SharedLinks:
+    """One endpoint's shared-memory links: the segments it writes, one per peer that took
+    its offer, and those it reads."""
+
+    def __init__(self, rank: int, notify: Callable[..., None],
+                 deliver: Callable[[memoryview, SharedPayload], None]) -> None:
+        self.rank = rank
+        self._notify = notify  # Endpoint.notify: a control message over the sockets
+        self._deliver = deliver
+        self.writers: dict[int, Writer] = {}
+        self.readers: dict[int, Reader] = {}
+
+    def ready(self, rank: int) -> Writer | None:
+        """The writer to `rank`, if `rank` took it."""
+        writer = self.writers.get(rank)
+        return writer if writer is not None and writer.ready else None
+
+    def offer(self, rank: int, capacity: int) -> None:
+        """Create a segment of `capacity` bytes for `rank` to read and offer it."""
+        if rank in self.writers or capacity <= 0:
+            return
+        try:
+            writer = Writer(self.rank, rank, capacity)
+        except OSError as exc:
+            log.info("rank %d offers rank %d no shared memory: %s", self.rank, rank, exc)
+            return
+        self.writers[rank] = writer
+        self._notify(rank, Kind.SHARED, 0, msgpack.packb((writer.name, writer.nonce, capacity)),
+                     step=OFFER)
+
+    def answer(self, message: Message) -> None:
+        """Act on a SHARED message: take an offer (or decline it), or learn the answer."""
+        rank, step = message.header.sender, message.header.step
+        if step == OFFER:
+            return self._take(rank, message)
+        writer = self.writers.get(rank)
+        if writer is None or writer.ready:
+            return
+        if step == ACCEPT:
+            writer.accepted()
+        else:
+            why = bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""
+            log.info("rank %d: rank %d takes no shared memory (%s); sockets carry",
+                     self.rank, rank, why)
+            self.writers.pop(rank).close()
+
+    def _take(self, rank: int, offer: Message) -> None:
+        try:
+            name, nonce, capacity = msgpack.unpackb(offer.payload.bytes)
+            reader = Reader(name, nonce, capacity, self._deliver)
+        except (OSError, ValueError, TypeError, AttributeError, ProtocolError,
+                msgpack.UnpackException) as exc:
+            return self._notify(rank, Kind.SHARED, 0, str(exc).encode(), step=DECLINE)
+        old = self.readers.pop(rank, None)
+        if old is not None:
+            old.close()
+        self.readers[rank] = reader
+        self._notify(rank, Kind.SHARED, 0, step=ACCEPT)
+
+    def poll(self, rank: int | None = None) -> None:
+        """Deliver what the segments of every peer (or of `rank`) hold now."""
+        if rank is not None:
+            reader = self.readers.get(rank)
+            if reader is not None:
+                reader.poll()
+            return
+        for reader in self.readers.values():
+            reader.poll()
+
+    def awake(self) -> None:
+        for reader in self.readers.values():
+            reader.awake()
+
+    def asleep(self) -> None:
+        """Stop polling: peers ring again. What came meanwhile is delivered."""
+        for reader in self.readers.values():
+            reader.asleep()
+        self.poll()
+
+    def lose(self, rank: int) -> None:
+        """`rank` is gone: unmap its segment, and unlink ours if it never took it."""
+        writer, reader = self.writers.pop(rank, None), self.readers.pop(rank, None)
+        if writer is not None:
+            writer.close()
+        if reader is not None:
+            reader.close()
+
+    def close(self) -> None:
+        for rank in list(self.writers) + list(self.readers):
+            self.lose(rank)
