@@ -6,6 +6,10 @@ errors, checks that what arrives was sent by a rank that called the same collect
 the same arguments, keeps the trackers of buffers shared with ZeroMQ, and runs compiled
 kernels off the event loop when a piece is large enough to be worth the thread hop.
 
+Every wait that blocks is bounded by the collective's deadline. The timer is armed only
+there: most messages of a small collective have arrived before they are asked for, and a
+timer per call would cost more than the message.
+
 A rank that finds a different signature on a message raises MismatchError and tells every
 other rank, which raise it too: no rank is left waiting for a step that will never come.
 """
@@ -13,6 +17,7 @@ other rank, which raise it too: no rank is left waiting for a step that will nev
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import defaultdict
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -25,6 +30,7 @@ from ringlib.partition import sub_chunks
 from ringlib.transport import Endpoint, Header, Kind, discard, wait_sent
 
 
+@functools.lru_cache(maxsize=1024)
 def signature(name: str, dtype: str, shape: tuple[int, ...], op: str = "",
               root: int | None = None) -> str:
     """What a collective call is, as every rank must agree on it:
@@ -49,7 +55,8 @@ class Channel:
     storage: np.dtype      # the element type as the kernels see it
     executor: Executor
     segment_elems: int     # the largest piece sent as one message
-    spin: float = 0.0      # seconds each receive polls before yielding (Endpoint.recv)
+    deadline: float        # the event loop's time by which the collective must be done
+    spin: float = 0.0      # seconds each receive polls before yielding (Endpoint.poll)
     sent: dict[Any, list] = field(default_factory=lambda: defaultdict(list))
     waiting_for: tuple[int, int] | None = None  # (peer, step), for timeout messages
     held: list = field(default_factory=list)  # received frames not yet released
@@ -67,7 +74,8 @@ class Channel:
         changes later: its tracker is kept under `region` for before_overwrite()."""
         nbytes = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
         header = Header(Kind.DATA, self.seq, step, chunk, self.sig, nbytes, self.rank)
-        tracker = await self.endpoint.send(to, header, payload, prompt=not self.spin)
+        tracker = await self.endpoint.send(to, header, payload, prompt=not self.spin,
+                                           deadline=self.deadline)
         if region is not None and tracker is not None:
             self.sent[region].append(tracker)
 
@@ -76,7 +84,11 @@ class Channel:
         in ZeroMQ's buffer or in the sender's shared memory) and the frame itself, which
         may be forwarded without a copy. The view is valid until release(frame)."""
         self.waiting_for = (frm, step)
-        message = await self.endpoint.recv((Kind.DATA, self.seq, step, chunk, frm), self.spin)
+        key = (Kind.DATA, self.seq, step, chunk, frm)
+        message = self.endpoint.poll(key, self.spin)
+        if message is None:
+            async with asyncio.timeout_at(self.deadline):
+                message = await self.endpoint.recv(key)
         self.waiting_for = None
         header, frame = message
         self.held.append(frame)
@@ -126,13 +138,15 @@ class Channel:
         if out.nbytes < INLINE_BYTES:
             fn(out, src)
         else:
-            await asyncio.get_running_loop().run_in_executor(self.executor, fn, out, src)
+            async with asyncio.timeout_at(self.deadline):
+                await asyncio.get_running_loop().run_in_executor(self.executor, fn, out, src)
 
     async def before_overwrite(self, region: Any) -> None:
         """Wait until ZeroMQ has sent every piece of `region` shared with it."""
         trackers = self.sent.pop(region, ())
         if trackers:
-            await wait_sent(trackers, self.endpoint.inbox)
+            async with asyncio.timeout_at(self.deadline):
+                await wait_sent(trackers, self.endpoint.inbox)
 
     async def drain(self) -> None:
         """Wait until every buffer shared with ZeroMQ has left, so the caller may change it."""

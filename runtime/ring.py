@@ -173,15 +173,15 @@ class Ring:
         (latency-bound) poll for their messages for up to spin_us before yielding."""
         # The sequence number is taken before the first await, so concurrent collectives
         # are numbered in the order they were called, the same on every rank.
+        limit = self.collective_timeout if timeout is None else timeout
         ch = Channel(self._endpoint, self.world_size, next(self._seq), sig.split()[0], sig,
                      dtype.storage, self._executor, max(1, self.segment_bytes // dtype.itemsize),
+                     asyncio.get_running_loop().time() + limit,
                      spin=self.spin_us * 1e-6 if small else 0.0)
-        limit = self.collective_timeout if timeout is None else timeout
         ch.expect()
         self._running.add(ch.seq)
         try:
-            async with asyncio.timeout(limit):
-                result = await algorithm(ch, *args)
+            result = await algorithm(ch, *args)
         except BaseException as exc:
             ch.endpoint.inbox.abandon(ch.seq)  # its late messages must not pile up
             ch.endpoint.mismatches.pop(ch.seq, None)
@@ -200,6 +200,8 @@ class Ring:
         root): it learns on the collective it is in when the news comes, or on the next,
         which all ranks still complete, so that none falls out of step."""
         notices = endpoint.mismatches
+        if not notices:
+            return
         for late in sorted(s for s in notices if s <= seq and s not in self._running):
             exc = notices.pop(late)
             if late < seq:

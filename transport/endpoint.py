@@ -162,8 +162,8 @@ class Endpoint:
         self._push_now[rank] = zmq.Socket.shadow(push.underlying)
         self.peer_addresses[rank] = address
 
-    async def send(self, to: int, header: Header, payload: Any = None,
-                   prompt: bool = True) -> zmq.MessageTracker:
+    async def send(self, to: int, header: Header, payload: Any = None, prompt: bool = True,
+                   deadline: float | None = None) -> zmq.MessageTracker:
         """Queue one message for rank `to`; the payload buffer is shared, not copied, when large.
 
         The returned tracker is done once ZeroMQ no longer reads the payload buffer; None
@@ -171,7 +171,8 @@ class Endpoint:
         (ZeroMQ shares its buffer, and nobody changes it) or a copied payload. The
         header's nbytes is set to the payload's length. A shared-memory peer that is not
         polling is woken at once, or with `prompt` False only once this rank stops polling
-        itself (wake_readers) and the peer has still not read it.
+        itself (wake_readers) and the peer has still not read it. A send that must wait
+        for room gives up with TimeoutError at `deadline` (the event loop's time).
         """
         if self._closed:
             raise RingClosed(f"rank {self.rank}: endpoint is closed")
@@ -213,8 +214,9 @@ class Endpoint:
             return self._push_now[to].send_multipart(frames, zmq.NOBLOCK, **options)
         except zmq.Again:  # the queue is full (or has no peer yet): wait for room
             # A send waiting on a peer that takes nothing must not outlast PeerLost.
-            return await self.inbox.unless_failed(self._push[to].send_multipart(frames,
-                                                                                **options))
+            async with asyncio.timeout_at(deadline):
+                return await self.inbox.unless_failed(self._push[to].send_multipart(frames,
+                                                                                    **options))
 
     def wake_readers(self) -> None:
         """Wake the shared-memory peers that sleep with a record unread (see send)."""
@@ -249,28 +251,34 @@ class Endpoint:
 
     async def recv(self, header_key: tuple, spin: float = 0.0,
                    despite_failure: bool = False) -> Message:
-        """The message filed under `header_key` (see Header.key), waiting for it if needed.
-        `despite_failure` waits even after a peer was lost (see Inbox.get).
+        """The message filed under `header_key` (see Header.key), waiting for it if needed
+        (after polling for up to `spin` seconds: see poll). `despite_failure` waits even
+        after a peer was lost (see Inbox.get)."""
+        message = self.poll(header_key, spin)
+        if message is not None:
+            return message
+        self.wake_readers()
+        return await self.inbox.get(header_key, despite_failure)
 
-        With `spin` (seconds) the socket is first polled without yielding to the event
-        loop, for up to that long: a message a few dozen microseconds away then arrives
-        without the wake-ups of the loop, the reader task and the waiter, which cost more
-        than that. Worth it only for small, latency-bound collectives; never done on inproc.
+    def poll(self, header_key: tuple, spin: float = 0.0) -> Message | None:
+        """The message filed under `header_key` if it is here, without yielding.
+
+        With `spin` (seconds) the links are first polled for up to that long: a message a
+        few dozen microseconds away then arrives without the wake-ups of the loop, the
+        reader task and the waiter, which cost more than that. Worth it only for small,
+        latency-bound collectives; never done on inproc.
         """
-        if spin > 0 and self._may_poll and not self._closed:
-            self.shared.poll()  # a shared-memory peer's message is often there already
-            message = self.inbox.take(header_key)
-            if message is not None:
-                return message
+        if spin <= 0 or not self._may_poll or self._closed:
+            return self.inbox.take(header_key)
+        self.shared.poll()  # a shared-memory peer's message is often there already
+        message = self.inbox.take(header_key)
+        if message is None:
             self.shared.awake()
             try:
                 message = self._poll_for(header_key, time.perf_counter() + spin)
             finally:
                 self.shared.asleep()
-            if message is not None:
-                return message
-        self.wake_readers()
-        return await self.inbox.get(header_key, despite_failure)
+        return message
 
     def _poll_for(self, key: tuple, deadline: float) -> Message | None:
         """Poll shared memory first (a few loads), the sockets (system calls) less often."""
