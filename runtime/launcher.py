@@ -11,7 +11,8 @@ host), so that every link is authenticated and encrypted. Each output line comes
 out whole, prefixed with its rank, on the stream it was written to. When a rank fails,
 the others get SIGTERM, then SIGKILL after a grace period, and the launcher exits with
 the failed rank's code (128 + N for signal N). SIGINT and SIGTERM to the launcher are
-passed to every rank, and end it the same way.
+passed to every rank, and end it the same way. At the end it removes the shared-memory
+segments that ranks on this host killed midway left in /dev/shm (RINGLIB_JOB names them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ringlib.errors import RendezvousError, Unauthorized
+from ringlib.transport import shared
 from ringlib.transport.security import Keys
 
 from .hosts import Host, PortReservation, Seat, parse_hosts, read_hostfile, seat
@@ -78,7 +80,7 @@ def plan(seats: list[Seat], command: list[str], transport: str, port: int | None
     for s in seats:
         env = {"RINGLIB_RANK": str(s.rank), "RINGLIB_LOCAL_RANK": str(s.local_rank),
                "RINGLIB_WORLD_SIZE": str(len(seats)), "RINGLIB_PEERS": ",".join(peers),
-               "PYTHONUNBUFFERED": "1"}
+               shared.JOB_VARIABLE: job_name(workdir), "PYTHONUNBUFFERED": "1"}
         if timeout is not None:
             env["RINGLIB_CONNECT_TIMEOUT"] = str(timeout)
         if keys is not None:
@@ -90,6 +92,11 @@ def plan(seats: list[Seat], command: list[str], transport: str, port: int | None
             ranks.append(Rank(s, [*prefix, "env", *(f"{k}={v}" for k, v in env.items()),
                                   *command], dict(os.environ)))
     return ranks, reservation
+
+
+def job_name(workdir: str) -> str:
+    """The job's part of its ranks' shared-memory segment names (see transport/shared.py)."""
+    return "L" + os.path.basename(workdir).removeprefix("ringlib-")
 
 
 def _bracketed(address: str) -> str:
@@ -267,3 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         if reservation is not None:
             reservation.close()
         shutil.rmtree(workdir, ignore_errors=True)
+        left = shared.remove_job_segments(job_name(workdir))
+        if left:  # ranks killed before their peers took (and unlinked) what they offered
+            print(f"ringlib launch: removed {left} shared-memory segments of killed ranks",
+                  file=sys.stderr)

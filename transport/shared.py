@@ -93,8 +93,10 @@ def unlink(name: str) -> None:
 
 
 def _map(fd: int, size: int) -> tuple[mmap.mmap, np.ndarray, memoryview]:
-    """The mapping, its control words, and its ring of records."""
-    memory = mmap.mmap(fd, size)
+    """The mapping, its control words, and its ring of records. Every page is mapped now
+    (MAP_POPULATE), so that the ring costs its whole size from the start instead of
+    growing as records first reach each page."""
+    memory = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
     words = np.frombuffer(memory, np.uint64, count=DATA_OFFSET // 8)
     return memory, words, memoryview(memory)[DATA_OFFSET:]
 
