@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import zmq
 
 from ringlib.errors import MismatchError, ProtocolError
 from ringlib.partition import sub_chunks
-from ringlib.transport import Endpoint, Header, Kind, discard, wait_sent
+from ringlib.transport import Endpoint, Header, Kind, RemotePayload, discard, wait_sent
 
 
 @functools.lru_cache(maxsize=1024)
@@ -79,10 +80,12 @@ class Channel:
         if region is not None and tracker is not None:
             self.sent[region].append(tracker)
 
-    async def recv(self, frm: int, step: int, chunk: int, count: int) -> tuple[np.ndarray, Any]:
-        """Receive one piece of `count` elements from rank `frm`: its storage view (read-only,
-        in ZeroMQ's buffer or in the sender's shared memory) and the frame itself, which
-        may be forwarded without a copy. The view is valid until release(frame)."""
+    async def recv(self, frm: int, step: int, chunk: int, count: int) -> tuple[Any, Any]:
+        """Receive one piece of `count` elements from rank `frm`: the piece, for run() and
+        copy(), and the frame it came in, for forward() and release(). The piece is a
+        read-only storage view (in ZeroMQ's buffer or the sender's shared memory), or, for a
+        large piece from a peer on this host, the payload itself, still in the sender's
+        memory (RemotePayload). Either is valid until release(frame)."""
         self.waiting_for = (frm, step)
         key = (Kind.DATA, self.seq, step, chunk, frm)
         message = self.endpoint.poll(key, self.spin)
@@ -97,6 +100,8 @@ class Channel:
                 f"{self.name} #{self.seq} on rank {self.rank}: rank {frm} "
                 f"({self.endpoint.peer_addresses.get(frm)}) sent {header.nbytes} bytes at step "
                 f"{step} where {count} elements of {self.storage} were expected")
+        if isinstance(frame, RemotePayload):
+            return frame, frame
         return np.frombuffer(frame.buffer, self.storage), frame
 
     def release(self, frame: Any) -> None:
@@ -133,13 +138,38 @@ class Channel:
                 self.endpoint.notify(rank, Kind.MISMATCH, self.seq, why.encode())
         return MismatchError(why)
 
-    async def run(self, fn: Callable[..., None], out: np.ndarray, src: np.ndarray) -> None:
-        """fn(out, src), in the worker thread when the piece is large."""
-        if out.nbytes < INLINE_BYTES:
-            fn(out, src)
+    async def run(self, fn: Callable[..., None], out: np.ndarray, src: Any) -> None:
+        """fn(out, src) for a received piece `src`, in the worker thread when it is large.
+        A piece still in its sender's memory is read a block at a time into a buffer that
+        the kernel then reads while it is in cache."""
+        if isinstance(src, RemotePayload):
+            await self._work(out.nbytes, _reduce_remote, fn, out, src)
+        else:
+            await self._work(out.nbytes, fn, out, src)
+
+    async def copy(self, out: np.ndarray, src: Any) -> None:
+        """Copy a received piece into `out`: straight out of its sender's memory if it is
+        still there."""
+        if isinstance(src, RemotePayload):
+            await self._work(out.nbytes, src.read_into, out)
+        else:
+            await self._work(out.nbytes, np.copyto, out, src)
+
+    async def forward(self, to: int, step: int, chunk: int, frame: Any, copied: np.ndarray,
+                      region: Any) -> None:
+        """Pass a received piece on to `to`: the very ZeroMQ frame, which needs no tracker,
+        or else `copied`, the part of this rank's buffer it was copied into."""
+        if isinstance(frame, zmq.Frame):
+            await self.send(to, step, chunk, frame)
+        else:
+            await self.send(to, step, chunk, copied, region=region)
+
+    async def _work(self, nbytes: int, fn: Callable[..., None], *args: Any) -> None:
+        if nbytes < INLINE_BYTES:
+            fn(*args)
         else:
             async with asyncio.timeout_at(self.deadline):
-                await asyncio.get_running_loop().run_in_executor(self.executor, fn, out, src)
+                await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def before_overwrite(self, region: Any) -> None:
         """Wait until ZeroMQ has sent every piece of `region` shared with it."""
@@ -152,3 +182,18 @@ class Channel:
         """Wait until every buffer shared with ZeroMQ has left, so the caller may change it."""
         for region in list(self.sent):
             await self.before_overwrite(region)
+
+
+# Blocks a remote piece is read in before they are reduced: they stay in the L2 cache.
+REMOTE_BLOCK_BYTES = 256 << 10
+
+
+def _reduce_remote(fn: Callable[..., None], out: np.ndarray, src: RemotePayload) -> None:
+    """fn(out, src) for a piece that lies in another process, one cache-sized block at a
+    time: block i of src is read (single_copy.py) into `scratch`, then reduced into out."""
+    step = max(1, REMOTE_BLOCK_BYTES // out.itemsize)
+    scratch = np.empty(min(step, out.size), out.dtype)
+    for start in range(0, out.size, step):
+        block = scratch[:min(step, out.size - start)]
+        src.read_into(block, start * out.itemsize)
+        fn(out[start:start + block.size], block)

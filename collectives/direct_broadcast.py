@@ -15,7 +15,7 @@ async def direct_broadcast(ch: Channel, buf: np.ndarray, root: int) -> None:
     """Overwrite `buf` (a storage view) on every rank with the root's."""
     if ch.rank != root:
         piece, _ = await ch.recv(root, 0, 0, buf.size)
-        np.copyto(buf, piece)
+        await ch.copy(buf, piece)
         return
     for to in range(ch.world_size):
         if to != root:

@@ -31,7 +31,7 @@ async def recursive_doubling(ch: Channel, buf: np.ndarray, partial: Reducer,
         await ch.send(r - p, fold_step, 0, buf, region=0)
         result, _ = await ch.recv(r - p, result_step, 0, buf.size)
         await ch.before_overwrite(0)
-        np.copyto(buf, result)
+        await ch.copy(buf, result)
         return
     if r < n - p:
         piece, _ = await ch.recv(r + p, fold_step, 0, buf.size)

@@ -2,8 +2,9 @@
 
 Cost (N ranks, S bytes in all): N-1 steps; each rank sends and receives (N-1)/N x S
 bytes, bandwidth-optimal. A received piece is passed on as the very ZeroMQ frame it came
-in, so forwarding copies nothing and needs no tracker; only the rank's own chunk is sent
-from the caller's buffer, and the collective waits for it to leave before returning.
+in, so forwarding copies nothing and needs no tracker; a piece that came through shared
+memory is passed on from the buffer it was copied into. The collective waits for what
+it sent from the caller's buffer to leave (or be read) before returning.
 Like the reduce-scatter, the rank sends its own chunk a few pieces ahead of what it has
 received (SentAhead), so that a slow neighbour holds a few pieces, not a whole chunk.
 """
@@ -32,8 +33,8 @@ async def all_gather_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
             piece, frame = await ch.recv(left, first_step + step, k, b - a)
             if step == 0:
                 await own.received(k)
-            await ch.run(np.copyto, buf[a:b], piece)
+            await ch.copy(buf[a:b], piece)
             if step < n - 2:
-                await ch.send(right, first_step + step + 1, k, frame)
+                await ch.forward(right, first_step + step + 1, k, frame, buf[a:b], region=c)
             ch.release(frame)
     await ch.drain()

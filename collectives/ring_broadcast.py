@@ -2,7 +2,8 @@
 
 Cost (N ranks, S bytes, pieces of size G): N-2 + S/G piece latencies; every rank but the
 last receives and sends S bytes once, so no link carries more than S. Each rank copies a
-piece into its buffer and passes the received frame on unchanged (no copy, no tracker).
+piece into its buffer and passes on the received frame unchanged (no copy, no tracker)
+or, where there is no frame to pass on (shared memory), the piece it copied.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ async def ring_broadcast(ch: Channel, buf: np.ndarray, root: int) -> None:
         return
     for k, (a, b) in enumerate(pieces):
         piece, frame = await ch.recv(left, 0, k, b - a)
-        await ch.run(np.copyto, buf[a:b], piece)
+        await ch.copy(buf[a:b], piece)
         if right != root:
-            await ch.send(right, 0, k, frame)
+            await ch.forward(right, 0, k, frame, buf[a:b], region=0)
         ch.release(frame)
+    await ch.drain()

@@ -182,6 +182,7 @@ class Ring:
         self._running.add(ch.seq)
         try:
             result = await algorithm(ch, *args)
+            await ch.drain()  # what peers read in this rank's memory must stay until read
         except BaseException as exc:
             ch.endpoint.inbox.abandon(ch.seq)  # its late messages must not pile up
             ch.endpoint.mismatches.pop(ch.seq, None)

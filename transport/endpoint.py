@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any, Iterable
 
+import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -28,7 +29,7 @@ from .context import context, gate, hold, let_go
 from .heartbeat import Watchdog
 from .inbox import Inbox, Message
 from .security import Keys
-from .shared import SharedPayload, discard
+from .shared import HELD, discard
 from .shared_links import SharedLinks
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ CLOSE_LINGER_MS = 2000
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 # Messages up to this size go over a direct link where one is up (see direct.py).
 DIRECT_BYTES = 256 << 10
+# Arrays from this size go to a shared-memory peer by address where it can read this
+# process (single_copy.py), smaller ones through the ring.
+SINGLE_COPY_BYTES = 256 << 10
 # Polls of the shared-memory links per poll of the sockets, while a receive spins.
 _SHARED_POLLS = 8
 
@@ -75,12 +79,13 @@ class Endpoint:
         self._listener: direct.Listener | None = None
         self._links: dict[int, direct.Writer] = {}
         self.direct_bytes = DIRECT_BYTES
+        self.single_copy_bytes = SINGLE_COPY_BYTES
         self.lost: dict[int, str] = {}  # rank -> why it was lost
         self.excluded_by: int | None = None  # a rank that declared this one lost
         self.mismatches: dict[int, MismatchError] = {}  # seq -> what another rank found
         self._departed: set[int] = set()  # ranks that said BYE
         self._watchdog: Watchdog | None = None
-        self.shared = SharedLinks(rank, self.notify, self._deliver)
+        self.shared = SharedLinks(rank, self.notify, self._deliver, self.peer_addresses)
         self._unrung: dict[int, int] = {}  # rank -> the head it may not have read
         self._control = {Kind.LINK: self._open_link, Kind.HEARTBEAT: lambda message: None,
                          Kind.LOST: self._reported_lost, Kind.BYE: self._said_bye,
@@ -180,7 +185,7 @@ class Endpoint:
             raise self.inbox.failure
         if to not in self._push:
             self.connect(to, self.peer_addresses[to])
-        in_segment = isinstance(payload, SharedPayload)  # read in place, released soon
+        in_segment = isinstance(payload, HELD)  # held in a ring, released soon
         if in_segment:
             payload = payload.buffer
         nbytes = 0 if payload is None else memoryview(payload).nbytes
@@ -188,13 +193,16 @@ class Endpoint:
             header = header._replace(nbytes=nbytes)
         shared = self.shared.ready(to) if header.kind == Kind.DATA else None
         if shared is not None:
-            asleep = shared.write(encode(header), payload)
-            if asleep is not None:
+            by_address = shared.single_copy and isinstance(payload, np.ndarray) and \
+                0 < self.single_copy_bytes <= nbytes
+            written = shared.write(encode(header), payload, by_address)
+            if written is not None:
+                asleep, tracker = written
                 if not prompt:
                     self._unrung[to] = shared.head
                 elif asleep:
                     self._ring(to)
-                return None
+                return tracker
         if in_segment:  # a socket may read it later: copy it out of the segment
             payload = bytes(payload)
         link = self._links.get(to)
@@ -320,7 +328,7 @@ class Endpoint:
         if h.nbytes != nbytes:
             return self._drop(f"{h.kind.name} from rank {h.sender} has {nbytes} payload bytes "
                               f"under a header of {h.nbytes}", payload)
-        if isinstance(payload, SharedPayload) and h.kind != Kind.DATA:
+        if isinstance(payload, HELD) and h.kind != Kind.DATA:
             return self._drop(f"{h.kind.name} from rank {h.sender} in shared memory", payload)
         if self._watchdog is not None:
             self._watchdog.heard(h.sender)

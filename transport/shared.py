@@ -14,7 +14,8 @@ capacity):
     word 24: asleep      1 unless the receiver is polling the ring (the receiver's)
     word 32: read        end of the last record delivered           (the receiver's)
     byte 4096 on: the ring of records, each 64-byte aligned:
-        [header length u64 | SKIP][payload length u64][msgpack header] pad [payload] pad
+        [header length u64 | SKIP | REMOTE][payload length u64][msgpack header] pad
+        [payload, or for REMOTE where it lies in the sender: address u64, length u64] pad
 
 A record never wraps: where one would not fit before the end, a SKIP record fills the rest.
 The receiver may release records out of order (a piece kept for a later collective); the
@@ -50,6 +51,8 @@ import numpy as np
 from ringlib import atomics
 from ringlib.errors import ProtocolError
 
+from .single_copy import Released, RemotePayload
+
 log = logging.getLogger(__name__)
 
 DIRECTORY = "/dev/shm"
@@ -59,6 +62,7 @@ DATA_OFFSET = 4096
 ALIGN = 64
 NONCE, CAPACITY, HEAD, TAIL, ASLEEP, READ = 0, 1, 8, 16, 24, 32
 SKIP = 1 << 63
+REMOTE = 1 << 62  # the payload stays in the sender's memory (single_copy.py)
 MAX_HEADER = 1024
 _RECORD = struct.Struct("<QQ")  # a record's header length (or SKIP) and payload length
 
@@ -116,6 +120,7 @@ class Writer:
         self.nonce = int.from_bytes(secrets.token_bytes(8), "little") >> 1
         self.ready = False     # the receiver has mapped it
         self.named = True      # the name still exists in /dev/shm
+        self.single_copy = False  # the receiver reads large payloads from this process
         path = os.path.join(DIRECTORY, self.name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -132,14 +137,38 @@ class Writer:
         self._head = 0
         self._tail = 0  # the receiver's tail as last read
 
-    def accepted(self) -> None:
-        """The receiver mapped the segment and unlinked its name."""
-        self.ready, self.named = True, False
+    @property
+    def probe(self) -> tuple[int, int]:
+        """(pid, address) of the nonce in this process, for the receiver's single-copy probe."""
+        return os.getpid(), self._words.ctypes.data + 8 * NONCE
 
-    def write(self, header: bytes, payload: Any) -> bool | None:
+    def accepted(self, single_copy: bool = False) -> None:
+        """The receiver mapped the segment and unlinked its name."""
+        self.ready, self.named, self.single_copy = True, False, single_copy
+
+    def write(self, header: bytes, payload: Any,
+              by_address: bool = False) -> tuple[bool, Released | None] | None:
         """Copy one message into the ring. None if it does not fit now (send it another way);
-        else whether the receiver is asleep and needs a doorbell."""
+        else whether the receiver is asleep and needs a doorbell, and a tracker.
+
+        With `by_address` (an ndarray payload), the record says only where the payload lies
+        in this process, for the receiver to read it there (single_copy.py); the payload
+        must not change until the tracker is done. Otherwise it is copied: no tracker.
+        """
+        if by_address:
+            where = _RECORD.pack(payload.ctypes.data, payload.nbytes)
+            asleep = self._append(header, memoryview(where), REMOTE)
+            return None if asleep is None else (asleep, Released(self, self._head))
         view = None if payload is None else memoryview(payload).cast("B")
+        asleep = self._append(header, view)
+        return None if asleep is None else (asleep, None)
+
+    def released(self, end: int) -> bool:
+        """Whether the receiver released every record before byte count `end`, or the
+        link closed (nobody will read them)."""
+        return self._words is None or int(atomics.load(self._words, TAIL)) >= end
+
+    def _append(self, header: bytes, view: memoryview | None, flags: int = 0) -> bool | None:
         nbytes = 0 if view is None else view.nbytes
         size = record_size(len(header), nbytes)
         pos = self._head % self.capacity
@@ -150,7 +179,7 @@ class Writer:
             _RECORD.pack_into(self._view, pos, SKIP, 0)
             self._head += waste
             pos = 0
-        _RECORD.pack_into(self._view, pos, len(header), nbytes)
+        _RECORD.pack_into(self._view, pos, len(header) | flags, nbytes)
         body = pos + _RECORD.size
         self._view[body:body + len(header)] = header
         if nbytes:
@@ -207,9 +236,12 @@ class SharedPayload:
             self._reader = None
 
 
+HELD = (SharedPayload, RemotePayload)  # payloads that hold a place in a ring until released
+
+
 def discard(payload: Any) -> None:
     """Give back a payload nobody will read (a dropped or abandoned message)."""
-    if isinstance(payload, SharedPayload):
+    if isinstance(payload, HELD):
         payload.release()
 
 
@@ -217,7 +249,8 @@ class Reader:
     """The receiving end: maps the sender's segment and hands out its records in place."""
 
     def __init__(self, name: str, nonce: int, capacity: int,
-                 deliver: Callable[[memoryview, SharedPayload], None]) -> None:
+                 deliver: Callable[[memoryview, Any], None], sender_pid: int = 0,
+                 sender: tuple[int, str] = (-1, "")) -> None:
         if "/" in name or not name.startswith(PREFIX):
             raise ProtocolError(f"segment name {name!r} is not a ringlib segment")
         path = os.path.join(DIRECTORY, name)
@@ -233,6 +266,7 @@ class Reader:
             raise ProtocolError(f"segment {name} holds another nonce or capacity")
         os.unlink(path)  # mapped on both ends: the name may go
         self.capacity = capacity
+        self.sender_pid, self.sender = sender_pid, sender  # sender: (rank, address)
         self._deliver = deliver
         self._read = int(atomics.load(self._words, TAIL))
         self._pending: collections.deque[list] = collections.deque()  # [end, released]
@@ -258,6 +292,7 @@ class Reader:
     def _take(self, head: int) -> None:
         pos = self._read % self.capacity
         header_len, payload_len = _RECORD.unpack_from(self._view, pos)
+        remote, header_len = header_len & REMOTE, header_len & ~REMOTE
         if header_len == SKIP:
             size = self.capacity - pos
         else:
@@ -273,8 +308,15 @@ class Reader:
             return self.release(entry)
         body = pos + _RECORD.size
         start = _aligned(body + header_len)
-        self._deliver(self._view[body:body + header_len],
-                      SharedPayload(self._view[start:start + payload_len], self, entry))
+        if remote:
+            if payload_len != _RECORD.size:
+                raise ProtocolError(f"a remote payload's address takes {payload_len} bytes")
+            address, nbytes = _RECORD.unpack_from(self._view, start)
+            payload = RemotePayload(self.sender_pid, address, nbytes,
+                                    lambda: self.release(entry), self.sender)
+        else:
+            payload = SharedPayload(self._view[start:start + payload_len], self, entry)
+        self._deliver(self._view[body:body + header_len], payload)
 
     def release(self, entry: list) -> None:
         entry[1] = True

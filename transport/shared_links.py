@@ -7,12 +7,15 @@ from then on collective payloads to it travel through the segment. A peer on ano
 (or in a container with its own /dev/shm) finds no such file and answers DECLINE, and the
 sockets carry, as they always do until an answer comes. So a ring spread over several
 hosts runs shared memory between the ranks on each host and tcp between hosts.
+
+The taker also tries to read the nonce straight out of the offerer's memory, and says in
+its ACCEPT whether that worked: then large payloads travel by address (single_copy.py).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import msgpack
 
@@ -20,11 +23,13 @@ from ringlib.errors import ProtocolError
 
 from .frames import Kind
 from .inbox import Message
-from .shared import Reader, SharedPayload, Writer
+from .shared import Reader, Writer
+from .single_copy import readable
 
 log = logging.getLogger(__name__)
 
 OFFER, ACCEPT, DECLINE = 0, 1, 2
+_SINGLE_COPY = b"single-copy"  # an ACCEPT's payload where the taker can read the offerer
 
 
 class SharedLinks:
@@ -32,8 +37,9 @@ class SharedLinks:
     its offer, and those it reads."""
 
     def __init__(self, rank: int, notify: Callable[..., None],
-                 deliver: Callable[[memoryview, SharedPayload], None]) -> None:
+                 deliver: Callable[[memoryview, Any], None], addresses: dict[int, str]) -> None:
         self.rank = rank
+        self._addresses = addresses  # the endpoint's peer addresses, for errors
         self._notify = notify  # Endpoint.notify: a control message over the sockets
         self._deliver = deliver
         self.writers: dict[int, Writer] = {}
@@ -54,8 +60,8 @@ class SharedLinks:
             log.info("rank %d offers rank %d no shared memory: %s", self.rank, rank, exc)
             return
         self.writers[rank] = writer
-        self._notify(rank, Kind.SHARED, 0, msgpack.packb((writer.name, writer.nonce, capacity)),
-                     step=OFFER)
+        offer = (writer.name, writer.nonce, capacity, *writer.probe)
+        self._notify(rank, Kind.SHARED, 0, msgpack.packb(offer), step=OFFER)
 
     def answer(self, message: Message) -> None:
         """Act on a SHARED message: take an offer (or decline it), or learn the answer."""
@@ -66,7 +72,8 @@ class SharedLinks:
         if writer is None or writer.ready:
             return
         if step == ACCEPT:
-            writer.accepted()
+            writer.accepted(single_copy=message.payload is not None and
+                            message.payload.bytes == _SINGLE_COPY)
         else:
             why = bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""
             log.info("rank %d: rank %d takes no shared memory (%s); sockets carry",
@@ -75,8 +82,9 @@ class SharedLinks:
 
     def _take(self, rank: int, offer: Message) -> None:
         try:
-            name, nonce, capacity = msgpack.unpackb(offer.payload.bytes)
-            reader = Reader(name, nonce, capacity, self._deliver)
+            name, nonce, capacity, pid, address = msgpack.unpackb(offer.payload.bytes)
+            reader = Reader(name, nonce, capacity, self._deliver, pid,
+                            (rank, self._addresses.get(rank, "?")))
         except (OSError, ValueError, TypeError, AttributeError, ProtocolError,
                 msgpack.UnpackException) as exc:
             return self._notify(rank, Kind.SHARED, 0, str(exc).encode(), step=DECLINE)
@@ -84,7 +92,8 @@ class SharedLinks:
         if old is not None:
             old.close()
         self.readers[rank] = reader
-        self._notify(rank, Kind.SHARED, 0, step=ACCEPT)
+        self._notify(rank, Kind.SHARED, 0, _SINGLE_COPY if readable(pid, address, nonce) else
+                     None, step=ACCEPT)
 
     def poll(self, rank: int | None = None) -> None:
         """Deliver what the segments of every peer (or of `rank`) hold now."""
