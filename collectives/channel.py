@@ -141,9 +141,11 @@ class Channel:
     async def run(self, fn: Callable[..., None], out: np.ndarray, src: Any) -> None:
         """fn(out, src) for a received piece `src`, in the worker thread when it is large.
         A piece still in its sender's memory is read a block at a time into a buffer that
-        the kernel then reads while it is in cache."""
+        the kernel then reads while it is in cache, on the event loop's thread: the worker
+        is there so that ZeroMQ's thread can move bytes meanwhile, and here none move but
+        these, which the kernel copies (measured: bench/NOTES.md)."""
         if isinstance(src, RemotePayload):
-            await self._work(out.nbytes, _reduce_remote, fn, out, src)
+            _reduce_remote(fn, out, src)
         else:
             await self._work(out.nbytes, fn, out, src)
 
@@ -151,7 +153,7 @@ class Channel:
         """Copy a received piece into `out`: straight out of its sender's memory if it is
         still there."""
         if isinstance(src, RemotePayload):
-            await self._work(out.nbytes, src.read_into, out)
+            src.read_into(out)
         else:
             await self._work(out.nbytes, np.copyto, out, src)
 
@@ -184,8 +186,10 @@ class Channel:
             await self.before_overwrite(region)
 
 
-# Blocks a remote piece is read in before they are reduced: they stay in the L2 cache.
-REMOTE_BLOCK_BYTES = 256 << 10
+# Blocks a remote piece is read in before they are reduced: small enough to stay in cache,
+# large enough that the system call and kernel launch per block cost little (measured
+# 64 KiB to 2 MiB: bench/NOTES.md).
+REMOTE_BLOCK_BYTES = 1 << 20
 
 
 def _reduce_remote(fn: Callable[..., None], out: np.ndarray, src: RemotePayload) -> None:

@@ -28,5 +28,5 @@ async def wait_sent(trackers: Iterable[zmq.MessageTracker], inbox: Inbox | None 
         if inbox is not None and inbox.failure is not None:
             raise inbox.failure
         await asyncio.sleep(delay)
-        delay = min(2 * delay or 20e-6, 2e-3)
+        delay = min(2 * delay or 20e-6, 2e-4)
         pending = [t for t in pending if not t.done]
