@@ -28,7 +28,8 @@ import zmq
 
 from ringlib.errors import MismatchError, ProtocolError
 from ringlib.partition import sub_chunks
-from ringlib.transport import Endpoint, Header, Kind, RemotePayload, discard, wait_sent
+from ringlib.transport import (Endpoint, Header, Kind, Released, RemotePayload, discard,
+                               wait_sent)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -70,15 +71,19 @@ class Channel:
         """The [start, stop) ranges chunk `c` of `bounds` travels in, one message each."""
         return sub_chunks(bounds[c], bounds[c + 1], self.segment_elems)
 
-    async def send(self, to: int, step: int, chunk: int, payload: Any, region: Any = None) -> None:
+    async def send(self, to: int, step: int, chunk: int, payload: Any, region: Any = None,
+                   writable: bool = False) -> bool:
         """Send one piece. With `region`, the piece is a view of a buffer that this collective
-        changes later: its tracker is kept under `region` for before_overwrite()."""
+        changes later: its tracker is kept under `region` for before_overwrite(). With
+        `writable`, lend it to a peer that can reach this rank's memory, to write into
+        until it releases it (see reduce_back); return whether it was lent so."""
         nbytes = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
         header = Header(Kind.DATA, self.seq, step, chunk, self.sig, nbytes, self.rank)
         tracker = await self.endpoint.send(to, header, payload, prompt=not self.spin,
-                                           deadline=self.deadline)
+                                           deadline=self.deadline, writable=writable)
         if region is not None and tracker is not None:
             self.sent[region].append(tracker)
+        return writable and isinstance(tracker, Released)
 
     async def recv(self, frm: int, step: int, chunk: int, count: int) -> tuple[Any, Any]:
         """Receive one piece of `count` elements from rank `frm`: the piece, for run() and
@@ -149,6 +154,21 @@ class Channel:
         else:
             await self._work(out.nbytes, fn, out, src)
 
+    async def reduce_back(self, fn: Callable[..., None], out: np.ndarray, src: Any) -> bool:
+        """fn(out, src), and where `src` is a piece lent writable in its sender's memory,
+        write each reduced block back into it while it is in cache; return whether it was
+        written back (else the sender needs the result some other way)."""
+        if isinstance(src, RemotePayload) and src.writable:
+            _reduce_remote(fn, out, src, back=True)
+            return True
+        await self.run(fn, out, src)
+        return False
+
+    def reaches(self, rank: int) -> bool:
+        """Whether this rank and `rank` can each read and write the other's memory; every
+        rank finds the same, so it may choose an algorithm."""
+        return self.endpoint.reaches(rank)
+
     async def copy(self, out: np.ndarray, src: Any) -> None:
         """Copy a received piece into `out`: straight out of its sender's memory if it is
         still there."""
@@ -192,12 +212,16 @@ class Channel:
 REMOTE_BLOCK_BYTES = 1 << 20
 
 
-def _reduce_remote(fn: Callable[..., None], out: np.ndarray, src: RemotePayload) -> None:
+def _reduce_remote(fn: Callable[..., None], out: np.ndarray, src: RemotePayload,
+                   back: bool = False) -> None:
     """fn(out, src) for a piece that lies in another process, one cache-sized block at a
-    time: block i of src is read (single_copy.py) into `scratch`, then reduced into out."""
+    time: block i of src is read (single_copy.py) into `scratch`, then reduced into out,
+    and with `back` the reduced block is written over block i of src."""
     step = max(1, REMOTE_BLOCK_BYTES // out.itemsize)
     scratch = np.empty(min(step, out.size), out.dtype)
     for start in range(0, out.size, step):
-        block = scratch[:min(step, out.size - start)]
+        block, done = scratch[:min(step, out.size - start)], out[start:start + step]
         src.read_into(block, start * out.itemsize)
-        fn(out[start:start + block.size], block)
+        fn(done, block)
+        if back:
+            src.write_from(done, start * out.itemsize)

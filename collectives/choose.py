@@ -18,6 +18,7 @@ from ringlib.reduce import storage_reducer
 from .barrier import dissemination_barrier
 from .channel import Channel
 from .direct_broadcast import direct_broadcast
+from .pairwise_allreduce import pairwise_allreduce
 from .recursive_doubling import recursive_doubling
 from .ring_all_gather import all_gather_phase
 from .ring_allreduce import ring_allreduce
@@ -43,6 +44,8 @@ async def all_reduce(ch: Channel, buf: np.ndarray, dtype: DType, op: Op,
     partial, final = step_reducers(dtype, op, ch.world_size)
     if buf.nbytes <= small_bytes:
         await recursive_doubling(ch, buf, partial, final)
+    elif ch.world_size == 2 and ch.reaches(1 - ch.rank):
+        await pairwise_allreduce(ch, buf, final)
     else:
         await ring_allreduce(ch, buf, partial, final)
 

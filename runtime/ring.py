@@ -401,9 +401,10 @@ async def _join(endpoint: Endpoint, peers: list[str], settings: Settings,
     await greet_neighbours(endpoint, left, right, timeout)
     endpoint.direct_bytes = settings.direct_bytes
     await endpoint.offer_links(r for r in range(world_size) if r != rank)
+    others = [r for r in range(world_size) if r != rank]
     endpoint.offer_shared({r: settings.shm_bytes if r == right else
-                           min(settings.shm_bytes, SIDE_SHM_BYTES)
-                           for r in range(world_size) if r != rank})
+                           min(settings.shm_bytes, SIDE_SHM_BYTES) for r in others})
+    await endpoint.settle_shared(others, timeout)
 
 
 def _warm_kernels() -> None:

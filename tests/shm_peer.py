@@ -36,7 +36,7 @@ async def shared_peers(ring: ringlib.Ring, expected: int) -> list[int]:
 async def check(ring: ringlib.Ring, seed: int) -> None:
     peers = await shared_peers(ring, int(os.environ.get("EXPECT_SHARED", ring.world_size - 1)))
     print("shared", ",".join(map(str, peers)) or "-", flush=True)
-    names = [n for n in os.listdir(shared.DIRECTORY) if n.startswith(f"{shared.PREFIX}{shared.job()}-")]
+    names = [n for n in os.listdir(shared.DIRECTORY) if n.startswith(f"{shared.PREFIX}{shared.job([])}-")]
     print("named", len(names), flush=True)
     for i, n in enumerate(SIZES):
         rng = np.random.default_rng([seed, i])
@@ -91,7 +91,7 @@ async def main(scenario: str, seed: int) -> None:
 if __name__ == "__main__":
     scenario, seed = sys.argv[1], int(sys.argv[2])
     if scenario == "orphan":
-        shared.Writer(int(os.environ["RINGLIB_RANK"]), 99, 1 << 20)
+        shared.Writer(shared.job([]), int(os.environ["RINGLIB_RANK"]), 99, 1 << 20)
         print("offered", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     asyncio.run(main(scenario, seed))

@@ -40,7 +40,7 @@ def launched_since(before: set[str]) -> set[str]:
 def link():
     """A writer and the reader of its segment, in this process; what arrives is kept."""
     got: list = []
-    writer = shared.Writer(0, 1, 1 << 16)
+    writer = shared.Writer("test", 0, 1, 1 << 16)
     reader = shared.Reader(writer.name, writer.nonce, writer.capacity,
                            lambda header, payload: got.append((decode(header), payload)))
     writer.accepted()
@@ -109,7 +109,7 @@ def test_a_corrupt_ring_breaks_the_link_and_delivers_nothing_more(link):
 
 
 def test_a_stranger_segment_or_a_wrong_nonce_is_refused_and_left_alone():
-    writer = shared.Writer(0, 1, 4096)
+    writer = shared.Writer("test", 0, 1, 4096)
     try:
         with pytest.raises(ProtocolError, match="nonce"):
             shared.Reader(writer.name, writer.nonce ^ 1, writer.capacity, print)

@@ -11,8 +11,8 @@ from .endpoint import DIRECT_BYTES, Endpoint
 from .frames import PROTOCOL_VERSION, Header, Kind
 from .inbox import Inbox, Message
 from .shared import discard
-from .single_copy import RemotePayload
+from .single_copy import Released, RemotePayload
 from .trackers import wait_sent
 
-__all__ = ["DIRECT_BYTES", "Endpoint", "Header", "Inbox", "Kind", "Message", "PROTOCOL_VERSION", "RemotePayload",
+__all__ = ["DIRECT_BYTES", "Endpoint", "Header", "Inbox", "Kind", "Message", "PROTOCOL_VERSION", "Released", "RemotePayload",
            "context", "discard", "wait_sent"]

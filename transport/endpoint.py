@@ -20,10 +20,10 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from ringlib.errors import (MismatchError, PeerLost, ProtocolError, RendezvousError, RingClosed,
-                            Unauthorized)
+from ringlib.errors import (MismatchError, PeerLost, ProtocolError, RendezvousError,
+                            RendezvousTimeout, RingClosed, Unauthorized)
 
-from . import addresses, direct
+from . import addresses, direct, shared
 from .frames import Header, Kind, decode, encode
 from .context import context, gate, hold, let_go
 from .heartbeat import Watchdog
@@ -144,8 +144,26 @@ class Endpoint:
         """Offer each rank a shared-memory link of the given capacity (see shared_links.py);
         those on this host take it. Not within one process (inproc), where it buys nothing."""
         if self._may_poll:
+            self.shared.job = shared.job([self.peer_addresses[r] for r in
+                                          sorted(self.peer_addresses)])
             for rank, capacity in capacities.items():
                 self.shared.offer(rank, capacity)
+
+    async def settle_shared(self, ranks: list[int], timeout: float) -> None:
+        """Wait until every one of `ranks` answered this rank's offer and sent its own (see
+        SharedLinks.settled), so that both ends of each link know what it can do."""
+        deadline = time.monotonic() + timeout
+        while self._may_poll and not self.shared.settled(ranks):
+            if time.monotonic() > deadline:
+                raise RendezvousTimeout(
+                    f"rank {self.rank} ({self.address}): ranks {self.shared.unsettled(ranks)} "
+                    f"did not answer about shared memory within {timeout:g} s")
+            await self.inbox.unless_failed(asyncio.sleep(1e-3))
+
+    def reaches(self, rank: int) -> bool:
+        """Whether this rank and `rank` can read and write each other's memory (both find
+        the same once settle_shared returned)."""
+        return self.shared.reach(rank)
 
     def shared_peers(self) -> list[int]:
         """The ranks this rank sends collective payloads to through shared memory, now."""
@@ -168,7 +186,7 @@ class Endpoint:
         self.peer_addresses[rank] = address
 
     async def send(self, to: int, header: Header, payload: Any = None, prompt: bool = True,
-                   deadline: float | None = None) -> zmq.MessageTracker:
+                   deadline: float | None = None, writable: bool = False) -> Any:
         """Queue one message for rank `to`; the payload buffer is shared, not copied, when large.
 
         The returned tracker is done once ZeroMQ no longer reads the payload buffer; None
@@ -178,6 +196,10 @@ class Endpoint:
         polling is woken at once, or with `prompt` False only once this rank stops polling
         itself (wake_readers) and the peer has still not read it. A send that must wait
         for room gives up with TimeoutError at `deadline` (the event loop's time).
+
+        Large arrays go to a peer that can read this process by address (single_copy.py),
+        with a Released tracker; `writable` ones always do where the peer can, and the
+        peer may write into them until it releases them.
         """
         if self._closed:
             raise RingClosed(f"rank {self.rank}: endpoint is closed")
@@ -191,15 +213,15 @@ class Endpoint:
         nbytes = 0 if payload is None else memoryview(payload).nbytes
         if header.nbytes != nbytes:
             header = header._replace(nbytes=nbytes)
-        shared = self.shared.ready(to) if header.kind == Kind.DATA else None
-        if shared is not None:
-            by_address = shared.single_copy and isinstance(payload, np.ndarray) and \
-                0 < self.single_copy_bytes <= nbytes
-            written = shared.write(encode(header), payload, by_address)
+        writer = self.shared.ready(to) if header.kind == Kind.DATA else None
+        if writer is not None:
+            by_address = writer.single_copy and isinstance(payload, np.ndarray) and \
+                (writable or 0 < self.single_copy_bytes <= nbytes)
+            written = writer.write(encode(header), payload, by_address, writable)
             if written is not None:
                 asleep, tracker = written
                 if not prompt:
-                    self._unrung[to] = shared.head
+                    self._unrung[to] = writer.head
                 elif asleep:
                     self._ring(to)
                 return tracker

@@ -14,7 +14,7 @@ capacity):
     word 24: asleep      1 unless the receiver is polling the ring (the receiver's)
     word 32: read        end of the last record delivered           (the receiver's)
     byte 4096 on: the ring of records, each 64-byte aligned:
-        [header length u64 | SKIP | REMOTE][payload length u64][msgpack header] pad
+        [header length u64 | SKIP | REMOTE | WRITABLE][payload length u64][msgpack header] pad
         [payload, or for REMOTE where it lies in the sender: address u64, length u64] pad
 
 A record never wraps: where one would not fit before the end, a SKIP record fills the rest.
@@ -30,8 +30,9 @@ their word, then load the other's with a fence between (ringlib.atomics), so at 
 of them sees the other's store, and no wake-up is lost.
 
 Nothing stays in /dev/shm: the receiver unlinks the name as soon as it has mapped it; an
-offer never accepted is unlinked by the sender, by a survivor that loses the sender, or
-by `ringlib launch`, which removes every name of its job (`remove_job_segments`).
+offer never accepted is unlinked by the sender, by every survivor that loses the sender
+(names carry the ring's job and the offering rank), or by `ringlib launch`, which removes
+every name of its job (`remove_job_segments`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import glob
+import hashlib
 import logging
 import mmap
 import os
@@ -62,7 +64,8 @@ DATA_OFFSET = 4096
 ALIGN = 64
 NONCE, CAPACITY, HEAD, TAIL, ASLEEP, READ = 0, 1, 8, 16, 24, 32
 SKIP = 1 << 63
-REMOTE = 1 << 62  # the payload stays in the sender's memory (single_copy.py)
+REMOTE = 1 << 62    # the payload stays in the sender's memory (single_copy.py)
+WRITABLE = 1 << 61  # ... and the receiver may write into it there
 MAX_HEADER = 1024
 _RECORD = struct.Struct("<QQ")  # a record's header length (or SKIP) and payload length
 
@@ -76,15 +79,18 @@ def record_size(header_len: int, payload_len: int) -> int:
     return _aligned(_aligned(_RECORD.size + header_len) + payload_len)
 
 
-def job() -> str:
-    """This job's part of segment names: the launcher's, or this process's own."""
-    return os.environ.get(JOB_VARIABLE) or f"p{os.getpid()}"
+def job(peers: list[str]) -> str:
+    """A ring's part of segment names: the launcher's job, or else one that every rank of
+    the ring derives alike from its address table, so that each can find another's."""
+    digest = hashlib.sha1(",".join(peers).encode()).hexdigest()[:12]
+    return os.environ.get(JOB_VARIABLE) or f"r{digest}"
 
 
-def remove_job_segments(job_name: str) -> int:
-    """Unlink every segment name of a job (its ranks may have been killed before their
-    peers took them); return how many there were."""
-    names = glob.glob(os.path.join(DIRECTORY, glob.escape(f"{PREFIX}{job_name}-")) + "*")
+def remove_job_segments(job_name: str, rank: int | None = None) -> int:
+    """Unlink every segment name of a job, or those that its `rank` offered (ranks may be
+    killed before their peers take what they offered); return how many there were."""
+    start = f"{PREFIX}{job_name}-" + ("" if rank is None else f"{rank}-")
+    names = glob.glob(os.path.join(DIRECTORY, glob.escape(start)) + "*")
     for path in names:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -114,9 +120,9 @@ def _unmap(memory: mmap.mmap) -> None:
 class Writer:
     """The sending end: creates the segment and copies messages into its ring."""
 
-    def __init__(self, rank: int, peer: int, capacity: int) -> None:
+    def __init__(self, job_name: str, rank: int, peer: int, capacity: int) -> None:
         self.capacity = _aligned(capacity)
-        self.name = f"{PREFIX}{job()}-{rank}-{peer}-{secrets.token_hex(6)}"
+        self.name = f"{PREFIX}{job_name}-{rank}-{peer}-{secrets.token_hex(6)}"
         self.nonce = int.from_bytes(secrets.token_bytes(8), "little") >> 1
         self.ready = False     # the receiver has mapped it
         self.named = True      # the name still exists in /dev/shm
@@ -146,18 +152,20 @@ class Writer:
         """The receiver mapped the segment and unlinked its name."""
         self.ready, self.named, self.single_copy = True, False, single_copy
 
-    def write(self, header: bytes, payload: Any,
-              by_address: bool = False) -> tuple[bool, Released | None] | None:
+    def write(self, header: bytes, payload: Any, by_address: bool = False,
+              writable: bool = False) -> tuple[bool, Released | None] | None:
         """Copy one message into the ring. None if it does not fit now (send it another way);
         else whether the receiver is asleep and needs a doorbell, and a tracker.
 
         With `by_address` (an ndarray payload), the record says only where the payload lies
         in this process, for the receiver to read it there (single_copy.py); the payload
-        must not change until the tracker is done. Otherwise it is copied: no tracker.
+        must not change until the tracker is done, and with `writable` the receiver may
+        write into it meanwhile. Otherwise it is copied: no tracker.
         """
         if by_address:
             where = _RECORD.pack(payload.ctypes.data, payload.nbytes)
-            asleep = self._append(header, memoryview(where), REMOTE)
+            flags = REMOTE | (WRITABLE if writable else 0)
+            asleep = self._append(header, memoryview(where), flags)
             return None if asleep is None else (asleep, Released(self, self._head))
         view = None if payload is None else memoryview(payload).cast("B")
         asleep = self._append(header, view)
@@ -292,7 +300,8 @@ class Reader:
     def _take(self, head: int) -> None:
         pos = self._read % self.capacity
         header_len, payload_len = _RECORD.unpack_from(self._view, pos)
-        remote, header_len = header_len & REMOTE, header_len & ~REMOTE
+        remote, writable = header_len & REMOTE, bool(header_len & WRITABLE)
+        header_len &= ~(REMOTE | WRITABLE)
         if header_len == SKIP:
             size = self.capacity - pos
         else:
@@ -313,7 +322,7 @@ class Reader:
                 raise ProtocolError(f"a remote payload's address takes {payload_len} bytes")
             address, nbytes = _RECORD.unpack_from(self._view, start)
             payload = RemotePayload(self.sender_pid, address, nbytes,
-                                    lambda: self.release(entry), self.sender)
+                                    lambda: self.release(entry), self.sender, writable)
         else:
             payload = SharedPayload(self._view[start:start + payload_len], self, entry)
         self._deliver(self._view[body:body + header_len], payload)

@@ -10,6 +10,11 @@ hosts runs shared memory between the ranks on each host and tcp between hosts.
 
 The taker also tries to read the nonce straight out of the offerer's memory, and says in
 its ACCEPT whether that worked: then large payloads travel by address (single_copy.py).
+
+A rank that offers a peer nothing (shared memory off) says so (NONE). So once a rank has
+heard from every peer and had every offer answered, it knows, for each peer, whether
+each of the two can reach the other's memory, and so does the peer: ranks may choose an
+algorithm by it (`reach`) and still agree.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ from ringlib.errors import ProtocolError
 
 from .frames import Kind
 from .inbox import Message
-from .shared import Reader, Writer
+from .shared import Reader, Writer, remove_job_segments
 from .single_copy import readable
 
 log = logging.getLogger(__name__)
 
-OFFER, ACCEPT, DECLINE = 0, 1, 2
+OFFER, ACCEPT, DECLINE, NONE = 0, 1, 2, 3
 _SINGLE_COPY = b"single-copy"  # an ACCEPT's payload where the taker can read the offerer
 
 
@@ -44,6 +49,10 @@ class SharedLinks:
         self._deliver = deliver
         self.writers: dict[int, Writer] = {}
         self.readers: dict[int, Reader] = {}
+        self.job = ""  # the ring's part of segment names (shared.job), set by the first offer
+        self._reads_memory: set[int] = set()  # peers whose memory this rank can read
+        self._heard: set[int] = set()         # peers whose OFFER or NONE was answered
+        self._unanswered: set[int] = set()    # peers this rank's offer waits on
 
     def ready(self, rank: int) -> Writer | None:
         """The writer to `rank`, if `rank` took it."""
@@ -51,26 +60,32 @@ class SharedLinks:
         return writer if writer is not None and writer.ready else None
 
     def offer(self, rank: int, capacity: int) -> None:
-        """Create a segment of `capacity` bytes for `rank` to read and offer it."""
-        if rank in self.writers or capacity <= 0:
+        """Create a segment of `capacity` bytes for `rank` to read and offer it; with
+        capacity 0 (or if no segment can be made), tell `rank` that none is offered."""
+        if rank in self.writers:
             return
         try:
-            writer = Writer(self.rank, rank, capacity)
+            writer = Writer(self.job, self.rank, rank, capacity) if capacity > 0 else None
         except OSError as exc:
             log.info("rank %d offers rank %d no shared memory: %s", self.rank, rank, exc)
-            return
+            writer = None
+        if writer is None:
+            return self._notify(rank, Kind.SHARED, 0, step=NONE)
         self.writers[rank] = writer
+        self._unanswered.add(rank)
         offer = (writer.name, writer.nonce, capacity, *writer.probe)
         self._notify(rank, Kind.SHARED, 0, msgpack.packb(offer), step=OFFER)
 
     def answer(self, message: Message) -> None:
         """Act on a SHARED message: take an offer (or decline it), or learn the answer."""
         rank, step = message.header.sender, message.header.step
-        if step == OFFER:
-            return self._take(rank, message)
+        if step in (OFFER, NONE):
+            self._heard.add(rank)
+            return self._take(rank, message) if step == OFFER else None
         writer = self.writers.get(rank)
         if writer is None or writer.ready:
             return
+        self._unanswered.discard(rank)
         if step == ACCEPT:
             writer.accepted(single_copy=message.payload is not None and
                             message.payload.bytes == _SINGLE_COPY)
@@ -92,8 +107,23 @@ class SharedLinks:
         if old is not None:
             old.close()
         self.readers[rank] = reader
-        self._notify(rank, Kind.SHARED, 0, _SINGLE_COPY if readable(pid, address, nonce) else
-                     None, step=ACCEPT)
+        if readable(pid, address, nonce):
+            self._reads_memory.add(rank)
+        self._notify(rank, Kind.SHARED, 0,
+                     _SINGLE_COPY if rank in self._reads_memory else None, step=ACCEPT)
+
+    def settled(self, ranks: list[int]) -> bool:
+        """Whether every one of `ranks` was heard from and answered this rank's offer."""
+        return self._heard.issuperset(ranks) and not self._unanswered.intersection(ranks)
+
+    def unsettled(self, ranks: list[int]) -> list[int]:
+        return sorted(set(ranks) - self._heard | self._unanswered.intersection(ranks))
+
+    def reach(self, rank: int) -> bool:
+        """Whether this rank and `rank` can each read and write the other's memory; both
+        find the same once settled."""
+        writer = self.ready(rank)
+        return writer is not None and writer.single_copy and rank in self._reads_memory
 
     def poll(self, rank: int | None = None) -> None:
         """Deliver what the segments of every peer (or of `rank`) hold now."""
@@ -116,7 +146,12 @@ class SharedLinks:
         self.poll()
 
     def lose(self, rank: int) -> None:
-        """`rank` is gone: unmap its segment, and unlink ours if it never took it."""
+        """`rank` is gone: unmap its segment, unlink ours if it never took it, and what it
+        offered others that they never took."""
+        if self.job:
+            remove_job_segments(self.job, rank)
+        self._reads_memory.discard(rank)
+        self._unanswered.discard(rank)
         writer, reader = self.writers.pop(rank, None), self.readers.pop(rank, None)
         if writer is not None:
             writer.close()

@@ -35,26 +35,41 @@ class _IoVec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-_readv = getattr(_libc, "process_vm_readv", None)
-if _readv is not None:
-    _readv.restype = ctypes.c_ssize_t
-    _readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
-                       ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+def _syscall(name: str) -> Any:
+    call = getattr(_libc, name, None)
+    if call is not None:
+        call.restype = ctypes.c_ssize_t
+        call.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                         ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+    return call
+
+
+_CALLS = {"read": _syscall("process_vm_readv"), "write": _syscall("process_vm_writev")}
 
 
 def read(pid: int, address: int, into: int, nbytes: int) -> None:
     """Copy `nbytes` at `address` in process `pid` to `into` in this one; OSError if the
     kernel refuses or the memory is gone (the process died or freed it)."""
-    if _readv is None:
-        raise OSError("process_vm_readv is not available here")
+    _transfer("read", pid, address, into, nbytes)
+
+
+def write(pid: int, address: int, source: int, nbytes: int) -> None:
+    """Copy `nbytes` at `source` in this process to `address` in process `pid`."""
+    _transfer("write", pid, address, source, nbytes)
+
+
+def _transfer(way: str, pid: int, address: int, local: int, nbytes: int) -> None:
+    call = _CALLS[way]
+    if call is None:
+        raise OSError(f"process_vm_{way}v is not available here")
     done = 0
-    while done < nbytes:  # the kernel may stop short at a page it cannot read
-        local, remote = _IoVec(into + done, nbytes - done), _IoVec(address + done, nbytes - done)
-        got = _readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-        if got <= 0:
+    while done < nbytes:  # the kernel may stop short at a page boundary
+        here, there = _IoVec(local + done, nbytes - done), _IoVec(address + done, nbytes - done)
+        moved = call(pid, ctypes.byref(here), 1, ctypes.byref(there), 1, 0)
+        if moved <= 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"reading {nbytes} bytes of process {pid}: {os.strerror(err)}")
-        done += got
+            raise OSError(err, f"{way} of {nbytes} bytes of process {pid}: {os.strerror(err)}")
+        done += moved
 
 
 def readable(pid: int, address: int, expected: int) -> bool:
@@ -70,14 +85,16 @@ def readable(pid: int, address: int, expected: int) -> bool:
 
 class RemotePayload:
     """A received payload that is still in the sender's memory: read it with read_into()
-    (or .bytes), then release() it, which lets the sender change its buffer."""
+    (or .bytes), then release() it, which lets the sender change its buffer. If the sender
+    sent it `writable`, write_from() may also overwrite it there, until the release."""
 
-    __slots__ = ("_pid", "_address", "_nbytes", "_release", "_sender", "_bytes")
+    __slots__ = ("_pid", "_address", "_nbytes", "_release", "_sender", "writable", "_bytes")
 
     def __init__(self, pid: int, address: int, nbytes: int, release: Any,
-                 sender: tuple[int, str]) -> None:
+                 sender: tuple[int, str], writable: bool = False) -> None:
         self._pid, self._address, self._nbytes, self._release = pid, address, nbytes, release
         self._sender = sender  # (rank, address), for errors
+        self.writable = writable
         self._bytes: bytes | None = None
 
     def __len__(self) -> int:
@@ -85,15 +102,24 @@ class RemotePayload:
 
     def read_into(self, out: np.ndarray, start: int = 0) -> None:
         """Fill the C-contiguous array `out` from byte `start` of the payload."""
-        if start < 0 or start + out.nbytes > self._nbytes:
-            raise ProtocolError(f"bytes {start}..{start + out.nbytes} of a {self._nbytes}-byte "
-                                "payload")
+        self._transfer(read, out, start)
+
+    def write_from(self, src: np.ndarray, start: int = 0) -> None:
+        """Overwrite the payload, from byte `start`, in the sender's memory with `src`."""
+        if not self.writable:
+            raise ProtocolError("the sender did not let this payload be written")
+        self._transfer(write, src, start)
+
+    def _transfer(self, how: Any, local: np.ndarray, start: int) -> None:
+        if start < 0 or start + local.nbytes > self._nbytes or self._release is None:
+            raise ProtocolError(f"bytes {start}..{start + local.nbytes} of a {self._nbytes}-"
+                                "byte payload, or a released one")
         try:
-            read(self._pid, self._address + start, out.ctypes.data, out.nbytes)
+            how(self._pid, self._address + start, local.ctypes.data, local.nbytes)
         except OSError as exc:  # the sender died, or broke its word and freed the buffer
             rank, address = self._sender
-            raise PeerLost(f"cannot read a payload of rank {rank} ({address}) in its memory: "
-                           f"{exc}", rank, address) from None
+            raise PeerLost(f"cannot reach a payload of rank {rank} ({address}) in its "
+                           f"memory: {exc}", rank, address) from None
 
     @property
     def bytes(self) -> bytes:
