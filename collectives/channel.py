@@ -79,8 +79,8 @@ class Channel:
         until it releases it (see reduce_back); return whether it was lent so."""
         nbytes = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
         header = Header(Kind.DATA, self.seq, step, chunk, self.sig, nbytes, self.rank)
-        tracker = await self.endpoint.send(to, header, payload, prompt=not self.spin,
-                                           deadline=self.deadline, writable=writable)
+        tracker = await self.endpoint.send(to, header, payload, deadline=self.deadline,
+                                           writable=writable)
         if region is not None and tracker is not None:
             self.sent[region].append(tracker)
         return writable and isinstance(tracker, Released)
@@ -125,11 +125,10 @@ class Channel:
         self.endpoint.inbox.expect(self.seq, self.sig, self._mismatch)
 
     def finish(self) -> None:
-        """The collective is over, or failed: release what it holds, stop checking its
-        messages, and wake the peers that have not read what it sent them."""
+        """The collective is over, or failed: release what it holds and stop checking its
+        messages."""
         self.release_all()
         self.endpoint.inbox.settle(self.seq)
-        self.endpoint.wake_readers()
 
     def _mismatch(self, theirs: Header) -> MismatchError:
         """The error of a rank that found another calling something else; the other ranks
@@ -209,7 +208,7 @@ class Channel:
 # Blocks a remote piece is read in before they are reduced: small enough to stay in cache,
 # large enough that the system call and kernel launch per block cost little (measured
 # 64 KiB to 2 MiB: bench/NOTES.md).
-REMOTE_BLOCK_BYTES = 1 << 20
+REMOTE_BLOCK_BYTES = 512 << 10
 
 
 def _reduce_remote(fn: Callable[..., None], out: np.ndarray, src: RemotePayload,

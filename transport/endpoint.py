@@ -86,7 +86,7 @@ class Endpoint:
         self._departed: set[int] = set()  # ranks that said BYE
         self._watchdog: Watchdog | None = None
         self.shared = SharedLinks(rank, self.notify, self._deliver, self.peer_addresses)
-        self._unrung: dict[int, int] = {}  # rank -> the head it may not have read
+        self._waiting = 0  # receives waiting on the event loop (see recv)
         self._control = {Kind.LINK: self._open_link, Kind.HEARTBEAT: lambda message: None,
                          Kind.LOST: self._reported_lost, Kind.BYE: self._said_bye,
                          Kind.MISMATCH: self._reported_mismatch, Kind.SHARED: self.shared.answer,
@@ -185,16 +185,15 @@ class Endpoint:
         self._push_now[rank] = zmq.Socket.shadow(push.underlying)
         self.peer_addresses[rank] = address
 
-    async def send(self, to: int, header: Header, payload: Any = None, prompt: bool = True,
+    async def send(self, to: int, header: Header, payload: Any = None,
                    deadline: float | None = None, writable: bool = False) -> Any:
         """Queue one message for rank `to`; the payload buffer is shared, not copied, when large.
 
         The returned tracker is done once ZeroMQ no longer reads the payload buffer; None
         means there is nothing to wait for: a received zmq.Frame passed on as a payload
         (ZeroMQ shares its buffer, and nobody changes it) or a copied payload. The
-        header's nbytes is set to the payload's length. A shared-memory peer that is not
-        polling is woken at once, or with `prompt` False only once this rank stops polling
-        itself (wake_readers) and the peer has still not read it. A send that must wait
+        header's nbytes is set to the payload's length. A shared-memory peer that waits on
+        its event loop is woken (see shared.py). A send that must wait
         for room gives up with TimeoutError at `deadline` (the event loop's time).
 
         Large arrays go to a peer that can read this process by address (single_copy.py),
@@ -220,9 +219,7 @@ class Endpoint:
             written = writer.write(encode(header), payload, by_address, writable)
             if written is not None:
                 asleep, tracker = written
-                if not prompt:
-                    self._unrung[to] = writer.head
-                elif asleep:
+                if asleep:
                     self._ring(to)
                 return tracker
         if in_segment:  # a socket may read it later: copy it out of the segment
@@ -247,14 +244,6 @@ class Endpoint:
             async with asyncio.timeout_at(deadline):
                 return await self.inbox.unless_failed(self._push[to].send_multipart(frames,
                                                                                     **options))
-
-    def wake_readers(self) -> None:
-        """Wake the shared-memory peers that sleep with a record unread (see send)."""
-        for to, upto in self._unrung.items():
-            writer = self.shared.ready(to)
-            if writer is not None and writer.unread(upto):
-                self._ring(to)
-        self._unrung.clear()
 
     def _ring(self, to: int) -> None:
         """Wake rank `to` to read its shared-memory link: over the direct link if one is up."""
@@ -287,8 +276,15 @@ class Endpoint:
         message = self.poll(header_key, spin)
         if message is not None:
             return message
-        self.wake_readers()
-        return await self.inbox.get(header_key, despite_failure)
+        self._waiting += 1
+        if self._waiting == 1:
+            self.shared.sleep()  # peers ring from now on; what came meanwhile is filed
+        try:
+            return await self.inbox.get(header_key, despite_failure)
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0:
+                self.shared.wake()
 
     def poll(self, header_key: tuple, spin: float = 0.0) -> Message | None:
         """The message filed under `header_key` if it is here, without yielding.
@@ -303,11 +299,7 @@ class Endpoint:
         self.shared.poll()  # a shared-memory peer's message is often there already
         message = self.inbox.take(header_key)
         if message is None:
-            self.shared.awake()
-            try:
-                message = self._poll_for(header_key, time.perf_counter() + spin)
-            finally:
-                self.shared.asleep()
+            message = self._poll_for(header_key, time.perf_counter() + spin)
         return message
 
     def _poll_for(self, key: tuple, deadline: float) -> Message | None:

@@ -11,8 +11,7 @@ capacity):
     word 0: nonce        word 1: capacity          (written once by the sender)
     word 8: head         end of the last record published          (the sender's)
     word 16: tail        end of the last record released in order  (the receiver's)
-    word 24: asleep      1 unless the receiver is polling the ring (the receiver's)
-    word 32: read        end of the last record delivered           (the receiver's)
+    word 24: asleep      1 while the receiver waits on its event loop (the receiver's)
     byte 4096 on: the ring of records, each 64-byte aligned:
         [header length u64 | SKIP | REMOTE | WRITABLE][payload length u64][msgpack header] pad
         [payload, or for REMOTE where it lies in the sender: address u64, length u64] pad
@@ -22,12 +21,12 @@ The receiver may release records out of order (a piece kept for a later collecti
 tail moves over released records only. When the ring is full the sender falls back to a
 socket for that message, so a slow receiver costs speed, never a lost message or a hang.
 
-Wake-ups: a receiver that polls the ring (Endpoint.recv's spin) clears `asleep`; a sender
-that finds it set after publishing rings a doorbell over a socket, at once or, in a
-latency-bound exchange, only when it stops polling itself and the record is still unread
-(`unread`): by then the receiver has usually taken it while polling. Both sides store
-their word, then load the other's with a fence between (ringlib.atomics), so at least one
-of them sees the other's store, and no wake-up is lost.
+Wake-ups: a receiver always polls its rings before it waits for a message, so a sender
+need not wake it unless it waits already: then `asleep` is set, and the sender rings a
+doorbell over a socket after publishing. The receiver sets the word and then polls once
+more; the sender publishes and then reads the word. Each stores, then loads the other's
+word with a fence between (ringlib.atomics), so at least one of them sees the other's
+store, and no wake-up is lost.
 
 Nothing stays in /dev/shm: the receiver unlinks the name as soon as it has mapped it; an
 offer never accepted is unlinked by the sender, by every survivor that loses the sender
@@ -62,7 +61,7 @@ PREFIX = "ringlib-"
 JOB_VARIABLE = "RINGLIB_JOB"  # set by `ringlib launch`: names of one job share it
 DATA_OFFSET = 4096
 ALIGN = 64
-NONCE, CAPACITY, HEAD, TAIL, ASLEEP, READ = 0, 1, 8, 16, 24, 32
+NONCE, CAPACITY, HEAD, TAIL, ASLEEP = 0, 1, 8, 16, 24
 SKIP = 1 << 63
 REMOTE = 1 << 62    # the payload stays in the sender's memory (single_copy.py)
 WRITABLE = 1 << 61  # ... and the receiver may write into it there
@@ -200,10 +199,6 @@ class Writer:
     def head(self) -> int:
         return self._head
 
-    def unread(self, upto: int) -> bool:
-        """Whether the receiver sleeps without having read the records before `upto`."""
-        return atomics.load(self._words, READ) < upto and bool(atomics.load(self._words, ASLEEP))
-
     def _room(self, size: int) -> bool:
         if size > self.capacity:
             return False
@@ -293,8 +288,6 @@ class Reader:
                 self.broken = True
                 return count
             count += 1
-        if count:
-            atomics.store(self._words, READ, self._read)
         return count
 
     def _take(self, head: int) -> None:
@@ -338,12 +331,13 @@ class Reader:
             atomics.store(self._words, TAIL, tail)
 
     def awake(self) -> None:
-        """This end polls the ring now: senders need not ring."""
+        """This end is not waiting: it polls the ring before it does, and senders need not
+        ring."""
         if not self.broken:
             atomics.store(self._words, ASLEEP, 0)
 
     def asleep(self) -> None:
-        """This end stops polling: senders ring from now on. Poll once more after this."""
+        """This end waits for a message: senders ring from now on. Poll once more after."""
         if not self.broken:
             atomics.store_then_load(self._words, ASLEEP, 1, HEAD)
 

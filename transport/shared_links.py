@@ -53,6 +53,7 @@ class SharedLinks:
         self._reads_memory: set[int] = set()  # peers whose memory this rank can read
         self._heard: set[int] = set()         # peers whose OFFER or NONE was answered
         self._unanswered: set[int] = set()    # peers this rank's offer waits on
+        self._asleep = False                  # see sleep()
 
     def ready(self, rank: int) -> Writer | None:
         """The writer to `rank`, if `rank` took it."""
@@ -107,6 +108,10 @@ class SharedLinks:
         if old is not None:
             old.close()
         self.readers[rank] = reader
+        if self._asleep:
+            reader.asleep()
+        else:
+            reader.awake()
         if readable(pid, address, nonce):
             self._reads_memory.add(rank)
         self._notify(rank, Kind.SHARED, 0,
@@ -135,12 +140,16 @@ class SharedLinks:
         for reader in self.readers.values():
             reader.poll()
 
-    def awake(self) -> None:
+    def wake(self) -> None:
+        """This endpoint no longer waits on its event loop: peers need not ring."""
+        self._asleep = False
         for reader in self.readers.values():
             reader.awake()
 
-    def asleep(self) -> None:
-        """Stop polling: peers ring again. What came meanwhile is delivered."""
+    def sleep(self) -> None:
+        """This endpoint waits on its event loop: peers ring. What came meanwhile is
+        delivered."""
+        self._asleep = True
         for reader in self.readers.values():
             reader.asleep()
         self.poll()
