@@ -47,7 +47,7 @@ def signature(name: str, dtype: str, shape: tuple[int, ...], op: str = "",
 INLINE_BYTES = 1 << 20
 
 
-@dataclass
+@dataclass(slots=True)
 class Channel:
     endpoint: Endpoint
     world_size: int

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import zmq
@@ -24,7 +24,7 @@ from ringlib.errors import (MismatchError, PeerLost, ProtocolError, RendezvousEr
                             RendezvousTimeout, RingClosed, Unauthorized)
 
 from . import addresses, direct, shared
-from .frames import Header, Kind, decode, encode
+from .frames import Header, Kind, decode, encode, pack, unpack
 from .context import context, gate, hold, let_go
 from .heartbeat import Watchdog
 from .inbox import Inbox, Message
@@ -85,7 +85,7 @@ class Endpoint:
         self.mismatches: dict[int, MismatchError] = {}  # seq -> what another rank found
         self._departed: set[int] = set()  # ranks that said BYE
         self._watchdog: Watchdog | None = None
-        self.shared = SharedLinks(rank, self.notify, self._deliver, self.peer_addresses)
+        self.shared = SharedLinks(rank, self.notify, self._deliver_packed, self.peer_addresses)
         self._waiting = 0  # receives waiting on the event loop (see recv)
         self._control = {Kind.LINK: self._open_link, Kind.HEARTBEAT: lambda message: None,
                          Kind.LOST: self._reported_lost, Kind.BYE: self._said_bye,
@@ -216,7 +216,7 @@ class Endpoint:
         if writer is not None:
             by_address = writer.single_copy and isinstance(payload, np.ndarray) and \
                 (writable or 0 < self.single_copy_bytes <= nbytes)
-            written = writer.write(encode(header), payload, by_address, writable)
+            written = writer.write(pack(header), payload, by_address, writable)
             if written is not None:
                 asleep, tracker = written
                 if asleep:
@@ -332,10 +332,12 @@ class Endpoint:
         else:
             self._deliver(frames[0].buffer, frames[1] if len(frames) == 2 else None)
 
-    def _deliver(self, header: bytes | memoryview, payload: zmq.Frame | None) -> None:
-        """File one message, from ZeroMQ or a direct link, or act on a control message."""
+    def _deliver(self, header: bytes | memoryview, payload: Any,
+                 parse: Callable[[Any], Header] = decode) -> None:
+        """File one message, from ZeroMQ, a direct link or (with `parse` unpack) a
+        shared-memory ring, or act on a control message."""
         try:
-            message = Message(decode(header), payload)
+            message = Message(parse(header), payload)
         except ProtocolError as exc:
             return self._drop(str(exc), payload)
         h, nbytes = message.header, 0 if payload is None else len(payload)
@@ -351,6 +353,9 @@ class Endpoint:
             self.inbox.deliver(message)
         else:
             act(message)
+
+    def _deliver_packed(self, header: memoryview, payload: Any) -> None:
+        self._deliver(header, payload, unpack)
 
     def _open_link(self, offer: Message) -> None:
         rank = offer.header.sender

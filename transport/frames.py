@@ -9,11 +9,16 @@ message inside one collective, sig says what the sender was doing (for a collect
 name, dtype, shape, op and root, compared by the receiver; opaque to the transport),
 nbytes is the payload's length (0 without one) and sender is the sending rank. Payloads
 travel as their own frame so they can be sent and received without copying.
+
+Records in a shared-memory ring (shared.py) carry the same header as fixed-width fields
+and the signature's bytes (pack/unpack): there, msgpack's few microseconds per message
+were a tenth of a small collective, and no other implementation reads the format.
 """
 
 from __future__ import annotations
 
 import enum
+import struct
 from typing import NamedTuple
 
 import msgpack
@@ -84,3 +89,23 @@ def decode(frame: bytes | memoryview) -> Header:
 
 
 _KINDS = {int(k): k for k in Kind}
+# kind, sender, seq, step, chunk, nbytes; the signature's UTF-8 bytes follow
+_PACKED = struct.Struct("<HxxIQIIQ")
+
+
+def pack(header: Header) -> bytes:
+    """The header as a shared-memory record carries it."""
+    return _PACKED.pack(header.kind, header.sender, header.seq, header.step, header.chunk,
+                        header.nbytes) + header.sig.encode()
+
+
+def unpack(frame: memoryview) -> Header:
+    """Parse a packed header, or raise ProtocolError saying what is wrong with it."""
+    try:
+        kind, sender, seq, step, chunk, nbytes = _PACKED.unpack_from(frame)
+        sig = bytes(frame[_PACKED.size:]).decode()
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"unreadable packed header ({exc})") from None
+    if kind not in _KINDS:
+        raise ProtocolError(f"packed header of unknown kind {kind}")
+    return Header(_KINDS[kind], seq, step, chunk, sig, nbytes, sender)

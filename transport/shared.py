@@ -177,7 +177,8 @@ class Writer:
 
     def _append(self, header: bytes, view: memoryview | None, flags: int = 0) -> bool | None:
         nbytes = 0 if view is None else view.nbytes
-        size = record_size(len(header), nbytes)
+        start = (_RECORD.size + len(header) + ALIGN - 1) & ~(ALIGN - 1)  # the payload's offset
+        size = (start + nbytes + ALIGN - 1) & ~(ALIGN - 1)                # record_size()
         pos = self._head % self.capacity
         waste = self.capacity - pos if self.capacity - pos < size else 0
         if not self._room(waste + size):
@@ -190,8 +191,7 @@ class Writer:
         body = pos + _RECORD.size
         self._view[body:body + len(header)] = header
         if nbytes:
-            start = _aligned(body + len(header))
-            self._view[start:start + nbytes] = view
+            self._view[pos + start:pos + start + nbytes] = view
         self._head += size
         return bool(atomics.store_then_load(self._words, HEAD, self._head, ASLEEP))
 
