@@ -61,8 +61,11 @@ class Ranks:
         self.lines: queue.Queue[tuple[int, str]] = queue.Queue()
         try:
             for rank, name in enumerate(hosts.names):
+                # Namespaces share this host's /dev/shm: shared memory would carry the
+                # payloads around the faulty links under test.
                 env = {**os.environ, "PYTHONUNBUFFERED": "1", "RINGLIB_RANK": str(rank),
-                       "RINGLIB_WORLD_SIZE": str(len(hosts.names)), "RINGLIB_PEERS": peers}
+                       "RINGLIB_WORLD_SIZE": str(len(hosts.names)), "RINGLIB_PEERS": peers,
+                       "RINGLIB_SHM_BYTES": "0"}
                 self.procs.append(self._start(name, env, self.logs[rank], seed, timeout))
                 threading.Thread(target=self._pump, args=(rank,), daemon=True).start()
             self._gather(time.monotonic() + READY_S)

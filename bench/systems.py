@@ -185,7 +185,9 @@ class RinglibSystem(System):
         """The algorithm ringlib picks for this case under this setting."""
         self._apply()
         small = case.count * BY_NAME[case.dtype].itemsize <= self.ring.small_bytes
-        return {"allreduce": "doubling" if small else "ring",
+        endpoint, peer = self.ring.endpoint, 1 - self.ring.rank
+        pairwise = self.ring.world_size == 2 and endpoint is not None and endpoint.reaches(peer)
+        return {"allreduce": "doubling" if small else "pairwise" if pairwise else "ring",
                 "broadcast": "direct" if small else "ring",
                 "latency": "p2p"}.get(case.collective, "ring")
 

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import zmq
 
 from ringlib.errors import MismatchError, ProtocolError
 from ringlib.partition import sub_chunks
-from ringlib.transport import (Endpoint, Header, Kind, Released, RemotePayload, discard,
+from ringlib.transport import (Endpoint, Header, Kind, Released, RemotePayload, discard, held,
                                wait_sent)
 
 
@@ -120,6 +119,12 @@ class Channel:
             discard(frame)
         self.held.clear()
 
+    def tag(self, algorithm: str) -> None:
+        """Stamp the algorithm on this collective's signature before anything is sent, so
+        that ranks that chose different ones raise MismatchError instead of mixing steps."""
+        self.sig = f"{self.sig} {algorithm}"
+        self.expect()
+
     def expect(self) -> None:
         """Check from now on that every message of this collective carries its signature."""
         self.endpoint.inbox.expect(self.seq, self.sig, self._mismatch)
@@ -179,11 +184,12 @@ class Channel:
     async def forward(self, to: int, step: int, chunk: int, frame: Any, copied: np.ndarray,
                       region: Any) -> None:
         """Pass a received piece on to `to`: the very ZeroMQ frame, which needs no tracker,
-        or else `copied`, the part of this rank's buffer it was copied into."""
-        if isinstance(frame, zmq.Frame):
-            await self.send(to, step, chunk, frame)
-        else:
+        or, for a piece held in shared memory, `copied`, the part of this rank's buffer it
+        was copied into."""
+        if held(frame):
             await self.send(to, step, chunk, copied, region=region)
+        else:
+            await self.send(to, step, chunk, frame)
 
     async def _work(self, nbytes: int, fn: Callable[..., None], *args: Any) -> None:
         if nbytes < INLINE_BYTES:

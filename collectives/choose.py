@@ -45,6 +45,7 @@ async def all_reduce(ch: Channel, buf: np.ndarray, dtype: DType, op: Op,
     if buf.nbytes <= small_bytes:
         await recursive_doubling(ch, buf, partial, final)
     elif ch.world_size == 2 and ch.reaches(1 - ch.rank):
+        ch.tag("pairwise")  # a peer that chose the ring raises MismatchError, as this rank
         await pairwise_allreduce(ch, buf, final)
     else:
         await ring_allreduce(ch, buf, partial, final)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generator, TypeVar
 
 import numpy as np
@@ -17,7 +15,7 @@ from ringlib.collectives.ring_schedule import neighbours
 from ringlib.dtypes import BY_NAME, DType
 from ringlib.errors import CollectiveTimeout, InvalidArgument, RingClosed
 from ringlib.ops import Op
-from ringlib.transport import DIRECT_BYTES, Endpoint
+from ringlib.transport import Endpoint
 from ringlib.transport import addresses
 from ringlib.transport.security import Keys
 
@@ -25,17 +23,10 @@ from .buffers import empty_like, like, storage
 from .environment import Placement, placement
 from .reform import agree
 from .rendezvous import bind_and_exchange, greet_neighbours
+from .settings import SETTLE_S, SIDE_SHM_BYTES, Settings, connect_timeout
 
 T = TypeVar("T")
 
-CONNECT_TIMEOUT = 60.0       # seconds to wait for the neighbours at start-up
-COLLECTIVE_TIMEOUT = 300.0   # default deadline of one collective
-SEGMENT_BYTES = 4 << 20      # the largest message a ring step sends; pieces pipeline
-SPIN_US = 200                # how long small collectives poll for a message before yielding
-HEARTBEAT_S = 0.5            # how often a rank tells its neighbours it is alive
-PEER_TIMEOUT = 5.0           # silence after which a neighbour is lost (PeerLost)
-SHM_BYTES = 32 << 20         # a shared-memory link's ring to the right neighbour
-SIDE_SHM_BYTES = 1 << 20     # ... and to any other rank, which gets small messages only
 
 
 class Ring:
@@ -231,7 +222,7 @@ class Ring:
             raise RingClosed(f"rank {self.rank}: the ring is closed")
         if self._endpoint is None:
             return
-        old, limit = self._endpoint, _connect_timeout() if timeout is None else timeout
+        old, limit = self._endpoint, connect_timeout() if timeout is None else timeout
         new = Endpoint(self.rank, old.keys)
         try:
             new.bind(addresses.fresh(old.address, self.generation + 1))
@@ -286,44 +277,6 @@ class Connecting:
         await self._ring.close()
 
 
-@dataclass(frozen=True)
-class Settings:
-    """A ring's tunables; see connect()."""
-
-    collective_timeout: float = COLLECTIVE_TIMEOUT
-    segment_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SEGMENT_BYTES",
-                                                                SEGMENT_BYTES))
-    small_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SMALL_BYTES",
-                                                              collectives.SMALL_BYTES))
-    spin_us: int = field(default_factory=lambda: _env_number("RINGLIB_SPIN_US", SPIN_US))
-    direct_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_DIRECT_BYTES",
-                                                               DIRECT_BYTES))
-    heartbeat_s: float = field(default_factory=lambda: _env_number("RINGLIB_HEARTBEAT_S",
-                                                                HEARTBEAT_S))
-    peer_timeout: float = field(default_factory=lambda: _env_number("RINGLIB_PEER_TIMEOUT",
-                                                                 PEER_TIMEOUT))
-    curve_key: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_CURVE_KEY"))
-    shm_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SHM_BYTES", SHM_BYTES))
-
-    def __post_init__(self) -> None:
-        if self.shm_bytes < 0:
-            raise InvalidArgument(f"shm_bytes={self.shm_bytes} must be 0 (off) or more")
-        if self.peer_timeout and not 0 < self.heartbeat_s < self.peer_timeout:
-            raise InvalidArgument(f"heartbeat_s={self.heartbeat_s} must be above 0 and below "
-                                  f"peer_timeout={self.peer_timeout}")
-
-
-def _env_number(name: str, default: float) -> float:
-    try:
-        return type(default)(os.environ.get(name, default))
-    except ValueError:
-        raise InvalidArgument(f"{name}={os.environ[name]!r} is not a number") from None
-
-
-def _connect_timeout() -> float:
-    return float(_env_number("RINGLIB_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
-
-
 def connect(rank: int | None = None, world_size: int | None = None,
             peers: list[str] | None = None, *, timeout: float | None = None,
             **settings: Any) -> Connecting:
@@ -360,7 +313,7 @@ def connect(rank: int | None = None, world_size: int | None = None,
     """
     where = placement(rank, world_size, peers)
     if timeout is None:
-        timeout = _connect_timeout()
+        timeout = connect_timeout()
     tunables = Settings(**settings)
     return Connecting(lambda: _open(where, timeout, tunables))
 
@@ -404,7 +357,7 @@ async def _join(endpoint: Endpoint, peers: list[str], settings: Settings,
     others = [r for r in range(world_size) if r != rank]
     endpoint.offer_shared({r: settings.shm_bytes if r == right else
                            min(settings.shm_bytes, SIDE_SHM_BYTES) for r in others})
-    await endpoint.settle_shared(others, timeout)
+    await endpoint.settle_shared(others, min(timeout, SETTLE_S))
 
 
 def _warm_kernels() -> None:

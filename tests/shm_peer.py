@@ -4,7 +4,8 @@
                                       prints the ranks it reaches through shared memory
     python shm_peer.py mismatch SEED  rank 1 passes another shape: every rank must raise
     python shm_peer.py die SEED       the last rank kills itself (SIGKILL) amid large
-                                      all-reduces; every other rank must raise PeerLost
+                                      all-reduces, leaving an offer nobody took; every
+                                      other rank must raise PeerLost (and remove it)
     python shm_peer.py orphan SEED    offers a segment nobody takes, then SIGKILLs itself
 """
 
@@ -36,7 +37,8 @@ async def shared_peers(ring: ringlib.Ring, expected: int) -> list[int]:
 async def check(ring: ringlib.Ring, seed: int) -> None:
     peers = await shared_peers(ring, int(os.environ.get("EXPECT_SHARED", ring.world_size - 1)))
     print("shared", ",".join(map(str, peers)) or "-", flush=True)
-    names = [n for n in os.listdir(shared.DIRECTORY) if n.startswith(f"{shared.PREFIX}{shared.job([])}-")]
+    prefix = f"{shared.PREFIX}{shared.job(ring.peers)}-"
+    names = [n for n in os.listdir(shared.DIRECTORY) if n.startswith(prefix)]
     print("named", len(names), flush=True)
     for i, n in enumerate(SIZES):
         rng = np.random.default_rng([seed, i])
@@ -75,6 +77,7 @@ async def die(ring: ringlib.Ring, seed: int) -> None:
     try:
         for step in range(1000):
             if step == 5 and ring.rank == ring.world_size - 1:
+                shared.Writer(shared.job(ring.peers), ring.rank, 99, 1 << 20)
                 os.kill(os.getpid(), signal.SIGKILL)
             await ring.all_reduce(x, op="mean", timeout=30)
     except ringlib.PeerLost as exc:

@@ -160,14 +160,15 @@ def test_with_shared_memory_off_the_sockets_carry_everything(seed):
     assert all("shared -" in f.stdout for f in finished), report(finished)
 
 
-def test_every_rank_raises_mismatch_over_shared_memory_and_carries_on(seed):
-    finished = run_shm("mismatch", 3, "tcp", seed)
+@pytest.mark.parametrize("world", [2, 3])  # the pairwise all-reduce, and the ring
+def test_every_rank_raises_mismatch_over_shared_memory_and_carries_on(world, seed):
+    finished = run_shm("mismatch", world, "tcp", seed)
     assert all(f.returncode == 0 for f in finished), report(finished)
     for f in finished:
         assert f.stdout.count("mismatch") == 2 and "recovered" in f.stdout, report(finished)
 
 
-def test_a_killed_rank_is_lost_to_every_other_rank_and_leaves_nothing(seed):
+def test_a_killed_rank_is_lost_to_every_other_rank_and_survivors_remove_its_offers(seed):
     finished = run_shm("die", 3, "tcp", seed, {"PEER_TIMEOUT": "2"}, expendable=frozenset({2}))
     assert finished[2].returncode == -9, report(finished)
     assert [f.returncode for f in finished[:2]] == [0, 0], report(finished)

@@ -5,6 +5,10 @@ PULL/PUSH keeps each link one-way and message-oriented: no identities or envelop
 ZeroMQ queues and reconnects underneath. Payload frames are sent with copy=False: pyzmq
 copies those under its copy threshold (64 KiB) and shares memory with the rest, returning
 a MessageTracker that tells when ZeroMQ has let go of the buffer (see wait_sent).
+
+Beside ZeroMQ, small messages take direct socket links (direct_links.py) and collective
+payloads to peers on this host take shared memory (shared_links.py); heartbeats and the
+verdicts on lost peers are in liveness.py.
 """
 
 from __future__ import annotations
@@ -14,19 +18,19 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
-from ringlib.errors import (MismatchError, PeerLost, ProtocolError, RendezvousError,
-                            RendezvousTimeout, RingClosed, Unauthorized)
+from ringlib.errors import ProtocolError, RendezvousError, RingClosed, Unauthorized
 
 from . import addresses, direct, shared
 from .frames import Header, Kind, decode, encode, pack, unpack
 from .context import context, gate, hold, let_go
-from .heartbeat import Watchdog
+from .direct_links import DirectLinking
+from .liveness import Liveness
 from .inbox import Inbox, Message
 from .security import Keys
 from .shared import HELD, discard
@@ -46,7 +50,7 @@ SINGLE_COPY_BYTES = 256 << 10
 # Polls of the shared-memory links per poll of the sockets, while a receive spins.
 _SHARED_POLLS = 8
 
-class Endpoint:
+class Endpoint(Liveness, DirectLinking):
     """Sends to and receives from the other ranks; knows nothing about what payloads mean.
 
     With `keys` every ZeroMQ link is authenticated and encrypted (CurveZMQ, see
@@ -80,11 +84,7 @@ class Endpoint:
         self._links: dict[int, direct.Writer] = {}
         self.direct_bytes = DIRECT_BYTES
         self.single_copy_bytes = SINGLE_COPY_BYTES
-        self.lost: dict[int, str] = {}  # rank -> why it was lost
-        self.excluded_by: int | None = None  # a rank that declared this one lost
-        self.mismatches: dict[int, MismatchError] = {}  # seq -> what another rank found
-        self._departed: set[int] = set()  # ranks that said BYE
-        self._watchdog: Watchdog | None = None
+        self._init_liveness()
         self.shared = SharedLinks(rank, self.notify, self._deliver_packed, self.peer_addresses)
         self._waiting = 0  # receives waiting on the event loop (see recv)
         self._control = {Kind.LINK: self._open_link, Kind.HEARTBEAT: lambda message: None,
@@ -116,30 +116,6 @@ class Endpoint:
         self._reader = asyncio.get_running_loop().create_task(self._read())
         return address
 
-    def _listen_directly(self, address: str) -> None:
-        where = direct.listen_address(address)
-        if where is None:
-            return
-        try:
-            self._listener = direct.Listener(where, self._deliver)
-        except OSError as exc:
-            log.info("rank %d takes no direct links at %s (%s); ZeroMQ carries everything",
-                     self.rank, where, exc)
-
-    def linked_peers(self) -> list[int]:
-        """The ranks this rank sends small messages to over a direct link, now."""
-        return sorted(rank for rank, link in self._links.items() if link.ready)
-
-    async def offer_links(self, ranks: Iterable[int]) -> None:
-        """Tell `ranks` where to open direct links to this rank (a LINK message over
-        ZeroMQ); each connects in the background and sends small messages over it once
-        connected. Nothing is offered where this rank takes no direct links."""
-        if self._listener is None:
-            return
-        offer = self._listener.address.encode()
-        for rank in ranks:
-            await self.send(rank, Header(Kind.LINK, 0, 0, 0, "", 0, self.rank), offer)
-
     def offer_shared(self, capacities: dict[int, int]) -> None:
         """Offer each rank a shared-memory link of the given capacity (see shared_links.py);
         those on this host take it. Not within one process (inproc), where it buys nothing."""
@@ -151,13 +127,16 @@ class Endpoint:
 
     async def settle_shared(self, ranks: list[int], timeout: float) -> None:
         """Wait until every one of `ranks` answered this rank's offer and sent its own (see
-        SharedLinks.settled), so that both ends of each link know what it can do."""
+        SharedLinks.settled), so that both ends of each link know what it can do. A rank
+        silent about it for `timeout` seconds gets no shared memory with this one."""
         deadline = time.monotonic() + timeout
         while self._may_poll and not self.shared.settled(ranks):
             if time.monotonic() > deadline:
-                raise RendezvousTimeout(
-                    f"rank {self.rank} ({self.address}): ranks {self.shared.unsettled(ranks)} "
-                    f"did not answer about shared memory within {timeout:g} s")
+                for rank in self.shared.unsettled(ranks):
+                    log.info("rank %d: rank %d did not answer about shared memory within "
+                             "%g s; sockets carry", self.rank, rank, timeout)
+                    self.shared.withdraw(rank)
+                return
             await self.inbox.unless_failed(asyncio.sleep(1e-3))
 
     def reaches(self, rank: int) -> bool:
@@ -332,6 +311,13 @@ class Endpoint:
         else:
             self._deliver(frames[0].buffer, frames[1] if len(frames) == 2 else None)
 
+    def _file_all(self) -> None:
+        """File what ZeroMQ and the direct links hold now, without waiting."""
+        self._file_ready()
+        if self._listener is not None:
+            self._listener.poll()
+        self.shared.poll()
+
     def _deliver(self, header: bytes | memoryview, payload: Any,
                  parse: Callable[[Any], Header] = decode) -> None:
         """File one message, from ZeroMQ, a direct link or (with `parse` unpack) a
@@ -357,24 +343,6 @@ class Endpoint:
     def _deliver_packed(self, header: memoryview, payload: Any) -> None:
         self._deliver(header, payload, unpack)
 
-    def _open_link(self, offer: Message) -> None:
-        rank = offer.header.sender
-        try:
-            address = addresses.check(offer.payload.bytes.decode())
-        except (AttributeError, UnicodeDecodeError, RendezvousError) as exc:
-            return self._drop(f"bad direct-link offer from rank {rank}: {exc}")
-        if rank not in self.peer_addresses or \
-                not direct.offered_by(address, self.peer_addresses[rank]):
-            return self._drop(f"direct-link offer {address!r} is not where rank {rank} "
-                              f"({self.peer_addresses.get(rank)}) listens")
-        if rank == self.rank or rank in self._links or self._closed or self.keys is not None:
-            return  # with keys, bytes travel only on authenticated, encrypted links
-        try:
-            self._links[rank] = direct.Writer(address)
-        except OSError as exc:
-            log.info("rank %d: no direct link to rank %d at %s (%s)", self.rank, rank,
-                     address, exc)
-
     def _drop(self, why: str, payload: Any = None) -> None:
         discard(payload)
         log.warning("rank %d at %s dropped a message: %s", self.rank, self.address, why)
@@ -382,75 +350,6 @@ class Endpoint:
     def _secure(self, socket: zmq.Socket) -> None:
         if self.keys is not None:
             self.keys.client(socket)
-
-    # --- liveness -------------------------------------------------------------------
-
-    def watch(self, ranks: list[int], interval: float, timeout: float) -> None:
-        """Send `ranks` a heartbeat every `interval` seconds, and declare any of them lost
-        after `timeout` seconds without a message from it (timeout 0: never)."""
-        if timeout <= 0 or not ranks:
-            return
-        targets = {r: addresses.bind_address(self.peer_addresses[r]) for r in ranks}
-        self._watchdog = Watchdog(self.rank, targets, interval, timeout, self._secure,
-                                  self._file_all, self._silent)
-
-    def _file_all(self) -> None:
-        """File what ZeroMQ and the direct links hold now, without waiting."""
-        self._file_ready()
-        if self._listener is not None:
-            self._listener.poll()
-        self.shared.poll()
-
-    def _silent(self, rank: int, seconds: float) -> None:
-        self._lose(rank, "closed its ring" if rank in self._departed else
-                   f"sent nothing for {seconds:.1f} s: it died or hangs, or the network to it "
-                   "is cut")
-
-    def _lose(self, rank: int, why: str, reporter: int | None = None) -> None:
-        """Fail every pending and later receive with PeerLost and stop beating to `rank`;
-        if this rank found it, tell every other rank, `rank` included: it may be alive
-        (stalled, or cut off for a while) and must learn that it is out."""
-        if rank in self.lost or rank == self.rank or rank not in self.peer_addresses:
-            return
-        self.lost[rank] = why
-        address = self.peer_addresses[rank]
-        if self._watchdog is not None:
-            self._watchdog.forget(rank)
-        direct.remove_socket_files(address)
-        self.shared.lose(rank)
-        found = "" if reporter is None else f" (found by rank {reporter})"
-        message = f"rank {self.rank} ({self.address}): rank {rank} ({address}) {why}{found}"
-        self.inbox.fail(PeerLost(message, rank, address))
-        if reporter is not None:
-            return
-        log.log(logging.INFO if rank in self._departed else logging.WARNING, "%s", message)
-        for other in self.peer_addresses:
-            if other != self.rank and (other not in self.lost or other == rank):
-                self.notify(other, Kind.LOST, rank, why.encode())
-
-    def _reported_lost(self, message: Message) -> None:
-        why = _text(message)
-        rank, reporter = message.header.seq, message.header.sender
-        if rank != self.rank:
-            return self._lose(rank, why, reporter=reporter)
-        if self.excluded_by is None:
-            self.excluded_by = reporter
-            self.inbox.fail(PeerLost(
-                f"rank {self.rank} ({self.address}) is out of the ring: rank {reporter} "
-                f"({self.peer_addresses.get(reporter)}) found that it {why}", self.rank,
-                self.address))
-
-    def _said_bye(self, message: Message) -> None:
-        self._departed.add(message.header.sender)
-
-    def _reported_mismatch(self, message: Message) -> None:
-        why = _text(message)
-        seq = message.header.seq
-        if self.inbox.abandoned(seq):
-            return  # it failed here already
-        self.mismatches[seq] = MismatchError(
-            f"rank {self.rank} ({self.address}): {why} (found by rank {message.header.sender})")
-        self.inbox.abandon(seq, self.mismatches[seq])
 
     async def _read(self) -> None:
         while True:
@@ -494,8 +393,3 @@ class Endpoint:
         for rank, push in self._push.items():  # nothing waits to reach a lost rank
             push.close(0 if rank in self.lost else None)
         await let_go()
-
-
-def _text(message: Message) -> str:
-    """A control message's payload as text (why a peer was lost, what mismatched)."""
-    return bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""

@@ -25,7 +25,7 @@ import msgpack
 
 from ringlib.errors import ProtocolError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class Kind(enum.IntEnum):

@@ -242,6 +242,12 @@ class SharedPayload:
 HELD = (SharedPayload, RemotePayload)  # payloads that hold a place in a ring until released
 
 
+def held(payload: Any) -> bool:
+    """Whether a received payload is held in a ring or in its sender's memory until it is
+    released (so it cannot be passed on as it is, as a ZeroMQ frame can)."""
+    return isinstance(payload, HELD)
+
+
 def discard(payload: Any) -> None:
     """Give back a payload nobody will read (a dropped or abandoned message)."""
     if isinstance(payload, HELD):

@@ -54,6 +54,7 @@ class SharedLinks:
         self._heard: set[int] = set()         # peers whose OFFER or NONE was answered
         self._unanswered: set[int] = set()    # peers this rank's offer waits on
         self._asleep = False                  # see sleep()
+        self._withdrawn: set[int] = set()     # peers that did not settle in time
 
     def ready(self, rank: int) -> Writer | None:
         """The writer to `rank`, if `rank` took it."""
@@ -80,21 +81,23 @@ class SharedLinks:
     def answer(self, message: Message) -> None:
         """Act on a SHARED message: take an offer (or decline it), or learn the answer."""
         rank, step = message.header.sender, message.header.step
+        if rank in self._withdrawn:
+            return
         if step in (OFFER, NONE):
             self._heard.add(rank)
             return self._take(rank, message) if step == OFFER else None
         writer = self.writers.get(rank)
-        if writer is None or writer.ready:
-            return
         self._unanswered.discard(rank)
         if step == ACCEPT:
-            writer.accepted(single_copy=message.payload is not None and
-                            message.payload.bytes == _SINGLE_COPY)
-        else:
-            why = bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""
-            log.info("rank %d: rank %d takes no shared memory (%s); sockets carry",
-                     self.rank, rank, why)
-            self.writers.pop(rank).close()
+            if writer is not None and not writer.ready:
+                writer.accepted(single_copy=message.payload is not None and
+                                message.payload.bytes == _SINGLE_COPY)
+            return
+        # It declined this rank's offer, or withdrew: nothing is shared either way.
+        why = bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""
+        log.info("rank %d: rank %d takes no shared memory (%s); sockets carry",
+                 self.rank, rank, why)
+        self._close(rank)
 
     def _take(self, rank: int, offer: Message) -> None:
         try:
@@ -120,6 +123,13 @@ class SharedLinks:
     def settled(self, ranks: list[int]) -> bool:
         """Whether every one of `ranks` was heard from and answered this rank's offer."""
         return self._heard.issuperset(ranks) and not self._unanswered.intersection(ranks)
+
+    def withdraw(self, rank: int) -> None:
+        """No shared memory with `rank` (it never settled): drop both ends, ignore what it
+        says about them later, and tell it to drop its own (a DECLINE of its offer)."""
+        self._withdrawn.add(rank)
+        self._close(rank)
+        self._notify(rank, Kind.SHARED, 0, b"withdrawn: no answer in time", step=DECLINE)
 
     def unsettled(self, ranks: list[int]) -> list[int]:
         return sorted(set(ranks) - self._heard | self._unanswered.intersection(ranks))
@@ -159,6 +169,10 @@ class SharedLinks:
         offered others that they never took."""
         if self.job:
             remove_job_segments(self.job, rank)
+        self._close(rank)
+
+    def _close(self, rank: int) -> None:
+        """Drop both ends of the links with `rank`."""
         self._reads_memory.discard(rank)
         self._unanswered.discard(rank)
         writer, reader = self.writers.pop(rank, None), self.readers.pop(rank, None)
@@ -169,4 +183,4 @@ class SharedLinks:
 
     def close(self) -> None:
         for rank in list(self.writers) + list(self.readers):
-            self.lose(rank)
+            self._close(rank)
