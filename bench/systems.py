@@ -184,10 +184,9 @@ class RinglibSystem(System):
     def algorithm(self, case: Case) -> str:
         """The algorithm ringlib picks for this case under this setting."""
         self._apply()
-        small = case.count * BY_NAME[case.dtype].itemsize <= self.ring.small_bytes
-        endpoint, peer = self.ring.endpoint, 1 - self.ring.rank
-        pairwise = self.ring.world_size == 2 and endpoint is not None and endpoint.reaches(peer)
-        return {"allreduce": "doubling" if small else "pairwise" if pairwise else "ring",
+        nbytes = case.count * BY_NAME[case.dtype].itemsize
+        small = nbytes <= self.ring.small_bytes
+        return {"allreduce": self.ring.all_reduce_algorithm(nbytes),
                 "broadcast": "direct" if small else "ring",
                 "latency": "p2p"}.get(case.collective, "ring")
 

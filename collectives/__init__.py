@@ -6,7 +6,8 @@ per file, each opening with its cost; choose.py picks one by buffer size.
 """
 
 from .channel import Channel, signature
-from .choose import SMALL_BYTES, all_gather, all_reduce, barrier, broadcast, reduce_scatter, step_reducers
+from .choose import (SMALL_BYTES, all_gather, all_reduce, all_reduce_algorithm, barrier, broadcast,
+                     reduce_scatter, step_reducers)
 
-__all__ = ["Channel", "SMALL_BYTES", "all_gather", "all_reduce", "barrier", "broadcast",
-           "reduce_scatter", "signature", "step_reducers"]
+__all__ = ["Channel", "SMALL_BYTES", "all_gather", "all_reduce", "all_reduce_algorithm", "barrier",
+           "broadcast", "reduce_scatter", "signature", "step_reducers"]

@@ -33,11 +33,13 @@ from ringlib.transport import (Endpoint, Header, Kind, Released, RemotePayload, 
 
 @functools.lru_cache(maxsize=1024)
 def signature(name: str, dtype: str, shape: tuple[int, ...], op: str = "",
-              root: int | None = None) -> str:
+              root: int | None = None, algorithm: str = "") -> str:
     """What a collective call is, as every rank must agree on it:
-    'all_reduce float32[3,4] sum', 'broadcast int64[10] root=2'."""
+    'all_reduce float32[3,4] sum', 'broadcast int64[10] root=2'. An `algorithm` chosen by
+    what a rank knows of its links (the pairwise all-reduce) is part of it, so that ranks
+    that chose differently raise MismatchError instead of mixing steps."""
     parts = [name, f"{dtype}[{','.join(map(str, shape))}]", op,
-             "" if root is None else f"root={root}"]
+             "" if root is None else f"root={root}", algorithm]
     return " ".join(p for p in parts if p)
 
 # Pieces below this many bytes are reduced or copied on the event-loop thread, where they
@@ -119,12 +121,6 @@ class Channel:
             discard(frame)
         self.held.clear()
 
-    def tag(self, algorithm: str) -> None:
-        """Stamp the algorithm on this collective's signature before anything is sent, so
-        that ranks that chose different ones raise MismatchError instead of mixing steps."""
-        self.sig = f"{self.sig} {algorithm}"
-        self.expect()
-
     def expect(self) -> None:
         """Check from now on that every message of this collective carries its signature."""
         self.endpoint.inbox.expect(self.seq, self.sig, self._mismatch)
@@ -167,11 +163,6 @@ class Channel:
             return True
         await self.run(fn, out, src)
         return False
-
-    def reaches(self, rank: int) -> bool:
-        """Whether this rank and `rank` can each read and write the other's memory; every
-        rank finds the same, so it may choose an algorithm."""
-        return self.endpoint.reaches(rank)
 
     async def copy(self, out: np.ndarray, src: Any) -> None:
         """Copy a received piece into `out`: straight out of its sender's memory if it is

@@ -39,13 +39,22 @@ def step_reducers(dtype: DType, op: Op, world_size: int) -> tuple[Reducer, Reduc
     return (storage_reducer(dtype, Op.SUM) if op is Op.MEAN else final), final
 
 
+def all_reduce_algorithm(nbytes: int, world_size: int, small_bytes: int,
+                         reaches_peer: bool) -> str:
+    """"doubling", "pairwise" or "ring": every rank finds the same from the same call.
+    `reaches_peer`: whether the 2 ranks can read and write each other's memory
+    (Endpoint.reaches, alike on both once start-up is over)."""
+    if nbytes <= small_bytes:
+        return "doubling"
+    return "pairwise" if world_size == 2 and reaches_peer else "ring"
+
+
 async def all_reduce(ch: Channel, buf: np.ndarray, dtype: DType, op: Op,
-                     small_bytes: int = SMALL_BYTES) -> None:
+                     algorithm: str) -> None:
     partial, final = step_reducers(dtype, op, ch.world_size)
-    if buf.nbytes <= small_bytes:
+    if algorithm == "doubling":
         await recursive_doubling(ch, buf, partial, final)
-    elif ch.world_size == 2 and ch.reaches(1 - ch.rank):
-        ch.tag("pairwise")  # a peer that chose the ring raises MismatchError, as this rank
+    elif algorithm == "pairwise":
         await pairwise_allreduce(ch, buf, final)
     else:
         await ring_allreduce(ch, buf, partial, final)

@@ -23,7 +23,7 @@ from .buffers import empty_like, like, storage
 from .environment import Placement, placement
 from .reform import agree
 from .rendezvous import bind_and_exchange, greet_neighbours
-from .settings import SETTLE_S, SIDE_SHM_BYTES, Settings, connect_timeout
+from .settings import SIDE_SHM_BYTES, Settings, connect_timeout
 
 T = TypeVar("T")
 
@@ -98,11 +98,19 @@ class Ring:
         buf, dtype = storage(x, "x", writable=True)
         step_reducers(dtype, op, self.world_size)  # an integer mean fails here, before sending
         if self._needs_peers(buf.size):
-            sig = signature("all_reduce", dtype.name, tuple(x.shape), op.value)
-            await self._run(sig, dtype, timeout, collectives.all_reduce,
-                            buf, dtype, op, self.small_bytes,
-                            small=buf.nbytes <= self.small_bytes)
+            algorithm = self.all_reduce_algorithm(buf.nbytes)
+            sig = signature("all_reduce", dtype.name, tuple(x.shape), op.value,
+                            algorithm="pairwise" if algorithm == "pairwise" else "")
+            await self._run(sig, dtype, timeout, collectives.all_reduce, buf, dtype, op,
+                            algorithm, small=algorithm == "doubling")
         return x
+
+    def all_reduce_algorithm(self, nbytes: int) -> str:
+        """The algorithm all_reduce takes for `nbytes`: "doubling", "pairwise" (2 ranks
+        that reach each other's memory) or "ring"."""
+        reaches = self.world_size == 2 and self._endpoint.reaches(1 - self.rank)
+        return collectives.all_reduce_algorithm(nbytes, self.world_size, self.small_bytes,
+                                                reaches)
 
     async def reduce_scatter(self, x: Any, op: Op | str = Op.SUM, *,
                              timeout: float | None = None) -> Any:
@@ -357,7 +365,7 @@ async def _join(endpoint: Endpoint, peers: list[str], settings: Settings,
     others = [r for r in range(world_size) if r != rank]
     endpoint.offer_shared({r: settings.shm_bytes if r == right else
                            min(settings.shm_bytes, SIDE_SHM_BYTES) for r in others})
-    await endpoint.settle_shared(others, min(timeout, SETTLE_S))
+    await endpoint.settle_shared(others, timeout)
 
 
 def _warm_kernels() -> None:

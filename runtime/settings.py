@@ -17,8 +17,6 @@ HEARTBEAT_S = 0.5            # how often a rank tells its neighbours it is alive
 PEER_TIMEOUT = 5.0           # silence after which a neighbour is lost (PeerLost)
 SHM_BYTES = 32 << 20         # a shared-memory link's ring to the right neighbour
 SIDE_SHM_BYTES = 1 << 20     # ... and to any other rank, which gets small messages only
-SETTLE_S = 2.0               # how long a rank waits at start-up for its peers' shared-memory
-                             # answers before it goes on without shared memory to the silent
 
 
 @dataclass(frozen=True)

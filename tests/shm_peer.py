@@ -37,7 +37,9 @@ async def shared_peers(ring: ringlib.Ring, expected: int) -> list[int]:
 async def check(ring: ringlib.Ring, seed: int) -> None:
     peers = await shared_peers(ring, int(os.environ.get("EXPECT_SHARED", ring.world_size - 1)))
     print("shared", ",".join(map(str, peers)) or "-", flush=True)
-    prefix = f"{shared.PREFIX}{shared.job(ring.peers)}-"
+    reached = [r for r in range(ring.world_size) if r != ring.rank and ring.endpoint.reaches(r)]
+    print("reaches", ",".join(map(str, reached)) or "-", flush=True)
+    prefix = f"{shared.PREFIX}{shared.job(ring.peers)}-{ring.rank}-"  # its offers, all taken
     names = [n for n in os.listdir(shared.DIRECTORY) if n.startswith(prefix)]
     print("named", len(names), flush=True)
     for i, n in enumerate(SIZES):

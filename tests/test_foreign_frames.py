@@ -19,6 +19,7 @@ from ringlib.collectives import signature
 from ringlib.transport import PROTOCOL_VERSION, Header, Kind
 from ringlib.transport.addresses import local_addresses
 from ringlib.transport.frames import encode
+from ringlib.transport.shared_links import NONE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,11 +41,14 @@ async def test_garbage_and_payloads_unlike_their_header_are_dropped(caplog):
     inbox.linger = 0
     inbox.bind(peers[1])
     await fake.send(encode(Header(Kind.HELLO, 0, 0, 0, "", 0, 1)))
+    # and says it offers no shared memory (the ring offers none either: shm_bytes=0)
+    await fake.send(encode(Header(Kind.SHARED, 0, NONE, 0, "", 0, 1)))
     foreign = [[b"\x00garbage"], [b"\xc1", b"more"], [b"a", b"b", b"c"],
                [msgpack.packb((PROTOCOL_VERSION + 1, 0, 1, 0, 0, SIG, 16, 1)), bytes(16)],
                [data(1, 16), bytes(4)], [data(1, 4), bytes(16)], [data(1, 16)]]
     try:
-        async with ringlib.connect(0, 2, peers, timeout=10, peer_timeout=0) as ring:
+        async with ringlib.connect(0, 2, peers, timeout=10, peer_timeout=0,
+                                   shm_bytes=0) as ring:
             with caplog.at_level(logging.WARNING, logger="ringlib.transport"):
                 for frames in foreign:
                     await fake.send_multipart(frames)

@@ -18,7 +18,7 @@ import pytest
 from leftovers import assert_none_left, tagged_env
 from ring_harness import ringlib_env, run_ranks
 from ringlib.errors import ProtocolError
-from ringlib.transport import shared
+from ringlib.transport import shared, single_copy
 from ringlib.transport.addresses import local_addresses
 from ringlib.transport.frames import Header, Kind, pack, unpack
 
@@ -133,6 +133,11 @@ def run_shm(scenario: str, world: int, transport: str, seed: int, extra: dict | 
     return finished
 
 
+def single_copy_works() -> bool:
+    word = np.array([12345], np.uint64)
+    return single_copy.readable(os.getpid(), word.ctypes.data, 12345)
+
+
 def report(finished) -> str:
     return "\n".join(f"--- rank {f.rank} exit {f.returncode}\n{f.stdout}{f.stderr[-2000:]}"
                      for f in finished)
@@ -150,8 +155,13 @@ def test_rings_on_one_host_move_collectives_through_shared_memory(transport, wor
     finished = run_shm("check", world, transport, seed, extra)
     assert all(f.returncode == 0 for f in finished), report(finished)
     for f in finished:
-        assert f"shared {','.join(str(r) for r in range(world) if r != f.rank)}" in f.stdout
-        assert "named 0" in f.stdout, "a segment kept its name in /dev/shm while in use"
+        others = ",".join(str(r) for r in range(world) if r != f.rank)
+        assert f"shared {others}" in f.stdout
+        # Ranks that may read each other's memory take single copies (and, 2 of them, the
+        # pairwise all-reduce): wherever this process may read its own through the call.
+        if single_copy_works():
+            assert f"reaches {others}" in f.stdout, report(finished)
+        assert "named 0" in f.stdout, "a taken segment kept its name in /dev/shm"
 
 
 def test_with_shared_memory_off_the_sockets_carry_everything(seed):

@@ -19,6 +19,7 @@ import ringlib
 from ringlib.collectives import signature
 from ringlib.transport import Header, Kind
 from ringlib.transport.frames import decode, encode
+from ringlib.transport.shared_links import NONE
 from ringlib.transport.addresses import free_tcp_ports
 
 N = 16 << 20  # 64 MiB of float32: far more than the kernel's socket buffers can hold
@@ -44,7 +45,7 @@ def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
 
     def rank0() -> None:
         with ringlib.init(0, 2, peers, timeout=20, collective_timeout=30,
-                          segment_bytes=PIECE * 4, peer_timeout=0) as ring:
+                          segment_bytes=PIECE * 4, peer_timeout=0, shm_bytes=0) as ring:
             ring.all_reduce(x0)
             result["sum"] = x0.copy()
             returned.set()
@@ -53,6 +54,7 @@ def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
     thread.start()
     try:
         outbox.send(encode(Header(Kind.HELLO, 0, 0, 0, "", 0, 1)))
+        outbox.send(encode(Header(Kind.SHARED, 0, NONE, 0, "", 0, 1)))  # no shared memory
         assert decode(inbox.recv()).kind == Kind.HELLO
         # Rank 1's half of the protocol, without reading anything rank 0 sends: its own
         # chunk 0 for the reduce-scatter step, and the finished chunk 1 for the all-gather.

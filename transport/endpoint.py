@@ -24,7 +24,8 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from ringlib.errors import ProtocolError, RendezvousError, RingClosed, Unauthorized
+from ringlib.errors import (ProtocolError, RendezvousError, RendezvousTimeout, RingClosed,
+                            Unauthorized)
 
 from . import addresses, direct, shared
 from .frames import Header, Kind, decode, encode, pack, unpack
@@ -127,16 +128,17 @@ class Endpoint(Liveness, DirectLinking):
 
     async def settle_shared(self, ranks: list[int], timeout: float) -> None:
         """Wait until every one of `ranks` answered this rank's offer and sent its own (see
-        SharedLinks.settled), so that both ends of each link know what it can do. A rank
-        silent about it for `timeout` seconds gets no shared memory with this one."""
+        SharedLinks.settled), so that both ends of each link know what it can do, and
+        collectives that choose their algorithm by it choose alike on every rank. Part of
+        start-up: RendezvousTimeout after `timeout` seconds, naming the silent ranks."""
         deadline = time.monotonic() + timeout
         while self._may_poll and not self.shared.settled(ranks):
             if time.monotonic() > deadline:
-                for rank in self.shared.unsettled(ranks):
-                    log.info("rank %d: rank %d did not answer about shared memory within "
-                             "%g s; sockets carry", self.rank, rank, timeout)
-                    self.shared.withdraw(rank)
-                return
+                silent = self.shared.unsettled(ranks)
+                raise RendezvousTimeout(
+                    f"rank {self.rank} ({self.address}): ranks {silent} "
+                    f"({', '.join(self.peer_addresses[r] for r in silent)}) did not answer "
+                    f"about shared memory within {timeout:g} s")
             await self.inbox.unless_failed(asyncio.sleep(1e-3))
 
     def reaches(self, rank: int) -> bool:

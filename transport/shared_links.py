@@ -54,7 +54,6 @@ class SharedLinks:
         self._heard: set[int] = set()         # peers whose OFFER or NONE was answered
         self._unanswered: set[int] = set()    # peers this rank's offer waits on
         self._asleep = False                  # see sleep()
-        self._withdrawn: set[int] = set()     # peers that did not settle in time
 
     def ready(self, rank: int) -> Writer | None:
         """The writer to `rank`, if `rank` took it."""
@@ -81,8 +80,6 @@ class SharedLinks:
     def answer(self, message: Message) -> None:
         """Act on a SHARED message: take an offer (or decline it), or learn the answer."""
         rank, step = message.header.sender, message.header.step
-        if rank in self._withdrawn:
-            return
         if step in (OFFER, NONE):
             self._heard.add(rank)
             return self._take(rank, message) if step == OFFER else None
@@ -93,11 +90,11 @@ class SharedLinks:
                 writer.accepted(single_copy=message.payload is not None and
                                 message.payload.bytes == _SINGLE_COPY)
             return
-        # It declined this rank's offer, or withdrew: nothing is shared either way.
         why = bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""
         log.info("rank %d: rank %d takes no shared memory (%s); sockets carry",
                  self.rank, rank, why)
-        self._close(rank)
+        if writer is not None:  # declined: what it sends this rank is another matter
+            self.writers.pop(rank).close()
 
     def _take(self, rank: int, offer: Message) -> None:
         try:
@@ -124,12 +121,6 @@ class SharedLinks:
         """Whether every one of `ranks` was heard from and answered this rank's offer."""
         return self._heard.issuperset(ranks) and not self._unanswered.intersection(ranks)
 
-    def withdraw(self, rank: int) -> None:
-        """No shared memory with `rank` (it never settled): drop both ends, ignore what it
-        says about them later, and tell it to drop its own (a DECLINE of its offer)."""
-        self._withdrawn.add(rank)
-        self._close(rank)
-        self._notify(rank, Kind.SHARED, 0, b"withdrawn: no answer in time", step=DECLINE)
 
     def unsettled(self, ranks: list[int]) -> list[int]:
         return sorted(set(ranks) - self._heard | self._unanswered.intersection(ranks))
