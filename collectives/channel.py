@@ -17,6 +17,7 @@ other rank, which raise it too: no rank is left waiting for a step that will nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections import defaultdict
 from concurrent.futures import Executor
@@ -195,6 +196,17 @@ class Channel:
         if trackers:
             async with asyncio.timeout_at(self.deadline):
                 await wait_sent(trackers, self.endpoint.inbox)
+
+    async def withdraw(self, limit: float) -> None:
+        """After a failure: wait up to `limit` seconds until the peers released what they
+        may still read or write in this rank's buffers by address, so that none touches
+        them after the collective raised. A peer that failed too releases at once."""
+        lent = [t for trackers in self.sent.values() for t in trackers
+                if isinstance(t, Released)]
+        if lent:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(limit):
+                    await wait_sent(lent)
 
     async def drain(self) -> None:
         """Wait until every buffer shared with ZeroMQ has left, so the caller may change it."""

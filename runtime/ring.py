@@ -23,7 +23,7 @@ from .buffers import empty_like, like, storage
 from .environment import Placement, placement
 from .reform import agree
 from .rendezvous import bind_and_exchange, greet_neighbours
-from .settings import SIDE_SHM_BYTES, Settings, connect_timeout
+from .settings import SIDE_SHM_BYTES, WITHDRAW_S, Settings, connect_timeout
 
 T = TypeVar("T")
 
@@ -108,7 +108,7 @@ class Ring:
     def all_reduce_algorithm(self, nbytes: int) -> str:
         """The algorithm all_reduce takes for `nbytes`: "doubling", "pairwise" (2 ranks
         that reach each other's memory) or "ring"."""
-        reaches = self.world_size == 2 and self._endpoint.reaches(1 - self.rank)
+        reaches = self.world_size == 2 and self._endpoint.shared.reach(1 - self.rank)
         return collectives.all_reduce_algorithm(nbytes, self.world_size, self.small_bytes,
                                                 reaches)
 
@@ -162,8 +162,8 @@ class Ring:
         time out naming it) keeps its later collectives in step."""
         if self._closed:
             raise RingClosed(f"rank {self.rank}: the ring is closed")
-        if self.world_size > 1 and size == 0:
-            next(self._seq)
+        if self.world_size > 1 and size == 0:  # what others send for it is dropped
+            self._endpoint.inbox.abandon(next(self._seq))
         return self.world_size > 1 and size > 0
 
     async def _run(self, sig: str, dtype: DType, timeout: float | None,
@@ -185,6 +185,7 @@ class Ring:
         except BaseException as exc:
             ch.endpoint.inbox.abandon(ch.seq)  # its late messages must not pile up
             ch.endpoint.mismatches.pop(ch.seq, None)
+            await ch.withdraw(WITHDRAW_S)
             if isinstance(exc, TimeoutError):
                 raise self._timed_out(ch, limit) from None
             raise

@@ -17,6 +17,8 @@ HEARTBEAT_S = 0.5            # how often a rank tells its neighbours it is alive
 PEER_TIMEOUT = 5.0           # silence after which a neighbour is lost (PeerLost)
 SHM_BYTES = 32 << 20         # a shared-memory link's ring to the right neighbour
 SIDE_SHM_BYTES = 1 << 20     # ... and to any other rank, which gets small messages only
+WITHDRAW_S = 5.0             # how long a failed collective waits for peers to let go of
+                             # the buffers it lent them by address
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,9 @@ class Settings:
     shm_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SHM_BYTES", SHM_BYTES))
 
     def __post_init__(self) -> None:
-        if self.shm_bytes < 0:
-            raise InvalidArgument(f"shm_bytes={self.shm_bytes} must be 0 (off) or more")
+        if not isinstance(self.shm_bytes, int) or self.shm_bytes < 0:
+            raise InvalidArgument(f"shm_bytes={self.shm_bytes!r} must be a whole number of "
+                                  "bytes, 0 (off) or more")
         if self.peer_timeout and not 0 < self.heartbeat_s < self.peer_timeout:
             raise InvalidArgument(f"heartbeat_s={self.heartbeat_s} must be above 0 and below "
                                   f"peer_timeout={self.peer_timeout}")

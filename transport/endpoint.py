@@ -59,7 +59,7 @@ class Endpoint(Liveness, DirectLinking):
     """
 
     def __init__(self, rank: int, keys: Keys | None = None) -> None:
-        self.rank = rank
+        self._rank = rank
         self.keys = keys
         self.address: str | None = None
         self.inbox = Inbox()
@@ -93,6 +93,15 @@ class Endpoint(Liveness, DirectLinking):
                          Kind.MISMATCH: self._reported_mismatch, Kind.SHARED: self.shared.answer,
                          Kind.DOORBELL: lambda message: self.shared.poll(message.header.sender)}
         self._closed = False
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @rank.setter
+    def rank(self, value: int) -> None:
+        """A re-formed ring renumbers its ranks (runtime/reform.py); segment names follow."""
+        self._rank = self.shared.rank = value
 
     def bind(self, address: str) -> str:
         """Bind the receiving socket at `address` (tcp port 0 picks a free port); return
@@ -140,15 +149,6 @@ class Endpoint(Liveness, DirectLinking):
                     f"({', '.join(self.peer_addresses[r] for r in silent)}) did not answer "
                     f"about shared memory within {timeout:g} s")
             await self.inbox.unless_failed(asyncio.sleep(1e-3))
-
-    def reaches(self, rank: int) -> bool:
-        """Whether this rank and `rank` can read and write each other's memory (both find
-        the same once settle_shared returned)."""
-        return self.shared.reach(rank)
-
-    def shared_peers(self) -> list[int]:
-        """The ranks this rank sends collective payloads to through shared memory, now."""
-        return sorted(rank for rank in self.shared.writers if self.shared.ready(rank))
 
     def set_peers(self, table: list[str]) -> None:
         """Learn every rank's address; links open on first use or through connect()."""

@@ -129,7 +129,9 @@ class Writer:
         path = os.path.join(DIRECTORY, self.name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, DATA_OFFSET + self.capacity)
+            # Blocks allocated now: where /dev/shm is too small this fails (ENOSPC), where
+            # a bare ftruncate would map pages that SIGBUS once written.
+            os.posix_fallocate(fd, 0, DATA_OFFSET + self.capacity)
             self._memory, self._words, self._view = _map(fd, DATA_OFFSET + self.capacity)
         except BaseException:
             os.unlink(path)
@@ -177,6 +179,8 @@ class Writer:
 
     def _append(self, header: bytes, view: memoryview | None, flags: int = 0) -> bool | None:
         nbytes = 0 if view is None else view.nbytes
+        if len(header) > MAX_HEADER:  # the reader would refuse it: let a socket carry it
+            return None
         start = (_RECORD.size + len(header) + ALIGN - 1) & ~(ALIGN - 1)  # the payload's offset
         size = (start + nbytes + ALIGN - 1) & ~(ALIGN - 1)                # record_size()
         pos = self._head % self.capacity
@@ -290,7 +294,8 @@ class Reader:
             try:
                 self._take(head)
             except ProtocolError as exc:  # a ring out of step cannot be trusted any further
-                log.warning("shared-memory link broken: %s; sockets carry", exc)
+                log.warning("shared-memory link from rank %d (%s) broken: %s", *self.sender,
+                            exc)
                 self.broken = True
                 return count
             count += 1

@@ -74,7 +74,7 @@ class SharedLinks:
             return self._notify(rank, Kind.SHARED, 0, step=NONE)
         self.writers[rank] = writer
         self._unanswered.add(rank)
-        offer = (writer.name, writer.nonce, capacity, *writer.probe)
+        offer = (writer.name, writer.nonce, writer.capacity, *writer.probe)
         self._notify(rank, Kind.SHARED, 0, msgpack.packb(offer), step=OFFER)
 
     def answer(self, message: Message) -> None:
@@ -122,6 +122,10 @@ class SharedLinks:
         return self._heard.issuperset(ranks) and not self._unanswered.intersection(ranks)
 
 
+    def peers(self) -> list[int]:
+        """The ranks this rank sends collective payloads to through shared memory, now."""
+        return sorted(rank for rank in self.writers if self.ready(rank))
+
     def unsettled(self, ranks: list[int]) -> list[int]:
         return sorted(set(ranks) - self._heard | self._unanswered.intersection(ranks))
 
@@ -135,11 +139,19 @@ class SharedLinks:
         """Deliver what the segments of every peer (or of `rank`) hold now."""
         if rank is not None:
             reader = self.readers.get(rank)
-            if reader is not None:
-                reader.poll()
+            if reader is not None and not reader.poll() and reader.broken:
+                self._broken(rank)
             return
-        for reader in self.readers.values():
-            reader.poll()
+        for rank, reader in self.readers.items():
+            if not reader.poll() and reader.broken:
+                return self._broken(rank)
+
+    def _broken(self, rank: int) -> None:
+        """The ring from `rank` went out of step: stop reading it, and tell `rank` (a
+        DECLINE), which then sends by socket."""
+        self._reads_memory.discard(rank)
+        self.readers.pop(rank).close()
+        self._notify(rank, Kind.SHARED, 0, b"its ring broke", step=DECLINE)
 
     def wake(self) -> None:
         """This endpoint no longer waits on its event loop: peers need not ring."""
