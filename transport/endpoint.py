@@ -277,17 +277,22 @@ class Endpoint(Liveness, DirectLinking):
         """
         if spin <= 0 or not self._may_poll or self._closed:
             return self.inbox.take(header_key)
-        self.shared.poll()  # a shared-memory peer's message is often there already
+        # Collective payloads from a peer on this host come through its ring (and only
+        # those: pipeline streams stay on the sockets).
+        shared = header_key[0] == Kind.DATA and header_key[4] in self.shared.readers
+        if shared:
+            self.shared.poll(header_key[4])  # its message is often there already
         message = self.inbox.take(header_key)
         if message is None:
-            message = self._poll_for(header_key, time.perf_counter() + spin)
+            message = self._poll_for(header_key, time.perf_counter() + spin, shared)
         return message
 
-    def _poll_for(self, key: tuple, deadline: float) -> Message | None:
-        """Poll shared memory first (a few loads), the sockets (system calls) less often."""
+    def _poll_for(self, key: tuple, deadline: float, shared: bool) -> Message | None:
+        """Poll the links until the message is here or the deadline passed: a `shared`
+        message's ring first (a few loads), the sockets (system calls) less often."""
         while True:
-            for _ in range(_SHARED_POLLS if self.shared.readers else 1):
-                self.shared.poll()
+            for _ in range(_SHARED_POLLS if shared else 0):
+                self.shared.poll(key[4])
                 message = self.inbox.take(key)
                 if message is not None:
                     return message
