@@ -209,7 +209,8 @@ class Channel:
                     await wait_sent(lent)
 
     async def drain(self) -> None:
-        """Wait until every buffer shared with ZeroMQ has left, so the caller may change it."""
+        """Wait until every buffer shared with ZeroMQ has left, or been read by a peer, so
+        the caller may change it (at the end of every collective: Ring._run)."""
         for region in list(self.sent):
             await self.before_overwrite(region)
 

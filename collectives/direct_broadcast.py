@@ -20,4 +20,3 @@ async def direct_broadcast(ch: Channel, buf: np.ndarray, root: int) -> None:
     for to in range(ch.world_size):
         if to != root:
             await ch.send(to, 0, 0, buf, region=0)
-    await ch.drain()

@@ -44,4 +44,3 @@ async def recursive_doubling(ch: Channel, buf: np.ndarray, partial: Reducer,
         await ch.run(final if i == rounds - 1 else partial, buf, piece)
     if r < n - p:
         await ch.send(r + p, result_step, 0, buf, region=0)
-    await ch.drain()

@@ -3,8 +3,8 @@
 Cost (N ranks, S bytes in all): N-1 steps; each rank sends and receives (N-1)/N x S
 bytes, bandwidth-optimal. A received piece is passed on as the very ZeroMQ frame it came
 in, so forwarding copies nothing and needs no tracker; a piece that came through shared
-memory is passed on from the buffer it was copied into. The collective waits for what
-it sent from the caller's buffer to leave (or be read) before returning.
+memory is passed on from the buffer it was copied into. What it sent from the caller's
+buffer, the collective waits for before it returns (Ring._run drains every collective).
 Like the reduce-scatter, the rank sends its own chunk a few pieces ahead of what it has
 received (SentAhead), so that a slow neighbour holds a few pieces, not a whole chunk.
 """
@@ -37,4 +37,3 @@ async def all_gather_phase(ch: Channel, buf: np.ndarray, bounds: list[int],
             if step < n - 2:
                 await ch.forward(right, first_step + step + 1, k, frame, buf[a:b], region=c)
             ch.release(frame)
-    await ch.drain()

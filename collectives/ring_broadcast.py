@@ -21,7 +21,6 @@ async def ring_broadcast(ch: Channel, buf: np.ndarray, root: int) -> None:
     if ch.rank == root:
         for k, (a, b) in enumerate(pieces):
             await ch.send(right, 0, k, buf[a:b], region=0)
-        await ch.drain()
         return
     for k, (a, b) in enumerate(pieces):
         piece, frame = await ch.recv(left, 0, k, b - a)
@@ -29,4 +28,3 @@ async def ring_broadcast(ch: Channel, buf: np.ndarray, root: int) -> None:
         if right != root:
             await ch.forward(right, 0, k, frame, buf[a:b], region=0)
         ch.release(frame)
-    await ch.drain()

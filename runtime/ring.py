@@ -181,7 +181,9 @@ class Ring:
         self._running.add(ch.seq)
         try:
             result = await algorithm(ch, *args)
-            await ch.drain()  # what peers read in this rank's memory must stay until read
+            # Every collective waits here until what it sent from the caller's buffers has
+            # left (ZeroMQ) or been read (by address), so the caller may change them.
+            await ch.drain()
         except BaseException as exc:
             ch.endpoint.inbox.abandon(ch.seq)  # its late messages must not pile up
             ch.endpoint.mismatches.pop(ch.seq, None)

@@ -187,9 +187,6 @@ class Endpoint(Liveness, DirectLinking):
             raise self.inbox.failure
         if to not in self._push:
             self.connect(to, self.peer_addresses[to])
-        in_segment = isinstance(payload, HELD)  # held in a ring, released soon
-        if in_segment:
-            payload = payload.buffer
         nbytes = 0 if payload is None else memoryview(payload).nbytes
         if header.nbytes != nbytes:
             header = header._replace(nbytes=nbytes)
@@ -203,8 +200,6 @@ class Endpoint(Liveness, DirectLinking):
                 if asleep:
                     self._ring(to)
                 return tracker
-        if in_segment:  # a socket may read it later: copy it out of the segment
-            payload = bytes(payload)
         link = self._links.get(to)
         if link is not None and link.ready and nbytes <= self.direct_bytes and \
                 link.send(encode(header), payload):

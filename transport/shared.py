@@ -222,7 +222,8 @@ class Writer:
 
 class SharedPayload:
     """A received payload, read in place in the sender's segment until released. Like a
-    zmq.Frame it has `.buffer`, `.bytes` and a length; release() gives the space back."""
+    zmq.Frame it has `.buffer` and a length; release() gives the space back. It is never
+    sent on as it is (Channel.forward sends the copy it was read into)."""
 
     __slots__ = ("buffer", "_reader", "_entry")
 
@@ -231,10 +232,6 @@ class SharedPayload:
 
     def __len__(self) -> int:
         return self.buffer.nbytes
-
-    @property
-    def bytes(self) -> bytes:
-        return bytes(self.buffer)
 
     def release(self) -> None:
         """The receiver is done with it: the sender may write over it. Idempotent."""

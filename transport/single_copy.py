@@ -84,18 +84,17 @@ def readable(pid: int, address: int, expected: int) -> bool:
 
 
 class RemotePayload:
-    """A received payload that is still in the sender's memory: read it with read_into()
-    (or .bytes), then release() it, which lets the sender change its buffer. If the sender
+    """A received payload that is still in the sender's memory: read it with read_into(),
+    then release() it, which lets the sender change its buffer. If the sender
     sent it `writable`, write_from() may also overwrite it there, until the release."""
 
-    __slots__ = ("_pid", "_address", "_nbytes", "_release", "_sender", "writable", "_bytes")
+    __slots__ = ("_pid", "_address", "_nbytes", "_release", "_sender", "writable")
 
     def __init__(self, pid: int, address: int, nbytes: int, release: Any,
                  sender: tuple[int, str], writable: bool = False) -> None:
         self._pid, self._address, self._nbytes, self._release = pid, address, nbytes, release
         self._sender = sender  # (rank, address), for errors
         self.writable = writable
-        self._bytes: bytes | None = None
 
     def __len__(self) -> int:
         return self._nbytes
@@ -120,19 +119,6 @@ class RemotePayload:
             rank, address = self._sender
             raise PeerLost(f"cannot reach a payload of rank {rank} ({address}) in its "
                            f"memory: {exc}", rank, address) from None
-
-    @property
-    def bytes(self) -> bytes:
-        if self._bytes is None:
-            out = np.empty(self._nbytes, np.uint8)
-            self.read_into(out)
-            self._bytes = out.tobytes()
-        return self._bytes
-
-    @property
-    def buffer(self) -> memoryview:
-        """A copy, read now: for code that wants the bytes of any payload."""
-        return memoryview(self.bytes)
 
     def release(self) -> None:
         if self._release is not None:
