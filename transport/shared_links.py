@@ -80,6 +80,9 @@ class SharedLinks:
     def answer(self, message: Message) -> None:
         """Act on a SHARED message: take an offer (or decline it), or learn the answer."""
         rank, step = message.header.sender, message.header.step
+        if rank == self.rank or rank not in self._addresses:
+            return log.warning("rank %d dropped a shared-memory message from rank %d, which "
+                               "is not its peer", self.rank, rank)
         if step in (OFFER, NONE):
             self._heard.add(rank)
             return self._take(rank, message) if step == OFFER else None
