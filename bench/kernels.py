@@ -1,6 +1,6 @@
 """Reduce-into throughput of the compiled core against numpy and torch, side by side.
 
-    python -m ringlib.bench.kernels [--sizes 1KiB,1MiB,64MiB] [--no-cold-start]
+    ringlib bench kernels [--sizes 1KiB,1MiB,64MiB] [--no-cold-start]
 
 Each row times ringlib.reduce_into and its baseline alternately in one run (medians),
 so the ratio holds on a noisy machine: numpy's in-place ufunc for the numpy dtypes,
@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 import ringlib
+from ringlib.dtypes import lookup
 
 from .timing import format_size, interleaved_medians, parse_size, repeat_for
 
@@ -63,7 +64,7 @@ def _operands(dtype: str, nbytes: int, rng: np.random.Generator):
 
 
 def _itemsize(dtype: str) -> int:
-    return ringlib.dtypes.lookup(dtype).itemsize
+    return lookup(dtype).itemsize
 
 
 def _baseline(dtype: str, op: str, dst, src) -> tuple[str, Callable[[], object]]:

@@ -1,9 +1,11 @@
-"""The floor this host's loopback sets for any TCP transport: two processes swap S bytes
-over one plain TCP connection, each sending from one thread while receiving on another
-(socket.sendall and recv_into: no Python per byte, no library in between; sizes up to
-64 KiB, which the socket buffers hold, are sent and then received on one thread).
+"""The floor this host's loopback sets for any TCP transport: two processes swapping S
+bytes over one plain TCP connection.
 
-    python -m ringlib.bench.loopback [--sizes 8B,8MiB] [--iters N] [--transport tcp|ipc]
+    ringlib bench loopback [--sizes 8B,8MiB] [--iters N] [--transport tcp|ipc]
+
+Each process sends from one thread while it receives on another (socket.sendall and
+recv_into: no Python per byte, no library in between; sizes up to 64 KiB, which the
+socket buffers hold, are sent and then received on one thread).
 
 An all-reduce of S bytes on 2 ranks swaps S/2 bytes twice (reduce-scatter, all-gather), so
 two swaps of S/2 bound how fast any all-reduce over these sockets can be here.
@@ -94,11 +96,13 @@ def _tune(sock: socket.socket) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m ringlib.bench.loopback", description=__doc__,
+    p = argparse.ArgumentParser(prog="ringlib bench loopback", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=parse_size_list, default=parse_size_list("8B,8MiB"))
-    p.add_argument("--iters", type=int, default=50)
-    p.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
+    p.add_argument("--sizes", type=parse_size_list, default=parse_size_list("8B,8MiB"),
+                   help="comma-separated sizes each process sends (default: 8B,8MiB)")
+    p.add_argument("--iters", type=int, default=50, help="swaps per size (default: 50)")
+    p.add_argument("--transport", choices=("tcp", "ipc"), default="tcp",
+                   help="TCP on loopback, or a Unix socket (default: tcp)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     print(f"{'size':>9} {'swap p50 us':>12} {'GB/s each way':>14}")
     for size, seconds in zip(args.sizes, measure(args.sizes, args.iters, args.transport)):

@@ -1,6 +1,6 @@
 """All-reduce throughput under network faults, clean and faulty side by side in one run.
 
-    python -m ringlib.bench.netem [-n 3] [--sizes 8B,64KiB,4MiB,16MiB] [--delay 20ms]
+    ringlib bench netem [-n 3] [--sizes 8B,64KiB,4MiB,16MiB] [--delay 20ms]
         [--loss 1%] [--iters N] [--seed S] [--timeout 120] [--link auto|netem|switch]
         [--json PATH]
 
@@ -257,7 +257,7 @@ def parse_loss(text: str) -> float:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ringlib.bench.netem",
+    parser = argparse.ArgumentParser(prog="ringlib bench netem",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--ranks", type=int, default=3, help="ranks, one namespace each")
     parser.add_argument("--sizes", type=parse_size_list, default=parse_size_list(DEFAULT_SIZES),

@@ -1,7 +1,7 @@
 """Pipeline-parallel inference throughput: 2 stages on 2 peers against the whole model in
 one process, each on one torch thread, with per-micro-batch latency and transport cost.
 
-    python -m ringlib.bench.pipeline [--width 1024] [--layers 8] [--batch 64]
+    ringlib bench pipeline [--width 1024] [--layers 8] [--batch 64]
         [--micro-batch 32] [--batches 48] [--rounds 5]
 
 The model is `--layers` Linear+ReLU blocks of equal width, cut into two halves of equal

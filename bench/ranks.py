@@ -3,13 +3,13 @@ and leave nothing behind, whatever happens.
 
 The parent runs `python -m MODULE --worker ARGS` once per rank with RINGLIB_* variables,
 or all ranks under one `mpirun` (whose ranks then are MPI ranks too, for comparisons with
-MPI), where RINGLIB_PEERS gives the addresses and mpirun the rank. A worker calls
-exit_with_parent() first, so that it dies with a parent killed outright.
+MPI), where RINGLIB_PEERS gives the addresses and mpirun the rank. Ranks are started and
+stopped with ringlib.runtime.processes; a worker calls exit_with_parent() first, so that
+it dies with its parent even when that is mpirun, killed outright.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import queue
@@ -23,25 +23,15 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from ringlib.runtime import processes
 from ringlib.runtime.environment import without_placement
+from ringlib.runtime.processes import exit_with_parent
 from ringlib.transport.addresses import local_addresses
+
+__all__ = ["WorkerFailed", "collect", "exit_with_parent", "mpirun_missing", "run_ranks"]
 
 GRACE_S = 30.0             # how long the other ranks may take to exit after rank 0
 STOP_S = 5.0               # how long processes may take to exit on SIGTERM
-_PR_SET_PDEATHSIG = 1
-
-
-def exit_with_parent() -> None:
-    """Exit at once when the parent process (the benchmark, or mpirun) is gone: a parent
-    killed outright leaves no rank behind."""
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.1)
-        os._exit(3)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def mpirun_missing() -> str | None:
@@ -60,11 +50,10 @@ class WorkerFailed(RuntimeError):
 
 
 def _start(command: list[str], env: dict[str, str], log: Path, reads_stdout: bool,
-           **options: object) -> subprocess.Popen:
+           on_parent_death: int = signal.SIGKILL) -> subprocess.Popen:
     with open(log, "w") as err:
-        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stderr=err,
-                                text=True, start_new_session=True, **options,
-                                stdout=subprocess.PIPE if reads_stdout else subprocess.DEVNULL)
+        return processes.start(command, env, on_parent_death, stderr=err, text=True,
+                               stdout=subprocess.PIPE if reads_stdout else subprocess.DEVNULL)
 
 
 def _start_each(module: str, argv: list[str], env: dict[str, str], peers: list[str],
@@ -90,11 +79,7 @@ def _start_mpirun(module: str, argv: list[str], env: dict[str, str], peers: list
     command = ["mpirun", "-n", str(len(peers)), "--bind-to", "none", "--oversubscribe",
                sys.executable, "-m", module, "--worker", *argv]
     log = Path(tmp, "mpirun.stderr")
-    return [_start(command, placed, log, True, preexec_fn=_term_with_parent)], [log], ["mpirun"]
-
-
-def _term_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    return [_start(command, placed, log, True, signal.SIGTERM)], [log], ["mpirun"]
 
 
 def run_ranks(module: str, argv: list[str], ranks: int, transport: str,
@@ -116,7 +101,7 @@ def run_ranks(module: str, argv: list[str], ranks: int, transport: str,
                                                           **(env or {})}, peers, tmp)
                 _follow(procs, logs, names, on_line)
             finally:
-                _kill_all(procs)
+                processes.stop(procs, STOP_S)  # mpirun stops its ranks on SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -167,28 +152,6 @@ def _failure_report(procs: list[subprocess.Popen], logs: list[Path], names: list
         tail = logs[r].read_text(errors="replace")[-3000:] if logs[r].exists() else ""
         parts.append(f"--- {names[r]} (exit {procs[r].poll()}) stderr:\n{tail.rstrip()}")
     return "\n".join(parts)
-
-
-def _kill_all(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM every process that still runs (mpirun stops its ranks on it), then after
-    STOP_S SIGKILL each one's whole session, and reap every one."""
-    running = [p for p in procs if p.poll() is None]
-    for p in running:
-        p.terminate()
-    deadline = time.monotonic() + STOP_S
-    for p in running:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    for p in procs:
-        p.wait()
 
 
 def collect(module: str, argv: list[str], ranks: int, what: str) -> list[dict]:

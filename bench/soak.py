@@ -1,7 +1,7 @@
 """Soak: thousands of random collectives across real processes on this host, every result
 checked, and each rank's peak resident growth bounded.
 
-    python -m ringlib.bench.soak [-n 3] [--collectives 10000] [--seed S] [--max-bytes 256KiB]
+    ringlib bench soak [-n 3] [--collectives 10000] [--seed S] [--max-bytes 256KiB]
         [--warmup 300] [--in-flight 1] [--transport tcp|ipc] [--max-growth-mb 20]
         [--json out.json]
 
@@ -40,7 +40,7 @@ TUNING = ("RINGLIB_SEGMENT_BYTES", "RINGLIB_SMALL_BYTES", "RINGLIB_SPIN_US", "RI
 
 def parser() -> argparse.ArgumentParser:
     """The command line, shared by the parent and its ranks (--worker)."""
-    p = argparse.ArgumentParser(prog="python -m ringlib.bench.soak", description=__doc__,
+    p = argparse.ArgumentParser(prog="ringlib bench soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--ranks", type=int, default=3)
     p.add_argument("--collectives", type=int, default=10_000)

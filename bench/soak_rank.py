@@ -1,4 +1,4 @@
-"""One rank's part of the soak (`python -m ringlib.bench.soak`): a long run of random
+"""One rank's part of the soak (`ringlib bench soak`): a long run of random
 collectives, every result checked against a float64 (for integers, int64) reference.
 
 Every rank draws collective i from (seed, i) alone, and every rank's input to it from

@@ -1,5 +1,5 @@
-"""Latency and bandwidth of one collective across real processes on this host, nccl-tests
-style, with Gloo and MPI timed side by side in the same run.
+"""Latency and bandwidth of one collective across processes on this host, with Gloo and
+MPI timed side by side in the same run (nccl-tests style).
 
     ringlib bench allreduce|reduce_scatter|all_gather|broadcast|latency [-n 2] [--sizes 8B:64MiB:4]
         [--dtype float32] [--op sum] [--transport tcp|ipc] [--iters N] [--compare gloo,mpi]
@@ -104,6 +104,11 @@ class Report:
                                           format_size(value)))
         lines = [f"{self.what()}, {a.ranks} ranks on {a.transport} (this host); "
                  + ", ".join(settings)]
+        links = self.setup.get("links")
+        if links:
+            lines.append("rank 0's links beside ZeroMQ: " + ", ".join(
+                f"{kind} to {', '.join(map(str, ranks)) or 'none'}"
+                for kind, ranks in links.items()))
         if self.table is not None:
             timed = "one-way latency (half a round trip)" if a.collective == "latency" \
                 else "per-call times"

@@ -174,6 +174,7 @@ async def run_worker(args: argparse.Namespace) -> None:
              "small_bytes": ring.small_bytes,
              "segment_bytes": ring.segment_bytes, "spin_us": ring.spin_us,
              "direct_bytes": ring.direct_bytes, "skipped": dict(skipped),
+             "links": ring.endpoint.links() if ring.endpoint is not None else {},
              "versions": {s.label: s.version for s in compared}})
         try:
             for nbytes in args.sizes:

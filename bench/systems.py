@@ -22,9 +22,10 @@ import zmq
 import ringlib
 from ringlib.dtypes import BY_NAME
 from ringlib.runtime.buffers import storage
-from ringlib.transport import Header, Kind, wait_sent
+from ringlib.transport import wait_sent
 
 COLLECTIVES = ("allreduce", "reduce_scatter", "all_gather", "broadcast", "latency")
+RING_NAMES = {"allreduce": "all_reduce"}  # where the Ring spells a collective otherwise
 SPLIT = ("reduce_scatter", "all_gather")  # each rank holds 1/n of the buffer on one side
 IN_PLACE = ("allreduce", "broadcast")
 FROM_RANK_0 = ("broadcast", "latency")    # only rank 0's input matters
@@ -184,11 +185,10 @@ class RinglibSystem(System):
     def algorithm(self, case: Case) -> str:
         """The algorithm ringlib picks for this case under this setting."""
         self._apply()
+        if case.collective == "latency":
+            return "p2p"
         nbytes = case.count * BY_NAME[case.dtype].itemsize
-        small = nbytes <= self.ring.small_bytes
-        return {"allreduce": self.ring.all_reduce_algorithm(nbytes),
-                "broadcast": "direct" if small else "ring",
-                "latency": "p2p"}.get(case.collective, "ring")
+        return self.ring.plan(RING_NAMES.get(case.collective, case.collective), nbytes).algorithm
 
     async def call(self) -> None:
         self._apply()
@@ -207,20 +207,20 @@ class RinglibSystem(System):
     async def _pingpong(self) -> None:
         """Rank 0 sends its input to rank 1 and waits for it to come back, on ringlib's
         transport (stream messages, as pipeline stages use): the OSU latency pattern."""
-        endpoint, rank, i = self.ring.endpoint, self.ring.rank, next(self._round)
+        rank, i = self.ring.rank, next(self._round)
         if rank > 1:
             return
         peer = 1 - rank
         nbytes = self.case.count * BY_NAME[self.case.dtype].itemsize
-        spin = self.ring.spin_us * 1e-6 if nbytes <= self.ring.small_bytes else 0.0
-        header = Header(Kind.STREAM, i, 0, self._stream, "", nbytes, rank)
+        settings = self.ring.settings
+        spin = settings.spin_us * 1e-6 if nbytes <= settings.small_bytes else 0.0
         if rank == 0:
-            await endpoint.send(peer, header, storage(self.inp, "x", writable=False)[0])
-        message = await endpoint.recv((Kind.STREAM, i, 0, self._stream, peer), spin)
+            await self._stream.send(peer, i, 0, storage(self.inp, "x", writable=False)[0])
+        message = await self._stream.recv(peer, i, 0, spin)
         out = storage(self.out, "out", writable=True)[0]
         out.view(np.uint8)[...] = np.frombuffer(message.payload.buffer, np.uint8)
         if rank == 1:
-            tracker = await endpoint.send(peer, header, out)
+            tracker = await self._stream.send(peer, i, 0, out)
             if tracker is not None:  # ZeroMQ shares `out` until it has sent it
                 await wait_sent([tracker])
 

@@ -1,7 +1,7 @@
 """Training step time with gradient averaging against the pure compute, and how much of
 the averaging's communication hides behind backward.
 
-    python -m ringlib.bench.trainer [-n 2] [--bucket-mb 25] [--steps 12] [--threads 1]
+    ringlib bench trainer [-n 2] [--bucket-mb 25] [--steps 12] [--threads 1]
 
 Each rank trains an MLP of about 10M float32 parameters on its own batch. Three kinds of
 step take turns, a few steps at a time, so machine noise hits all of them:

@@ -1,13 +1,15 @@
 """ringlib.collectives: ring all-reduce, reduce-scatter, all-gather, broadcast, barrier.
 
 Built on the compiled core (ringlib.reduce, ringlib.partition) and on the transport's
-send/receive interface, seen through a Channel; it never touches sockets. One algorithm
-per file, each opening with its cost; choose.py picks one by buffer size.
+send/receive interface, seen through a Channel; it never touches sockets. Sessions
+(session.py) own each collective's life on a rank; plan() (choose.py) picks the
+algorithm; one algorithm per file, each opening with its cost.
 """
 
 from .channel import Channel, signature
-from .choose import (SMALL_BYTES, all_gather, all_reduce, all_reduce_algorithm, barrier, broadcast,
+from .choose import (SMALL_BYTES, Plan, all_gather, all_reduce, barrier, broadcast, plan,
                      reduce_scatter, step_reducers)
+from .session import Session, Sessions
 
-__all__ = ["Channel", "SMALL_BYTES", "all_gather", "all_reduce", "all_reduce_algorithm", "barrier",
-           "broadcast", "reduce_scatter", "signature", "step_reducers"]
+__all__ = ["Channel", "Plan", "SMALL_BYTES", "Session", "Sessions", "all_gather", "all_reduce",
+           "barrier", "broadcast", "plan", "reduce_scatter", "signature", "step_reducers"]

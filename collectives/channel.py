@@ -1,17 +1,14 @@
 """What an algorithm sees of the network: send and receive pieces of one collective.
 
-A Channel is made per collective call. It stamps every message with the collective's
-sequence number and signature (its name, dtype, shape, op and root), names the peers in
-errors, checks that what arrives was sent by a rank that called the same collective with
-the same arguments, keeps the trackers of buffers shared with ZeroMQ, and runs compiled
-kernels off the event loop when a piece is large enough to be worth the thread hop.
+A Channel is made per collective call (session.py, which owns the collective's life). It
+stamps every message with the collective's sequence number and signature, names the peers
+in errors, keeps the trackers of buffers shared with ZeroMQ or lent by address, and runs
+compiled kernels off the event loop when a piece is large enough to be worth the thread
+hop.
 
 Every wait that blocks is bounded by the collective's deadline. The timer is armed only
 there: most messages of a small collective have arrived before they are asked for, and a
 timer per call would cost more than the message.
-
-A rank that finds a different signature on a message raises MismatchError and tells every
-other rank, which raise it too: no rank is left waiting for a step that will never come.
 """
 
 from __future__ import annotations
@@ -26,10 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ringlib.errors import MismatchError, ProtocolError
+from ringlib.errors import ProtocolError
 from ringlib.partition import sub_chunks
-from ringlib.transport import (Endpoint, Header, Kind, Released, RemotePayload, discard, held,
-                               wait_sent)
+from ringlib.transport import Endpoint, Released, RemotePayload, discard, frames, held, wait_sent
 
 
 @functools.lru_cache(maxsize=1024)
@@ -45,7 +41,7 @@ def signature(name: str, dtype: str, shape: tuple[int, ...], op: str = "",
 
 # Pieces below this many bytes are reduced or copied on the event-loop thread, where they
 # take tens of microseconds; a hop to the worker thread cost more than that up to 1 MiB
-# (bench/NOTES.md). Larger pieces go to the worker, and the loop keeps moving messages.
+# (docs/benchmark-notes.md). Larger pieces go to the worker, and the loop keeps moving messages.
 INLINE_BYTES = 1 << 20
 
 
@@ -80,7 +76,7 @@ class Channel:
         `writable`, lend it to a peer that can reach this rank's memory, to write into
         until it releases it (see reduce_back); return whether it was lent so."""
         nbytes = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
-        header = Header(Kind.DATA, self.seq, step, chunk, self.sig, nbytes, self.rank)
+        header = frames.data(self.seq, step, chunk, self.sig, self.rank, nbytes)
         tracker = await self.endpoint.send(to, header, payload, deadline=self.deadline,
                                            writable=writable)
         if region is not None and tracker is not None:
@@ -94,7 +90,7 @@ class Channel:
         large piece from a peer on this host, the payload itself, still in the sender's
         memory (RemotePayload). Either is valid until release(frame)."""
         self.waiting_for = (frm, step)
-        key = (Kind.DATA, self.seq, step, chunk, frm)
+        key = frames.data_key(self.seq, step, chunk, frm)
         message = self.endpoint.poll(key, self.spin)
         if message is None:
             async with asyncio.timeout_at(self.deadline):
@@ -122,34 +118,12 @@ class Channel:
             discard(frame)
         self.held.clear()
 
-    def expect(self) -> None:
-        """Check from now on that every message of this collective carries its signature."""
-        self.endpoint.inbox.expect(self.seq, self.sig, self._mismatch)
-
-    def finish(self) -> None:
-        """The collective is over, or failed: release what it holds and stop checking its
-        messages."""
-        self.release_all()
-        self.endpoint.inbox.settle(self.seq)
-
-    def _mismatch(self, theirs: Header) -> MismatchError:
-        """The error of a rank that found another calling something else; the other ranks
-        are told, so that they raise it too instead of waiting."""
-        addresses, frm = self.endpoint.peer_addresses, theirs.sender
-        why = (f"{self.name} #{self.seq}: rank {frm} ({addresses.get(frm)}) called "
-               f"'{theirs.sig}' where rank {self.rank} ({addresses.get(self.rank)}) called "
-               f"'{self.sig}'; every rank must pass the same shape, dtype, op and root")
-        for rank in range(self.world_size):
-            if rank != self.rank:
-                self.endpoint.notify(rank, Kind.MISMATCH, self.seq, why.encode())
-        return MismatchError(why)
-
     async def run(self, fn: Callable[..., None], out: np.ndarray, src: Any) -> None:
         """fn(out, src) for a received piece `src`, in the worker thread when it is large.
         A piece still in its sender's memory is read a block at a time into a buffer that
         the kernel then reads while it is in cache, on the event loop's thread: the worker
         is there so that ZeroMQ's thread can move bytes meanwhile, and here none move but
-        these, which the kernel copies (measured: bench/NOTES.md)."""
+        these, which the kernel copies (measured: docs/benchmark-notes.md)."""
         if isinstance(src, RemotePayload):
             _reduce_remote(fn, out, src)
         else:
@@ -210,14 +184,14 @@ class Channel:
 
     async def drain(self) -> None:
         """Wait until every buffer shared with ZeroMQ has left, or been read by a peer, so
-        the caller may change it (at the end of every collective: Ring._run)."""
+        the caller may change it (at the end of every collective: Session.run)."""
         for region in list(self.sent):
             await self.before_overwrite(region)
 
 
 # Blocks a remote piece is read in before they are reduced: small enough to stay in cache,
 # large enough that the system call and kernel launch per block cost little (measured
-# 64 KiB to 2 MiB: bench/NOTES.md).
+# 64 KiB to 2 MiB: docs/benchmark-notes.md).
 REMOTE_BLOCK_BYTES = 512 << 10
 
 

@@ -1,12 +1,19 @@
-"""The collectives as the runtime calls them: each picks its algorithm by buffer size.
+"""The collectives as the runtime calls them, and the one place that picks their algorithm.
 
-Every function takes a Channel for one collective call and storage views (flat arrays
-as the kernels see them, from ringlib.dtypes.typed_storage) that were checked already.
+plan() decides, for a collective of a given size on a given ring, which algorithm runs,
+whether it is latency-bound (its receives then poll before they yield), and what of the
+choice its signature carries, so that ranks that chose differently raise MismatchError
+instead of mixing steps. Every rank finds the same plan from the same call.
+
+Every other function takes a Channel for one collective call, storage views (flat arrays
+as the kernels see them, from ringlib.dtypes.typed_storage) that were checked already,
+and the plan's algorithm.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -17,7 +24,7 @@ from ringlib.reduce import storage_reducer
 
 from .barrier import dissemination_barrier
 from .channel import Channel
-from .direct_broadcast import direct_broadcast
+from .flat_broadcast import flat_broadcast
 from .pairwise_allreduce import pairwise_allreduce
 from .recursive_doubling import recursive_doubling
 from .ring_all_gather import all_gather_phase
@@ -25,10 +32,42 @@ from .ring_allreduce import ring_allreduce
 from .ring_broadcast import ring_broadcast
 from .ring_reduce_scatter import Reducer, reduce_scatter_phase
 
-# Buffers up to this size take the latency-optimal algorithms (recursive doubling, direct
-# broadcast); larger ones the ring. Measured with `python -m ringlib.bench.allreduce
-# --crossover`: see bench/NOTES.md.
+# Buffers up to this size take the latency-optimal algorithms (recursive doubling, flat
+# broadcast); larger ones the ring. Measured with `ringlib bench allreduce --crossover`:
+# see docs/benchmark-notes.md.
 SMALL_BYTES = 128 << 10
+
+
+class Plan(NamedTuple):
+    """How a collective runs on this ring."""
+
+    algorithm: str       # "doubling", "pairwise", "ring", "flat" or "dissemination"
+    latency_bound: bool  # its receives poll for their messages before they yield
+    tag: str             # what its signature carries of the choice ("" if the size says it)
+
+
+# Every plan there is, made once: plan() runs on every collective.
+_RING, _DOUBLING = Plan("ring", False, ""), Plan("doubling", True, "")
+_PAIRWISE, _FLAT = Plan("pairwise", False, "pairwise"), Plan("flat", True, "")
+_DISSEMINATION = Plan("dissemination", True, "")
+
+
+def plan(collective: str, nbytes: int, world_size: int, small_bytes: int,
+         reaches_peer: Callable[[], bool]) -> Plan:
+    """The plan of `collective` ("all_reduce", "reduce_scatter", "all_gather",
+    "broadcast" or "barrier") over `nbytes`. reaches_peer(), asked only where the choice
+    depends on it: whether the 2 ranks of a ring of two can read and write each other's
+    memory (Endpoint.reaches), which ranks know alike once start-up is over, but which no
+    size tells: it is in the tag."""
+    if collective == "all_reduce":
+        if nbytes <= small_bytes:
+            return _DOUBLING
+        return _PAIRWISE if world_size == 2 and reaches_peer() else _RING
+    if collective == "barrier":
+        return _DISSEMINATION
+    if collective == "broadcast" and nbytes <= small_bytes:
+        return _FLAT
+    return _RING
 
 
 @functools.cache
@@ -37,16 +76,6 @@ def step_reducers(dtype: DType, op: Op, world_size: int) -> tuple[Reducer, Reduc
     also divides by the world size for a mean. Raises UnsupportedOp for an integer mean."""
     final = storage_reducer(dtype, op, count=world_size)
     return (storage_reducer(dtype, Op.SUM) if op is Op.MEAN else final), final
-
-
-def all_reduce_algorithm(nbytes: int, world_size: int, small_bytes: int,
-                         reaches_peer: bool) -> str:
-    """"doubling", "pairwise" or "ring": every rank finds the same from the same call.
-    `reaches_peer`: whether the 2 ranks can read and write each other's memory
-    (Endpoint.reaches, alike on both once start-up is over)."""
-    if nbytes <= small_bytes:
-        return "doubling"
-    return "pairwise" if world_size == 2 and reaches_peer else "ring"
 
 
 async def all_reduce(ch: Channel, buf: np.ndarray, dtype: DType, op: Op,
@@ -74,10 +103,9 @@ async def all_gather(ch: Channel, out: np.ndarray) -> None:
     await all_gather_phase(ch, out, [i * block for i in range(ch.world_size + 1)])
 
 
-async def broadcast(ch: Channel, buf: np.ndarray, root: int,
-                    small_bytes: int = SMALL_BYTES) -> None:
-    if buf.nbytes <= small_bytes:
-        await direct_broadcast(ch, buf, root)
+async def broadcast(ch: Channel, buf: np.ndarray, root: int, algorithm: str) -> None:
+    if algorithm == "flat":
+        await flat_broadcast(ch, buf, root)
     else:
         await ring_broadcast(ch, buf, root)
 

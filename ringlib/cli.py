@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import sys
 
-SWEEPS = ("allreduce", "reduce_scatter", "all_gather", "broadcast", "latency")  # bench.sweep
-BENCHMARKS = ("kernels", *SWEEPS, "trainer", "pipeline", "soak", "netem")
+# benchmark name -> the module of ringlib.bench that runs it; `ringlib bench NAME -h`
+# shows that module's own options.
+BENCHMARKS = {
+    "kernels": "kernels",
+    "allreduce": "sweep", "reduce_scatter": "sweep", "all_gather": "sweep",
+    "broadcast": "sweep", "latency": "sweep",
+    "trainer": "trainer",
+    "pipeline": "pipeline",
+    "soak": "soak",
+    "netem": "netem",
+    "loopback": "loopback",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,35 +27,57 @@ def main(argv: list[str] | None = None) -> int:
     from . import __version__
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["launch"]:  # its arguments start with options of its own: parse them there
+    # These take options of their own, -h included: each parses its arguments itself.
+    if argv[:1] == ["launch"]:
         from .runtime.launcher import main as launch
 
         return launch(argv[1:])
+    if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHMARKS:
+        return _bench(argv[1], argv[2:])
     parser = argparse.ArgumentParser(prog="ringlib", description="Peer-to-peer ring all-reduce.")
     parser.add_argument("--version", action="version", version=f"ringlib {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("launch", help="start the ranks of a ring; see `ringlib launch -h`")
     demo = commands.add_parser("demo", help="run the main demonstration job")
     demo.add_argument("--seed", type=int, default=None, help="data seed (default: fresh)")
-    bench = commands.add_parser("bench", help="run a benchmark; see `ringlib bench NAME -h`")
-    bench.add_argument("name", choices=BENCHMARKS)
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
+    _bench_parser(commands)
     keygen = commands.add_parser("keygen", help="write a ring's CurveZMQ key pair")
     keygen.add_argument("directory", help="where to write ring.key and ring.key_secret")
     args = parser.parse_args(argv)
 
     if args.command == "keygen":
         return _keygen(args.directory)
-    if args.command == "demo":
-        from .demo import run_demo
+    from .demo import run_demo
 
-        return run_demo(args.seed)
-    if args.name in SWEEPS:
-        from .bench.sweep import main as sweep
+    return run_demo(args.seed)
 
-        sweep(args.args, collective=args.name)
-        return 0
-    return importlib.import_module(f"ringlib.bench.{args.name}").main(args.args) or 0
+
+def _bench(name: str, argv: list[str]) -> int:
+    module = importlib.import_module(f"ringlib.bench.{BENCHMARKS[name]}")
+    if BENCHMARKS[name] == "sweep":
+        return module.main(argv, collective=name) or 0
+    return module.main(argv) or 0
+
+
+def _bench_parser(commands: argparse._SubParsersAction) -> None:
+    """`ringlib bench -h`, and the error for a name that is no benchmark (main() hands
+    `ringlib bench NAME ARGS...` to the benchmark before this parser sees it)."""
+    bench = commands.add_parser("bench", help="run a benchmark; see `ringlib bench -h`",
+                                description="Benchmarks that time ringlib beside what it "
+                                "replaces, in one run. `ringlib bench NAME -h` lists a "
+                                "benchmark's own options.")
+    names = bench.add_subparsers(dest="name", required=True, metavar="NAME")
+    for name, module in BENCHMARKS.items():
+        names.add_parser(name, help=_summary(module))
+
+
+def _summary(module: str) -> str:
+    """The first sentence of a benchmark module's docstring, read without importing it
+    (some import torch, which `ringlib bench -h` should not wait for)."""
+    spec = importlib.util.find_spec(f"ringlib.bench.{module}")
+    with open(spec.origin, encoding="utf-8") as source:
+        doc = ast.get_docstring(ast.parse(source.read())) or ""
+    return " ".join(doc.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
 
 
 def _keygen(directory: str) -> int:

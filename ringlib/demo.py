@@ -24,19 +24,12 @@ SWEEP = [(8, 200), (64 << 10, 50), (1 << 20, 20), (16 << 20, 5)]  # (bytes, time
 
 def run_demo(seed: int | None = None) -> int:
     """Launch the 4 peers; return the exit status (0 when every check passed on every rank)."""
-    import asyncio
-
     from ringlib.runtime.hosts import Host, seat
-    from ringlib.runtime.launcher import Supervisor, plan
+    from ringlib.runtime.launcher import launch
 
     seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**32)
     command = [sys.executable, "-m", "ringlib.demo", "--peer", str(seed)]
-    seats = seat(RANKS, [Host("localhost", "127.0.0.1", RANKS)])
-    ranks, reservation = plan(seats, command, "tcp", None, "", "", timeout=30)
-    try:
-        return asyncio.run(Supervisor(ranks).run())
-    finally:
-        reservation.close()
+    return launch(seat(RANKS, [Host("localhost", "127.0.0.1", RANKS)]), command, timeout=30)
 
 
 def gradients(seed: int, rank: int) -> list[np.ndarray]:

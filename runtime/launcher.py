@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import ctypes
 import os
 import shlex
 import shutil
@@ -28,13 +27,14 @@ import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO, Callable
 
 from ringlib.errors import RendezvousError, Unauthorized
 from ringlib.transport import shared
 from ringlib.transport.security import Keys
 
 from .hosts import Host, PortReservation, Seat, parse_hosts, read_hostfile, seat
+from .processes import die_with_parent, signal_group
 
 GRACE_S = 5.0           # between SIGTERM and SIGKILL
 DEFAULT_PORT = 29600    # first port of each remote host's ranks, when --port is not given
@@ -137,7 +137,7 @@ class Supervisor:
             rank.process = await asyncio.create_subprocess_exec(
                 *rank.argv, env=rank.env, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True, preexec_fn=_die_with_parent, limit=LINE_LIMIT)
+                start_new_session=True, preexec_fn=die_with_parent(), limit=LINE_LIMIT)
         except OSError as exc:
             raise RendezvousError(f"cannot start {rank.name}: {rank.argv[0]}: {exc}") from None
 
@@ -154,7 +154,7 @@ class Supervisor:
 
     async def _watch(self, rank: Rank) -> None:
         code = await rank.process.wait()
-        _signal_group(rank.process.pid, signal.SIGKILL)  # what the rank left running
+        signal_group(rank.process.pid, signal.SIGKILL)  # what the rank left running
         if code != 0 and self.failed is None and self.signalled is None:
             self.failed = rank
             self._stopping = asyncio.ensure_future(self._stop_all(signal.SIGTERM))
@@ -168,7 +168,7 @@ class Supervisor:
         """Send `signum` to every rank still running, then SIGKILL after the grace period."""
         running = [r for r in self.ranks if r.process and r.process.returncode is None]
         for rank in running:
-            _signal_group(rank.process.pid, signum)
+            signal_group(rank.process.pid, signum)
         if signum == signal.SIGKILL:
             return
         try:
@@ -176,7 +176,7 @@ class Supervisor:
                                    self.grace)
         except TimeoutError:
             for rank in running:
-                _signal_group(rank.process.pid, signal.SIGKILL)
+                signal_group(rank.process.pid, signal.SIGKILL)
 
     def _exit_code(self) -> int:
         if self.failed is not None:
@@ -210,31 +210,15 @@ def _as_exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _signal_group(pid: int, signum: int) -> None:
-    try:
-        os.killpg(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGKILL if the launcher dies, even by SIGKILL."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ringlib launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--ranks", type=int, default=None,
                    help="how many ranks (default: every slot of --hosts, else 1)")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--hosts", type=parse_hosts, default=None,
+    where.add_argument("--hosts", type=_argument(parse_hosts), default=None,
                        help="name[@address][:slots],... (default: this host)")
-    where.add_argument("--hostfile", type=read_hostfile, default=None,
+    where.add_argument("--hostfile", type=_argument(read_hostfile), default=None,
                        help="a file of `name[@address][:slots]` or `name slots=N` lines")
     p.add_argument("--rsh", default="ssh {host}",
                    help="how to start a rank on another host (default: %(default)r)")
@@ -253,23 +237,29 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run `ringlib launch ARGV`; return the exit code."""
-    args = parser().parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    hosts = args.hosts or args.hostfile or [Host("localhost", "127.0.0.1", args.ranks or 1)]
+def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as an argparse type: what it cannot read is a usage error, not a traceback."""
+    def checked(text: str) -> Any:
+        try:
+            return parse(text)
+        except (RendezvousError, OSError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    checked.__name__ = parse.__name__
+    return checked
+
+
+def launch(seats: list[Seat], command: list[str], transport: str = "tcp",
+           port: int | None = None, rsh: str = "ssh {host}", timeout: float | None = None,
+           keys: str | None = None, grace: float = GRACE_S) -> int:
+    """Run `command` as the ranks on `seats` (see plan()) to the end; return the exit
+    code. What the job made on this host goes with it: its private directory, and the
+    shared-memory segments of ranks killed midway. Raises RendezvousError for a plan that
+    cannot run."""
     workdir = tempfile.mkdtemp(prefix="ringlib-")
     reservation = None
     try:
-        keys = os.path.abspath(args.keys) if args.keys else None
-        if keys:
-            Keys.load(keys)  # a bad path fails here, not in every rank
-        ranks, reservation = plan(seat(args.ranks, hosts), command, args.transport, args.port,
-                                  args.rsh, workdir, args.timeout, keys)
-        return asyncio.run(Supervisor(ranks, args.grace).run())
-    except (RendezvousError, Unauthorized) as exc:
-        print(f"ringlib launch: {exc}", file=sys.stderr)
-        return 2
+        ranks, reservation = plan(seats, command, transport, port, rsh, workdir, timeout, keys)
+        return asyncio.run(Supervisor(ranks, grace).run())
     finally:
         if reservation is not None:
             reservation.close()
@@ -278,3 +268,19 @@ def main(argv: list[str] | None = None) -> int:
         if left:  # ranks killed before their peers took (and unlinked) what they offered
             print(f"ringlib launch: removed {left} shared-memory segments of killed ranks",
                   file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `ringlib launch ARGV`; return the exit code."""
+    args = parser().parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    hosts = args.hosts or args.hostfile or [Host("localhost", "127.0.0.1", args.ranks or 1)]
+    try:
+        keys = os.path.abspath(args.keys) if args.keys else None
+        if keys:
+            Keys.load(keys)  # a bad path fails here, not in every rank
+        return launch(seat(args.ranks, hosts), command, args.transport, args.port, args.rsh,
+                      args.timeout, keys, args.grace)
+    except (RendezvousError, Unauthorized) as exc:
+        print(f"ringlib launch: {exc}", file=sys.stderr)
+        return 2

@@ -7,10 +7,10 @@ back together and yields the batches in input order. At most `max_in_flight`
 micro-batches are between rank 0's send and its receive, so no stage's inbox grows
 without bound. Stages compute in a worker thread while the event loop moves messages.
 
-A micro-batch travels as STREAM messages of the pipeline's stream number (pipelines on one
-ring never mix), numbered by a running micro-batch id: part 0 is
-a msgpack description (batch index, structure, dtypes, shapes, or an error, or stop),
-parts 1.. are the tensors' bytes, sent and received without copying.
+A micro-batch travels as one item of the pipeline's stream (transport/streams.py; pipelines
+on one ring never mix), numbered by a running micro-batch id: part 0 is a msgpack
+description (batch index, structure, dtypes, shapes, or an error, or stop), parts 1..
+are the tensors' bytes, sent and received without copying.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any, AsyncIterator, Iterable, Iterator
 import msgpack
 
 from ringlib.errors import CollectiveTimeout, RingClosed, StageError
-from ringlib.transport import Header, Kind
 
 from .activations import Activation, join, pack, split, unpack
 from .blocking import BlockingRing
@@ -174,21 +173,19 @@ class Pipeline:
         if act is not None:
             description, buffers = pack(act)
             meta = {**meta, **description}
-        endpoint = self.ring.endpoint
-        await endpoint.send(self._right, self._header(i, 0, "", 0), msgpack.packb(meta))
+        await self._stream.send(self._right, i, 0, msgpack.packb(meta))
         for part, buffer in enumerate(buffers, start=1):
-            await endpoint.send(self._right, self._header(i, part, "uint8", len(buffer)), buffer)
+            await self._stream.send(self._right, i, part, buffer, "uint8")
 
     async def _receive(self, i: int) -> tuple[dict, Activation | None]:
         if self.world_size == 1:
             result = await self._local_output(i)
             del self._local[i]
             return result
-        endpoint = self.ring.endpoint
-        meta = msgpack.unpackb((await endpoint.recv(self._key(i, 0))).payload.bytes)
+        meta = msgpack.unpackb((await self._stream.recv(self._left, i, 0)).payload.bytes)
         if "dtypes" not in meta:
             return meta, None
-        frames = [(await endpoint.recv(self._key(i, part))).payload.buffer
+        frames = [(await self._stream.recv(self._left, i, part)).payload.buffer
                   for part in range(1, len(meta["dtypes"]) + 1)]
         return meta, unpack(meta, frames)
 
@@ -196,12 +193,6 @@ class Pipeline:
         if i not in self._local:
             self._local[i] = asyncio.get_running_loop().create_future()
         return self._local[i]
-
-    def _header(self, i: int, part: int, dtype: str, count: int) -> Header:
-        return Header(Kind.STREAM, i, part, self._stream, dtype, count, self.rank)
-
-    def _key(self, i: int, part: int) -> tuple:
-        return (Kind.STREAM, i, part, self._stream, self._left)
 
     def _check_head(self) -> None:
         if self.rank != 0:

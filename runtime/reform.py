@@ -25,23 +25,49 @@ import itertools
 import msgpack
 
 from ringlib.errors import RendezvousTimeout
-from ringlib.transport import Endpoint, Kind
+from ringlib.transport import Endpoint, addresses, frames
+
+from .rendezvous import join
+from .settings import Settings
 
 POLL_S = 0.2  # how often a wait checks whether the rank it waits on was lost meanwhile
+
+
+async def reform(old: Endpoint, generation: int, world_size: int, settings: Settings,
+                 timeout: float) -> tuple[Endpoint | None, list[str]]:
+    """Re-form the ring of `old` as `generation`: bind a fresh address, agree with the
+    other survivors, meet them, and close `old`. Return the new ring's endpoint (None if
+    this rank is the only survivor: a ring of one) and every member's address, in the
+    new rank order; the endpoint's rank is this rank's new one."""
+    new = Endpoint(old.rank, old.keys)
+    try:
+        new.bind(addresses.fresh(old.address, generation))
+        members, peers = await agree(old, generation, new.address, world_size, timeout)
+        new.rank = members.index(old.rank)
+        if len(members) > 1:
+            await join(new, peers, settings, timeout)
+    except BaseException:
+        await new.close()
+        raise
+    await old.close()
+    if len(members) == 1:
+        await new.close()
+        return None, peers
+    return new, peers
 
 
 async def agree(old: Endpoint, generation: int, address: str, world_size: int,
                 timeout: float) -> tuple[list[int], list[str]]:
     """(old ranks of the new ring's members, in order; their fresh addresses)."""
     _check_not_excluded(old)
-    lost = set(old.lost)
+    lost = set(old.liveness.lost)
     for round_ in itertools.count():
         deadline = asyncio.get_running_loop().time() + timeout
         members = [r for r in range(world_size) if r not in lost]
         others = [r for r in members if r != old.rank]
         payload = msgpack.packb([sorted(lost), address])
         for rank in others:
-            old.notify(rank, Kind.REFORM, generation, payload, step=round_)
+            old.notify(rank, frames.reform(generation, round_, old.rank), payload)
         replies = await asyncio.gather(*(_reply(old, generation, round_, r, deadline)
                                          for r in others))
         seen = [set(reply[0]) for reply in replies if reply is not None]
@@ -60,9 +86,9 @@ async def agree(old: Endpoint, generation: int, address: str, world_size: int,
 async def _reply(old: Endpoint, generation: int, round_: int, rank: int,
                  deadline: float) -> tuple[list[int], str] | None:
     """`rank`'s message of this round, or None if it was lost or silent until `deadline`."""
-    key = (Kind.REFORM, generation, round_, 0, rank)
+    key = frames.reform_key(generation, round_, rank)
     loop = asyncio.get_running_loop()
-    while rank not in old.lost and loop.time() < deadline:
+    while rank not in old.liveness.lost and loop.time() < deadline:
         _check_not_excluded(old)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(min(POLL_S, max(deadline - loop.time(), 0))):
@@ -72,9 +98,10 @@ async def _reply(old: Endpoint, generation: int, round_: int, rank: int,
 
 
 def _check_not_excluded(old: Endpoint) -> None:
-    if old.excluded_by is not None:
+    excluded_by = old.liveness.excluded_by
+    if excluded_by is not None:
         raise RendezvousTimeout(f"rank {old.rank} ({old.address}) cannot re-form: rank "
-                                f"{old.excluded_by} declared it lost, and the others go on "
+                                f"{excluded_by} declared it lost, and the others go on "
                                 "without it")
 
 

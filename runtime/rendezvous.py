@@ -16,15 +16,12 @@ from typing import Iterable
 
 import msgpack
 
+from ringlib.collectives.ring_schedule import neighbours
 from ringlib.errors import RendezvousTimeout
-from ringlib.transport import Endpoint, Header, Kind, Message
-from ringlib.transport import addresses
+from ringlib.transport import Endpoint, Kind, Message, addresses, frames
 
 from .environment import Placement
-
-
-def _header(kind: Kind, sender: int) -> Header:
-    return Header(kind, 0, 0, 0, "", 0, sender)
+from .settings import SIDE_SHM_BYTES, Settings
 
 
 async def bind_and_exchange(endpoint: Endpoint, where: Placement, timeout: float) -> list[str]:
@@ -39,7 +36,7 @@ async def bind_and_exchange(endpoint: Endpoint, where: Placement, timeout: float
     own_host = os.environ.get("RINGLIB_HOST") or addresses.route_to(host)
     endpoint.bind(f"tcp://[{own_host}]:0" if ":" in own_host else f"tcp://{own_host}:0")
     endpoint.connect(0, where.seed)
-    await endpoint.send(0, _header(Kind.JOIN, where.rank), endpoint.address.encode())
+    await endpoint.send(0, frames.control(Kind.JOIN, where.rank), endpoint.address.encode())
     got, missing = await _receive_from(endpoint, Kind.TABLE, [0], timeout)
     if missing:
         raise RendezvousTimeout(
@@ -59,15 +56,34 @@ async def _collect_joins(endpoint: Endpoint, where: Placement, timeout: float) -
     packed = msgpack.packb(table)
     for rank in range(1, where.world_size):
         endpoint.connect(rank, table[rank])
-        await endpoint.send(rank, _header(Kind.TABLE, 0), packed)
+        await endpoint.send(rank, frames.control(Kind.TABLE, 0), packed)
     return table
+
+
+async def join(endpoint: Endpoint, peers: list[str], settings: Settings,
+               timeout: float) -> None:
+    """Meet the neighbours, start watching them, and offer every rank a direct link and
+    a shared-memory link (taken by those on this host)."""
+    rank, world_size = endpoint.rank, len(peers)
+    endpoint.set_peers(peers)
+    left, right = neighbours(rank, world_size)
+    # Beating starts first: a neighbour that waits for its other, late, neighbour must
+    # hear from this rank meanwhile.
+    endpoint.watch(sorted({left, right}), settings.heartbeat_s, settings.peer_timeout)
+    await greet_neighbours(endpoint, left, right, timeout)
+    endpoint.direct_bytes = settings.direct_bytes
+    others = [r for r in range(world_size) if r != rank]
+    await endpoint.offer_links(others)
+    endpoint.offer_shared({r: settings.shm_bytes if r == right else
+                           min(settings.shm_bytes, SIDE_SHM_BYTES) for r in others})
+    await endpoint.settle_shared(others, timeout)
 
 
 async def greet_neighbours(endpoint: Endpoint, left: int, right: int, timeout: float) -> None:
     """Send HELLO to both neighbours and wait for theirs; name whoever stays silent."""
     neighbours = sorted({left, right})
     for rank in neighbours:
-        await endpoint.send(rank, _header(Kind.HELLO, endpoint.rank))
+        await endpoint.send(rank, frames.control(Kind.HELLO, endpoint.rank))
     _, missing = await _receive_from(endpoint, Kind.HELLO, neighbours, timeout)
     if missing:
         silent = ", ".join(f"rank {r} at {endpoint.peer_addresses[r]}" for r in missing)
@@ -82,7 +98,7 @@ async def _receive_from(endpoint: Endpoint, kind: Kind, ranks: Iterable[int],
     got: dict[int, Message] = {}
 
     async def one(rank: int) -> None:
-        got[rank] = await endpoint.recv(_header(kind, rank).key)
+        got[rank] = await endpoint.recv(frames.control_key(kind, rank))
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout):
             await asyncio.gather(*map(one, ranks))

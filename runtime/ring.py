@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Generator, TypeVar
@@ -10,23 +11,35 @@ from typing import Any, Awaitable, Callable, Generator, TypeVar
 import numpy as np
 
 from ringlib import collectives
-from ringlib.collectives import Channel, signature, step_reducers
-from ringlib.collectives.ring_schedule import neighbours
+from ringlib.collectives import Plan, Sessions, signature, step_reducers
 from ringlib.dtypes import BY_NAME, DType
-from ringlib.errors import CollectiveTimeout, InvalidArgument, RingClosed
+from ringlib.errors import InvalidArgument, RingClosed
 from ringlib.ops import Op
-from ringlib.transport import Endpoint
-from ringlib.transport import addresses
+from ringlib.transport import Endpoint, Stream
 from ringlib.transport.security import Keys
 
 from .buffers import empty_like, like, storage
 from .environment import Placement, placement
-from .reform import agree
-from .rendezvous import bind_and_exchange, greet_neighbours
-from .settings import SIDE_SHM_BYTES, WITHDRAW_S, Settings, connect_timeout
+from .reform import reform
+from .rendezvous import bind_and_exchange, join
+from .settings import Settings, connect_timeout
 
 T = TypeVar("T")
 
+
+class _Tunable:
+    """A Ring attribute that reads and writes the ring's Settings, its one source of truth:
+    what is set holds for later collectives and after reform()."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.__doc__ = f"The ring's {name} (see Settings); settable."
+
+    def __get__(self, ring: Ring | None, owner: type | None = None) -> Any:
+        return self if ring is None else getattr(ring.settings, self.name)
+
+    def __set__(self, ring: Ring, value: Any) -> None:
+        ring.configure(**{self.name: value})
 
 
 class Ring:
@@ -44,6 +57,12 @@ class Ring:
     survivors.
     """
 
+    collective_timeout = _Tunable()
+    segment_bytes = _Tunable()
+    small_bytes = _Tunable()
+    spin_us = _Tunable()
+    direct_bytes = _Tunable()
+
     def __init__(self, where: Placement, endpoint: Endpoint | None, peers: list[str],
                  executor: ThreadPoolExecutor, settings: Settings) -> None:
         self.rank = where.rank
@@ -51,66 +70,72 @@ class Ring:
         self.local_rank = where.local_rank
         self.peers = peers
         self.generation = 0  # how many times this ring was re-formed
-        self._settings = settings
-        self.collective_timeout = settings.collective_timeout
-        self.segment_bytes = settings.segment_bytes
-        self.small_bytes = settings.small_bytes
-        self.spin_us = settings.spin_us
-        self._endpoint = endpoint
+        self.settings = settings
         self._executor = executor
-        self._seq = itertools.count(1)
-        self._running: set[int] = set()  # seq numbers of the collectives in flight
+        self._use(endpoint)
         self._streams = itertools.count()
         self._closed = False
+
+    def _use(self, endpoint: Endpoint | None) -> None:
+        """Run the collectives over `endpoint` (None: a ring of one), numbered from 1."""
+        self._endpoint = endpoint
+        self._sessions = None if endpoint is None else \
+            Sessions(endpoint, self.world_size, self._executor)
 
     def __repr__(self) -> str:
         return f"<Ring rank {self.rank} of {self.world_size} at {self.address}>"
 
-    def new_stream(self) -> int:
-        """A number for a new stream between neighbours (a pipeline); ranks that open their
-        streams in the same order agree on the numbers, as they do on collectives'."""
-        return next(self._streams)
+    def configure(self, **changes: Any) -> None:
+        """Change some of the ring's settings (fields of Settings, checked as there); they
+        hold for the collectives that start later, and after reform()."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(Settings)}
+        if unknown:
+            raise InvalidArgument(f"no such setting: {', '.join(sorted(unknown))}")
+        if all(getattr(self.settings, k) == v for k, v in changes.items()):
+            return  # the benchmarks set the same values before every call: keep that cheap
+        self.settings = dataclasses.replace(self.settings, **changes)
+        if self._endpoint is not None:
+            self._endpoint.direct_bytes = self.settings.direct_bytes
+
+    def new_stream(self) -> Stream | None:
+        """A new stream between this rank and others (a pipeline), outside the collectives;
+        ranks that open their streams in the same order agree on their numbers, as they
+        do on collectives'. None in a ring of one, which has nobody to stream to."""
+        number = next(self._streams)
+        return None if self._endpoint is None else Stream(self._endpoint, number)
 
     @property
     def endpoint(self) -> Endpoint | None:
-        """This rank's transport endpoint (None in a ring of one), for runtime features that
-        stream to the neighbours outside the collectives, such as pipeline stages."""
+        """This rank's transport endpoint (None in a ring of one)."""
         return self._endpoint
-
-    @property
-    def direct_bytes(self) -> int:
-        """Messages up to this size go over direct links where they are up (see connect)."""
-        return self._endpoint.direct_bytes if self._endpoint else 0
-
-    @direct_bytes.setter
-    def direct_bytes(self, value: int) -> None:
-        if self._endpoint:
-            self._endpoint.direct_bytes = value
 
     @property
     def address(self) -> str | None:
         """The address this rank receives at (None in a ring of one)."""
         return self._endpoint.address if self._endpoint else None
 
+    def plan(self, collective: str, nbytes: int) -> Plan:
+        """How `collective` ("all_reduce", "broadcast", ...) over `nbytes` runs on this ring
+        now: its algorithm, and whether it is latency-bound (collectives.plan)."""
+        return collectives.plan(collective, nbytes, self.world_size, self.settings.small_bytes,
+                                self._reaches_peer)
+
+    def _reaches_peer(self) -> bool:
+        """Whether this rank and the other of a ring of two reach each other's memory."""
+        return self._endpoint is not None and self._endpoint.reaches(1 - self.rank)
+
     async def all_reduce(self, x: T, op: Op | str = Op.SUM, *, timeout: float | None = None) -> T:
         """Reduce x element-wise across all ranks, in place; return x."""
         op = Op.parse(op)
         buf, dtype = storage(x, "x", writable=True)
         step_reducers(dtype, op, self.world_size)  # an integer mean fails here, before sending
-        if self._needs_peers(buf.size):
-            algorithm = self.all_reduce_algorithm(buf.nbytes)
+        if not self._skipped(buf.size):
+            plan = self.plan("all_reduce", buf.nbytes)
             sig = signature("all_reduce", dtype.name, tuple(x.shape), op.value,
-                            algorithm="pairwise" if algorithm == "pairwise" else "")
-            await self._run(sig, dtype, timeout, collectives.all_reduce, buf, dtype, op,
-                            algorithm, small=algorithm == "doubling")
+                            algorithm=plan.tag)
+            await self._run(plan, sig, dtype, timeout, collectives.all_reduce, buf, dtype, op,
+                            plan.algorithm)
         return x
-
-    def all_reduce_algorithm(self, nbytes: int) -> str:
-        """The algorithm all_reduce takes for `nbytes`: "doubling", "pairwise" (2 ranks
-        that reach each other's memory) or "ring"."""
-        reaches = self.world_size == 2 and self._endpoint.shared.reach(1 - self.rank)
-        return collectives.all_reduce_algorithm(nbytes, self.world_size, self.small_bytes,
-                                                reaches)
 
     async def reduce_scatter(self, x: Any, op: Op | str = Op.SUM, *,
                              timeout: float | None = None) -> Any:
@@ -121,10 +146,10 @@ class Ring:
         step_reducers(dtype, op, self.world_size)
         work = src.copy()
         start, stop = 0, work.size
-        if self._needs_peers(work.size):
+        if not self._skipped(work.size):
             sig = signature("reduce_scatter", dtype.name, tuple(x.shape), op.value)
-            start, stop = await self._run(sig, dtype, timeout,
-                                          collectives.reduce_scatter, work, dtype, op)
+            start, stop = await self._run(self.plan("reduce_scatter", work.nbytes), sig, dtype,
+                                          timeout, collectives.reduce_scatter, work, dtype, op)
         return like(x, work[start:stop])
 
     async def all_gather(self, x: Any, *, timeout: float | None = None) -> Any:
@@ -132,9 +157,10 @@ class Ring:
         src, dtype = storage(x, "x", writable=False)
         out, out_buf = empty_like(x, (self.world_size, *x.shape))
         out_buf[self.rank * src.size:(self.rank + 1) * src.size] = src
-        if self._needs_peers(src.size):
+        if not self._skipped(src.size):
             sig = signature("all_gather", dtype.name, tuple(x.shape))
-            await self._run(sig, dtype, timeout, collectives.all_gather, out_buf)
+            await self._run(self.plan("all_gather", out_buf.nbytes), sig, dtype, timeout,
+                            collectives.all_gather, out_buf)
         return out
 
     async def broadcast(self, x: T, root: int = 0, *, timeout: float | None = None) -> T:
@@ -143,81 +169,42 @@ class Ring:
             raise InvalidArgument(f"broadcast root {root} is not a rank of this ring "
                                   f"(world size {self.world_size})")
         buf, dtype = storage(x, "x", writable=self.rank != root)
-        if self._needs_peers(buf.size):
+        if not self._skipped(buf.size):
+            plan = self.plan("broadcast", buf.nbytes)
             sig = signature("broadcast", dtype.name, tuple(x.shape), root=root)
-            await self._run(sig, dtype, timeout, collectives.broadcast,
-                            buf, root, self.small_bytes, small=buf.nbytes <= self.small_bytes)
+            await self._run(plan, sig, dtype, timeout, collectives.broadcast, buf, root,
+                            plan.algorithm)
         return x
 
     async def barrier(self, *, timeout: float | None = None) -> None:
         """Return once every rank has entered the barrier."""
-        if self._needs_peers(1):
-            await self._run("barrier", BY_NAME["uint8"], timeout, collectives.barrier,
-                            small=True)
+        if not self._skipped(1):
+            await self._run(self.plan("barrier", 0), "barrier", BY_NAME["uint8"], timeout,
+                            collectives.barrier)
 
-    def _needs_peers(self, size: int) -> bool:
-        """Whether a collective over `size` elements must talk to other ranks. Ranks agree
-        on it without talking, since they pass the same sizes; an empty one still takes
-        its sequence number, so that a rank whose buffer alone is empty (the others then
-        time out naming it) keeps its later collectives in step."""
+    def _skipped(self, size: int) -> bool:
+        """Whether this rank exchanges nothing for a collective over `size` elements: in a
+        ring of one, or for an empty buffer. Ranks agree on it without talking, since they
+        pass the same sizes. An empty collective still uses up its sequence number, so
+        that a rank whose buffer alone is empty (the others then time out naming it) keeps
+        its later collectives in step."""
         if self._closed:
             raise RingClosed(f"rank {self.rank}: the ring is closed")
-        if self.world_size > 1 and size == 0:  # what others send for it is dropped
-            self._endpoint.inbox.abandon(next(self._seq))
-        return self.world_size > 1 and size > 0
+        if self.world_size > 1 and size == 0:
+            self._sessions.skip()
+        return self.world_size == 1 or size == 0
 
-    async def _run(self, sig: str, dtype: DType, timeout: float | None,
-                   algorithm: Callable[..., Awaitable[T]], *args: Any, small: bool = False) -> T:
-        """Run the collective `sig` (a signature()) under its deadline; `small` ones
-        (latency-bound) poll for their messages for up to spin_us before yielding."""
-        # The sequence number is taken before the first await, so concurrent collectives
-        # are numbered in the order they were called, the same on every rank.
-        limit = self.collective_timeout if timeout is None else timeout
-        ch = Channel(self._endpoint, self.world_size, next(self._seq), sig.split()[0], sig,
-                     dtype.storage, self._executor, max(1, self.segment_bytes // dtype.itemsize),
-                     asyncio.get_running_loop().time() + limit,
-                     spin=self.spin_us * 1e-6 if small else 0.0)
-        ch.expect()
-        self._running.add(ch.seq)
-        try:
-            result = await algorithm(ch, *args)
-            # Every collective waits here until what it sent from the caller's buffers has
-            # left (ZeroMQ) or been read (by address), so the caller may change them.
-            await ch.drain()
-        except BaseException as exc:
-            ch.endpoint.inbox.abandon(ch.seq)  # its late messages must not pile up
-            ch.endpoint.mismatches.pop(ch.seq, None)
-            await ch.withdraw(WITHDRAW_S)
-            if isinstance(exc, TimeoutError):
-                raise self._timed_out(ch, limit) from None
-            raise
-        finally:
-            ch.finish()
-            self._running.discard(ch.seq)
-        self._raise_late_mismatch(ch.endpoint, ch.seq)
-        return result
-
-    def _raise_late_mismatch(self, endpoint: Endpoint, seq: int) -> None:
-        """Raise MismatchError for a collective up to `seq` that this rank finished while
-        another rank found it called differently. Only a sender finishes so (a broadcast's
-        root): it learns on the collective it is in when the news comes, or on the next,
-        which all ranks still complete, so that none falls out of step."""
-        notices = endpoint.mismatches
-        if not notices:
-            return
-        for late in sorted(s for s in notices if s <= seq and s not in self._running):
-            exc = notices.pop(late)
-            if late < seq:
-                exc.args = (f"{exc} (after this rank had finished it; #{seq} completed)",)
-            raise exc
-
-    def _timed_out(self, ch: Channel, limit: float) -> CollectiveTimeout:
-        where = f"{ch.name} #{ch.seq} on rank {self.rank} ({self.address})"
-        if ch.waiting_for is None:
-            return CollectiveTimeout(f"{where} timed out after {limit:g} s sending to its peers")
-        peer, step = ch.waiting_for
-        return CollectiveTimeout(f"{where} timed out after {limit:g} s waiting for rank {peer} "
-                                 f"({self.peers[peer]}) at step {step}")
+    def _run(self, plan: Plan, sig: str, dtype: DType, timeout: float | None,
+             algorithm: Callable[..., Awaitable[T]], *args: Any) -> Awaitable[T]:
+        """Open the collective `sig` (a signature()) now, so that it takes its number in
+        call order, and return its run under its deadline to await; latency-bound ones
+        poll for their messages for up to spin_us before yielding."""
+        settings = self.settings
+        session = self._sessions.open(
+            sig, dtype.storage, settings.collective_timeout if timeout is None else timeout,
+            settings.spin_us * 1e-6 if plan.latency_bound else 0.0,
+            max(1, settings.segment_bytes // dtype.itemsize))
+        return session.run(algorithm, *args)
 
     async def reform(self, *, timeout: float | None = None) -> None:
         """After PeerLost: build a new ring of the ranks still alive and carry on in it.
@@ -233,24 +220,12 @@ class Ring:
             raise RingClosed(f"rank {self.rank}: the ring is closed")
         if self._endpoint is None:
             return
-        old, limit = self._endpoint, connect_timeout() if timeout is None else timeout
-        new = Endpoint(self.rank, old.keys)
-        try:
-            new.bind(addresses.fresh(old.address, self.generation + 1))
-            members, peers = await agree(old, self.generation + 1, new.address,
-                                         self.world_size, limit)
-            new.rank = members.index(self.rank)
-            if len(members) > 1:
-                await _join(new, peers, self._settings, limit)
-        except BaseException:
-            await new.close()
-            raise
-        await old.close()
-        if len(members) == 1:
-            await new.close()
-        self.rank, self.world_size, self.peers = new.rank, len(members), peers
-        self._endpoint = new if len(members) > 1 else None
-        self._seq = itertools.count(1)
+        limit = connect_timeout() if timeout is None else timeout
+        endpoint, peers = await reform(self._endpoint, self.generation + 1, self.world_size,
+                                       self.settings, limit)
+        self.world_size, self.peers = len(peers), peers
+        self.rank = endpoint.rank if endpoint is not None else 0
+        self._use(endpoint)
         self.generation += 1
 
     async def close(self) -> None:
@@ -295,32 +270,14 @@ def connect(rank: int | None = None, world_size: int | None = None,
 
     rank, world_size, peers: this process's rank, the number of ranks, and every rank's
         address (tcp://host:port, ipc:///path, inproc://name); whatever is not given comes
-        from the environment (RINGLIB_*, torchrun, mpirun or srun variables; see
+        from the environment (`RINGLIB_*`, torchrun, mpirun or srun variables; see
         ringlib.runtime.environment). With none at all the process is a ring of one.
     timeout: seconds to wait for the peers at start-up before RendezvousTimeout, which
         names the ranks and addresses that were not reached (default
         RINGLIB_CONNECT_TIMEOUT, which `ringlib launch --timeout` sets, or 60).
-    collective_timeout: the default deadline of each collective (CollectiveTimeout).
-    segment_bytes: the largest message of a ring step; larger chunks travel in pieces that
-        pipeline (default RINGLIB_SEGMENT_BYTES or 4 MiB).
-    small_bytes: buffers up to this size take the latency-optimal algorithms (default
-        RINGLIB_SMALL_BYTES or collectives.SMALL_BYTES).
-    spin_us: how long a small collective polls its socket for each message before it
-        yields to the event loop; 0 never polls (default RINGLIB_SPIN_US or 200). Polling
-        spares the event loop's wake-ups and burns a core meanwhile.
-    direct_bytes: messages up to this size travel over direct socket links beside ZeroMQ
-        where both peers can open one; 0 never (default RINGLIB_DIRECT_BYTES or 256 KiB).
-    heartbeat_s, peer_timeout: each rank sends its ring neighbours a heartbeat every
-        heartbeat_s seconds, and a neighbour silent for peer_timeout seconds is lost:
-        collectives raise PeerLost (defaults RINGLIB_HEARTBEAT_S or 0.5 and
-        RINGLIB_PEER_TIMEOUT or 5; a peer_timeout of 0 never declares a peer lost).
-    curve_key: path of the ring's secret key file (`ringlib keygen`); every link is then
-        authenticated and encrypted with CurveZMQ, and a process without the key can
-        neither join nor send (default RINGLIB_CURVE_KEY; none: plain links).
-    shm_bytes: ranks on one host pass collective payloads through shared memory (/dev/shm)
-        instead of sockets; this is the ring each rank writes for its right neighbour
-        (1 MiB for other ranks), and a message that does not fit takes a socket. 0 turns
-        shared memory off (default RINGLIB_SHM_BYTES or 32 MiB).
+    settings: any of the ring's tunables, the fields of Settings (collective_timeout,
+        segment_bytes, small_bytes, spin_us, direct_bytes, heartbeat_s, peer_timeout,
+        curve_key, shm_bytes), each defaulting to its `RINGLIB_*` variable; see Settings.
     """
     where = placement(rank, world_size, peers)
     if timeout is None:
@@ -343,32 +300,13 @@ async def _open(where: Placement, timeout: float, settings: Settings) -> Ring:
         raise
     try:
         peers = await bind_and_exchange(endpoint, where, timeout)
-        await _join(endpoint, peers, settings, timeout)
+        await join(endpoint, peers, settings, timeout)
         await warm
     except BaseException:
         await endpoint.close()
         executor.shutdown(wait=False)
         raise
     return Ring(where, endpoint, peers, executor, settings)
-
-
-async def _join(endpoint: Endpoint, peers: list[str], settings: Settings,
-                timeout: float) -> None:
-    """Meet the neighbours, start watching them, and offer every rank a direct link and
-    a shared-memory link (taken by those on this host)."""
-    rank, world_size = endpoint.rank, len(peers)
-    endpoint.set_peers(peers)
-    left, right = neighbours(rank, world_size)
-    # Beating starts first: a neighbour that waits for its other, late, neighbour must
-    # hear from this rank meanwhile.
-    endpoint.watch(sorted({left, right}), settings.heartbeat_s, settings.peer_timeout)
-    await greet_neighbours(endpoint, left, right, timeout)
-    endpoint.direct_bytes = settings.direct_bytes
-    await endpoint.offer_links(r for r in range(world_size) if r != rank)
-    others = [r for r in range(world_size) if r != rank]
-    endpoint.offer_shared({r: settings.shm_bytes if r == right else
-                           min(settings.shm_bytes, SIDE_SHM_BYTES) for r in others})
-    await endpoint.settle_shared(others, timeout)
 
 
 def _warm_kernels() -> None:

@@ -17,13 +17,37 @@ HEARTBEAT_S = 0.5            # how often a rank tells its neighbours it is alive
 PEER_TIMEOUT = 5.0           # silence after which a neighbour is lost (PeerLost)
 SHM_BYTES = 32 << 20         # a shared-memory link's ring to the right neighbour
 SIDE_SHM_BYTES = 1 << 20     # ... and to any other rank, which gets small messages only
-WITHDRAW_S = 5.0             # how long a failed collective waits for peers to let go of
-                             # the buffers it lent them by address
 
 
 @dataclass(frozen=True)
 class Settings:
-    """A ring's tunables; see connect()."""
+    """A ring's tunables: connect() and init() take each as a keyword, and a Ring reads and
+    sets them as attributes (Ring.configure). Each default comes from its environment
+    variable where that is set.
+
+    collective_timeout: the default deadline of each collective, in seconds
+        (CollectiveTimeout after it; default 300).
+    segment_bytes: the largest message of a ring step; larger chunks travel in pieces that
+        pipeline (RINGLIB_SEGMENT_BYTES, default 4 MiB).
+    small_bytes: buffers up to this size take the latency-optimal algorithms
+        (RINGLIB_SMALL_BYTES, default collectives.SMALL_BYTES, 128 KiB).
+    spin_us: how long a small collective polls its links for each message before it
+        yields to the event loop; 0 never polls (RINGLIB_SPIN_US, default 200). Polling
+        spares the event loop's wake-ups and burns a core meanwhile.
+    direct_bytes: messages up to this size travel over direct socket links beside ZeroMQ
+        where both peers can open one; 0 never (RINGLIB_DIRECT_BYTES, default 256 KiB).
+    heartbeat_s, peer_timeout: each rank sends its ring neighbours a heartbeat every
+        heartbeat_s seconds, and a neighbour silent for peer_timeout seconds is lost:
+        collectives raise PeerLost (RINGLIB_HEARTBEAT_S, default 0.5;
+        RINGLIB_PEER_TIMEOUT, default 5; a peer_timeout of 0 never declares a peer lost).
+    curve_key: path of the ring's secret key file (`ringlib keygen`); every link is then
+        authenticated and encrypted with CurveZMQ, and a process without the key can
+        neither join nor send (RINGLIB_CURVE_KEY; default none: plain links).
+    shm_bytes: ranks on one host pass collective payloads through shared memory (/dev/shm)
+        instead of sockets; this is the ring each rank writes for its right neighbour
+        (1 MiB for other ranks), and a message that does not fit takes a socket. 0 turns
+        shared memory off (RINGLIB_SHM_BYTES, default 32 MiB).
+    """
 
     collective_timeout: float = COLLECTIVE_TIMEOUT
     segment_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SEGMENT_BYTES",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -11,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ringlib.runtime import processes
 from ringlib.runtime.environment import without_placement
 from ringlib.transport.addresses import local_addresses
 
@@ -39,9 +39,8 @@ def run_ranks(args: list[str], envs: list[dict[str, str]], timeout: float = 180,
     # passes the ones it means in `envs`.
     base = {k: v for k, v in without_placement(os.environ).items()
             if not k.startswith("RINGLIB_")}
-    procs = [subprocess.Popen([sys.executable, *args], env={**base, **env}, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              start_new_session=True)
+    procs = [processes.start([sys.executable, *args], {**base, **env}, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for env in envs]
     deadline = time.monotonic() + timeout
     try:
@@ -51,9 +50,7 @@ def run_ranks(args: list[str], envs: list[dict[str, str]], timeout: float = 180,
                 break
             time.sleep(0.05)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+        processes.stop(procs, grace=0)
         outs = [p.communicate() for p in procs]
     return [Finished(i, p.returncode, *out) for i, (p, out) in enumerate(zip(procs, outs))]
 

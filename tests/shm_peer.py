@@ -31,15 +31,15 @@ async def shared_peers(ring: ringlib.Ring, expected: int) -> list[int]:
     """The ranks this rank writes to through shared memory, once `expected` have answered
     (or after 10 s, so that a test expecting fewer sees what there is)."""
     deadline = time.monotonic() + 10
-    while len(ring.endpoint.shared.peers()) < expected and time.monotonic() < deadline:
+    while len(ring.endpoint.links()["shared"]) < expected and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    return ring.endpoint.shared.peers()
+    return ring.endpoint.links()["shared"]
 
 
 async def check(ring: ringlib.Ring, seed: int) -> None:
     peers = await shared_peers(ring, int(os.environ.get("EXPECT_SHARED", ring.world_size - 1)))
     print("shared", ",".join(map(str, peers)) or "-", flush=True)
-    reached = [r for r in range(ring.world_size) if r != ring.rank and ring.endpoint.shared.reach(r)]
+    reached = [r for r in range(ring.world_size) if r != ring.rank and ring.endpoint.reaches(r)]
     print("reaches", ",".join(map(str, reached)) or "-", flush=True)
     prefix = f"{shared.PREFIX}{shared.job(ring.peers)}-{ring.rank}-"  # its offers, all taken
     names = [n for n in os.listdir(shared.DIRECTORY) if n.startswith(prefix)]

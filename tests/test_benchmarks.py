@@ -84,7 +84,7 @@ def test_gloo_and_mpi_are_timed_in_the_same_run_with_json_and_plot(tmp_path):
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("collective, algo", [("reduce_scatter", "ring"), ("all_gather", "ring"),
-                                              ("broadcast", "direct"), ("latency", "p2p")])
+                                              ("broadcast", "flat"), ("latency", "p2p")])
 def test_every_collective_is_checked_and_timed_beside_gloo(tmp_path, collective, algo):
     run = bench(tmp_path, collective, "--sizes", "64B,192KiB", "--iters", "2", "--warmup", "0",
                 "--compare", "gloo", "--no-memory")

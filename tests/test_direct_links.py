@@ -14,14 +14,14 @@ import time
 import numpy as np
 import pytest
 
-from ringlib.transport import Endpoint, Header, Kind, direct
+from ringlib.transport import Endpoint, Header, Kind, direct, frames
 from ringlib.transport.addresses import local_addresses
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def header(seq: int, nbytes: int, sender: int) -> Header:
-    return Header(Kind.STREAM, seq, 0, 0, "uint8", nbytes, sender)
+def header(item: int, nbytes: int, sender: int) -> Header:
+    return frames.stream(0, item, 0, "uint8", sender, nbytes)
 
 
 def bound_pair(addresses: list[str]) -> list[Endpoint]:
@@ -39,7 +39,7 @@ async def linked_pair(addresses: list[str]) -> tuple[Endpoint, Endpoint]:
     for end in ends:
         await end.offer_links([1 - end.rank])
     async with asyncio.timeout(10):
-        while [e.linked_peers() for e in ends] != [[1], [0]]:
+        while [e.links()["direct"] for e in ends] != [[1], [0]]:
             await asyncio.sleep(0.005)
     return ends[0], ends[1]
 
@@ -101,14 +101,14 @@ async def test_what_the_socket_cannot_take_at_once_is_written_later_in_order(add
 async def test_a_stranger_on_the_link_port_is_cut_off_and_the_link_carries_on(caplog):
     a, b = await linked_pair(local_addresses(2, "tcp", ""))
     try:
-        host, port = b._listener.address.removeprefix("tcp://").rsplit(":", 1)
+        host, port = b.direct.listener.address.removeprefix("tcp://").rsplit(":", 1)
         with socket.create_connection((host, int(port))) as stranger, \
                 caplog.at_level(logging.WARNING, logger="ringlib.transport"):
             stranger.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10)
             assert await closed_by_peer(stranger)
         await a.send(1, header(1, 3, 0), b"abc")
         message = await b.recv(header(1, 3, 0).key)
-        assert message.payload.bytes == b"abc" and a.linked_peers() == [1]
+        assert message.payload.bytes == b"abc" and a.links()["direct"] == [1]
         assert any("direct link closed" in r.message for r in caplog.records)
     finally:
         await a.close()
@@ -118,12 +118,12 @@ async def test_a_stranger_on_the_link_port_is_cut_off_and_the_link_carries_on(ca
 async def test_when_a_link_breaks_zeromq_carries_the_next_messages(addresses):
     a, b = await linked_pair(addresses)
     try:
-        for reader in list(b._listener.readers):  # the receiving end goes away
+        for reader in list(b.direct.listener.readers):  # the receiving end goes away
             reader.close()
         for seq in range(50):  # the first may still be taken by the dying socket
             await a.send(1, header(seq, 1, 0), b"x")
             await asyncio.sleep(0.001)
-        assert a.linked_peers() == []
+        assert a.links()["direct"] == []
         message = await b.recv(header(49, 1, 0).key)
         assert message.payload.bytes == b"x"
     finally:
@@ -155,10 +155,10 @@ async def test_an_offer_pointing_elsewhere_is_dropped_and_zeromq_carries(caplog)
     a, b = bound_pair(local_addresses(2, "tcp", ""))
     try:
         with caplog.at_level(logging.WARNING, logger="ringlib.transport"):
-            await b.send(0, Header(Kind.LINK, 0, 0, 0, "", 0, 1), b"tcp://192.0.2.1:9")
+            await b.send(0, frames.control(Kind.LINK, 1), b"tcp://192.0.2.1:9")
             await b.send(0, header(1, 3, 1), b"abc")
             message = await a.recv(header(1, 3, 1).key)
-        assert message.payload.bytes == b"abc" and a.linked_peers() == []
+        assert message.payload.bytes == b"abc" and a.links()["direct"] == []
         assert any("is not where rank 1" in r.message for r in caplog.records)
     finally:
         await a.close()

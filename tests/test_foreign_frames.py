@@ -16,10 +16,9 @@ import zmq.asyncio
 
 import ringlib
 from ringlib.collectives import signature
-from ringlib.transport import PROTOCOL_VERSION, Header, Kind
+from ringlib.transport import PROTOCOL_VERSION, Kind, frames
 from ringlib.transport.addresses import local_addresses
 from ringlib.transport.frames import encode
-from ringlib.transport.shared_links import NONE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,7 +27,7 @@ SIG = signature("all_reduce", "float32", (4,), "sum")
 
 def data(seq: int, nbytes: int) -> bytes:
     """Rank 1's header for the one step of a 2-rank recursive-doubling all-reduce."""
-    return encode(Header(Kind.DATA, seq, 0, 0, SIG, nbytes, 1))
+    return encode(frames.data(seq, 0, 0, SIG, 1, nbytes))
 
 
 async def test_garbage_and_payloads_unlike_their_header_are_dropped(caplog):
@@ -40,9 +39,9 @@ async def test_garbage_and_payloads_unlike_their_header_are_dropped(caplog):
     inbox = ctx.socket(zmq.PULL)
     inbox.linger = 0
     inbox.bind(peers[1])
-    await fake.send(encode(Header(Kind.HELLO, 0, 0, 0, "", 0, 1)))
+    await fake.send(encode(frames.control(Kind.HELLO, 1)))
     # and says it offers no shared memory (the ring offers none either: shm_bytes=0)
-    await fake.send(encode(Header(Kind.SHARED, 0, NONE, 0, "", 0, 1)))
+    await fake.send(encode(frames.shared_link(frames.SharedStep.NONE, 1)))
     foreign = [[b"\x00garbage"], [b"\xc1", b"more"], [b"a", b"b", b"c"],
                [msgpack.packb((PROTOCOL_VERSION + 1, 0, 1, 0, 0, SIG, 16, 1)), bytes(16)],
                [data(1, 16), bytes(4)], [data(1, 4), bytes(16)], [data(1, 16)]]
@@ -50,8 +49,8 @@ async def test_garbage_and_payloads_unlike_their_header_are_dropped(caplog):
         async with ringlib.connect(0, 2, peers, timeout=10, peer_timeout=0,
                                    shm_bytes=0) as ring:
             with caplog.at_level(logging.WARNING, logger="ringlib.transport"):
-                for frames in foreign:
-                    await fake.send_multipart(frames)
+                for parts in foreign:
+                    await fake.send_multipart(parts)
                 await fake.send_multipart([data(1, 16), np.full(4, 2.0, np.float32)])
                 x = np.ones(4, np.float32)
                 await ring.all_reduce(x, timeout=5)

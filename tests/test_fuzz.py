@@ -106,7 +106,7 @@ async def test_random_zeromq_frames_never_crash_delivery_and_only_sound_ones_are
                          headers.map(encode).map(lambda h: [h])))
         def deliver(parts):
             endpoint._file([zmq.Frame(p) for p in parts])
-            for message in endpoint.inbox._kept.values():
+            for message in endpoint.inbox.kept(lambda key: True):
                 size = 0 if message.payload is None else len(message.payload)
                 assert message.header.nbytes == size
                 assert decode(encode(message.header)) == message.header

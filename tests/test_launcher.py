@@ -125,6 +125,12 @@ def test_nothing_to_launch_or_too_few_slots_is_a_clear_error(tmp_path):
     assert done.returncode == 2 and "cannot place 5 ranks on 2 slots" in done.stderr
     done, _ = launch(tmp_path, "-n", "1", "--", "/no/such/program")
     assert done.returncode == 2 and "cannot start rank 0" in done.stderr
+    done, _ = launch(tmp_path, "--hosts", "a:0", "--", "true")
+    assert done.returncode == 2 and "argument --hosts: cannot read host entry 'a:0'" in \
+        done.stderr and "Traceback" not in done.stderr, done.stderr
+    done, _ = launch(tmp_path, "--hostfile", str(tmp_path / "missing"), "--", "true")
+    assert done.returncode == 2 and "argument --hostfile:" in done.stderr and \
+        "Traceback" not in done.stderr, done.stderr
 
 
 def test_host_lists_and_hostfiles_place_ranks_in_order(tmp_path):

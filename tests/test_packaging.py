@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import shutil
@@ -11,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from ringlib.cli import BENCHMARKS
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBPACKAGES = ("transport", "collectives", "runtime", "bench")
@@ -50,11 +53,13 @@ def test_the_built_wheel_installs_everything_inside_the_ringlib_namespace(tmp_pa
 
 
 # Which first-party modules each layer may import: runtime -> collectives -> transport,
-# collectives -> the compiled core; the core and the transport stand on their own.
+# collectives -> the compiled core; the core and the transport stand on their own, and
+# only the transport speaks ZeroMQ.
 CORE = {"ringlib.kernels", "ringlib.reduce", "ringlib.dtypes", "ringlib.partition", "ringlib.ops"}
 FORBIDDEN = {
     "transport": {"ringlib.collectives", "ringlib.runtime", "ringlib.bench"} | CORE,
     "collectives": {"ringlib.runtime", "ringlib.bench", "zmq"},
+    "runtime": {"ringlib.bench", "zmq"},
     "ringlib/core": {"ringlib.transport", "ringlib.collectives", "ringlib.runtime", "ringlib.bench",
                      "zmq", "torch"},
 }
@@ -87,6 +92,26 @@ def test_layers_import_only_downward(layer):
         bad = {name for name in imported_modules(path)
                for banned in FORBIDDEN[layer] if name == banned or name.startswith(banned + ".")}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)} against the layering"
+
+
+@pytest.mark.parametrize("package", ["ringlib", "ringlib.transport", "ringlib.collectives",
+                                     "ringlib.runtime"])
+def test_a_fresh_interpreter_that_imports_a_layer_loads_nothing_above_it(package, tmp_path):
+    """What the static check above cannot see: an import chain through a package's
+    __init__ (ringlib's own, say) that drags in a layer above."""
+    above = {"ringlib": {"ringlib.transport", "ringlib.collectives", "ringlib.runtime",
+                         "ringlib.bench"} | CORE,
+             "ringlib.transport": {"ringlib.collectives", "ringlib.runtime", "ringlib.bench"}
+             | CORE,
+             "ringlib.collectives": {"ringlib.runtime", "ringlib.bench"},
+             "ringlib.runtime": {"ringlib.bench"}}[package]
+    probe = f"import json, sys, {package}; print(json.dumps(sorted(sys.modules)))"
+    loaded = run(sys.executable, "-c", probe, cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr
+    modules = json.loads(loaded.stdout)
+    bad = sorted(m for m in modules for banned in above if m == banned or m.startswith(banned + "."))
+    assert not bad, f"import {package} loaded {bad}"
+    assert package in modules
 
 
 def test_a_fresh_process_loads_the_kernels_from_numbas_cache_instead_of_compiling(tmp_path):
@@ -133,3 +158,16 @@ def test_the_kernel_benchmark_prints_a_row_per_case_with_a_ratio(tmp_path):
 def test_unknown_subcommands_fail_with_usage(tmp_path):
     bad = run(sys.executable, "-m", "ringlib", "launchh", cwd=tmp_path)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    bad = run(sys.executable, "-m", "ringlib", "bench", "allreducee", cwd=tmp_path)
+    assert bad.returncode == 2 and "invalid choice: 'allreducee'" in bad.stderr
+
+
+def test_bench_help_lists_every_benchmark_and_each_shows_its_own_options(tmp_path):
+    listing = run(sys.executable, "-m", "ringlib", "bench", "-h", cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    for name in BENCHMARKS:
+        assert re.search(rf"^    {name}\b", listing.stdout, re.M), (name, listing.stdout)
+        own = run(sys.executable, "-m", "ringlib", "bench", name, "-h", cwd=tmp_path)
+        assert own.returncode == 0, (name, own.stderr)
+        assert own.stdout.startswith(f"usage: ringlib bench {name} "), (name, own.stdout[:200])
+        assert "--" in own.stdout.split("options:")[-1], f"{name} -h lists no options"

@@ -15,7 +15,7 @@ import ringlib
 from ringlib import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError,
                      PeerLost, RendezvousTimeout, RingClosed, RingError, UnsupportedBuffer, UnsupportedOp)
 from ringlib.transport.addresses import free_tcp_ports
-from ringlib.transport import Endpoint, Header, Inbox, Kind, Message
+from ringlib.transport import Endpoint, Inbox, Message, frames
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -190,6 +190,23 @@ async def test_a_rank_that_leaves_is_lost_everywhere_and_the_others_re_form_down
         assert (await r0.all_reduce(np.full(3, 5.0))).tolist() == [5.0] * 3
 
 
+async def test_settings_changed_on_a_ring_hold_after_it_re_forms():
+    async with ring_of(3, peer_timeout=0.5, heartbeat_s=0.1) as (r0, r1, r2):
+        for ring in (r0, r1):
+            ring.direct_bytes, ring.spin_us, ring.small_bytes = 1234, 7, 4096
+        await r2.close()
+        await lost_everywhere([r0, r1])
+        await re_formed([r0, r1])
+        for ring in (r0, r1):
+            assert (ring.direct_bytes, ring.spin_us, ring.small_bytes) == (1234, 7, 4096)
+            assert ring.endpoint.direct_bytes == 1234
+            assert ring.plan("all_reduce", 8192).algorithm == "ring"  # above small_bytes
+        with pytest.raises(InvalidArgument, match="no such setting: spin"):
+            r0.configure(spin=3)
+        with pytest.raises(InvalidArgument, match="shm_bytes"):
+            r0.configure(shm_bytes=-1)
+
+
 async def test_a_rank_that_starts_later_than_the_peer_timeout_is_not_taken_for_lost():
     """Heartbeats start before the greeting, and a neighbour's clock with its first word:
     rank 3 joining 1.5 s late (peer timeout 0.5 s) loses nobody."""
@@ -204,7 +221,7 @@ async def test_a_rank_that_starts_later_than_the_peer_timeout_is_not_taken_for_l
         xs = [np.full(4, 1.0) for _ in rings]
         await asyncio.gather(*[r.all_reduce(x, timeout=10) for r, x in zip(rings, xs)])
         assert all(x.tolist() == [4.0] * 4 for x in xs)
-        assert all(not r.endpoint.lost for r in rings)
+        assert all(not r.endpoint.liveness.lost for r in rings)
     finally:
         await asyncio.gather(*[r.close() for r in rings])
 
@@ -252,7 +269,7 @@ async def test_a_cancelled_receive_does_not_swallow_the_message():
         a.bind(peers[0])
         b.bind(peers[1])
         a.set_peers(peers)
-        key = Header(Kind.DATA, 1, 0, 0, "uint8", 0, 0)
+        key = frames.data(1, 0, 0, "uint8", 0)
         waiting = asyncio.ensure_future(b.recv(key.key))
         await asyncio.sleep(0.01)
         waiting.cancel()
@@ -268,7 +285,7 @@ async def test_a_cancelled_receive_does_not_swallow_the_message():
 
 async def test_a_message_handed_to_a_waiter_cancelled_before_it_resumes_is_kept():
     inbox = Inbox()
-    header = Header(Kind.DATA, 1, 0, 0, "uint8", 0, 0)
+    header = frames.data(1, 0, 0, "uint8", 0)
     waiting = asyncio.ensure_future(inbox.get(header.key))
     await asyncio.sleep(0)
     inbox.deliver(Message(header, None))

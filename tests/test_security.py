@@ -16,7 +16,7 @@ import zmq.asyncio
 import ringlib
 from ringlib import Unauthorized
 from ringlib.collectives import signature
-from ringlib.transport import Header, Kind
+from ringlib.transport import frames
 from ringlib.transport.addresses import local_addresses
 from ringlib.transport.frames import encode
 from ringlib.transport.security import Keys, generate
@@ -64,14 +64,14 @@ async def test_strangers_cannot_inject_into_a_ring_with_keys(key_file, tmp_path,
     curved.curve_publickey, curved.curve_secretkey = outsider.public, outsider.secret
     xs = [rng.standard_normal(4).astype(np.float32) for _ in range(2)]
     expected = xs[0].astype(np.float64) + xs[1]
-    forged = [encode(Header(Kind.DATA, 1, 0, 0, signature("all_reduce", "float32", (4,), "sum"),
-                            16, 1)), np.full(4, 1e6, np.float32)]
+    forged = [encode(frames.data(1, 0, 0, signature("all_reduce", "float32", (4,), "sum"), 1,
+                                 16)), np.full(4, 1e6, np.float32)]
     try:
         with caplog.at_level(logging.WARNING, logger="ringlib"):
             rings = await asyncio.gather(*[ringlib.connect(r, 2, peers, timeout=10,
                                                            curve_key=key_file)
                                            for r in range(2)])
-            assert all(r.endpoint.linked_peers() == [] for r in rings)  # no plain links
+            assert all(r.endpoint.links()["direct"] == [] for r in rings)  # no plain links
             for push in (plain, curved):
                 push.connect(peers[0])
                 await push.send_multipart(forged)

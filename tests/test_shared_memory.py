@@ -20,7 +20,7 @@ from ring_harness import ringlib_env, run_ranks
 from ringlib.errors import ProtocolError
 from ringlib.transport import shared
 from ringlib.transport.addresses import local_addresses
-from ringlib.transport.frames import Header, Kind, pack, unpack
+from ringlib.transport.frames import data, pack, unpack
 
 pytestmark = pytest.mark.timeout(180)
 PEER = str(Path(__file__).with_name("shm_peer.py"))
@@ -50,7 +50,7 @@ def link():
 
 
 def header(seq: int, nbytes: int) -> bytes:
-    return pack(Header(Kind.DATA, seq, 0, 0, "sig", nbytes, 0))
+    return pack(data(seq, 0, 0, "sig", 0, nbytes))
 
 
 def test_records_arrive_intact_across_wraps_and_out_of_order_releases(link, rng, seed):

@@ -17,9 +17,8 @@ import zmq
 
 import ringlib
 from ringlib.collectives import signature
-from ringlib.transport import Header, Kind
+from ringlib.transport import Kind, frames
 from ringlib.transport.frames import decode, encode
-from ringlib.transport.shared_links import NONE
 from ringlib.transport.addresses import free_tcp_ports
 
 N = 16 << 20  # 64 MiB of float32: far more than the kernel's socket buffers can hold
@@ -53,15 +52,15 @@ def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
     thread = threading.Thread(target=rank0)
     thread.start()
     try:
-        outbox.send(encode(Header(Kind.HELLO, 0, 0, 0, "", 0, 1)))
-        outbox.send(encode(Header(Kind.SHARED, 0, NONE, 0, "", 0, 1)))  # no shared memory
+        outbox.send(encode(frames.control(Kind.HELLO, 1)))
+        outbox.send(encode(frames.shared_link(frames.SharedStep.NONE, 1)))  # no shared memory
         assert decode(inbox.recv()).kind == Kind.HELLO
         # Rank 1's half of the protocol, without reading anything rank 0 sends: its own
         # chunk 0 for the reduce-scatter step, and the finished chunk 1 for the all-gather.
         half = N // 2
         for step, data in ((0, x1[:half]), (1, total[half:])):
             for k, (a, b) in enumerate(ringlib.sub_chunks(0, half, PIECE)):
-                header = Header(Kind.DATA, 1, step, k, SIG, data[a:b].nbytes, 1)
+                header = frames.data(1, step, k, SIG, 1, data[a:b].nbytes)
                 outbox.send_multipart([encode(header), data[a:b]])
         time.sleep(1.0)
         assert not returned.is_set(), "all_reduce returned while its frames were still queued"

@@ -1,19 +1,23 @@
-"""ringlib.transport: moves buffers between ranks over ZeroMQ; knows nothing of reductions.
+"""ringlib.transport: moves buffers between ranks; knows nothing of reductions.
 
-The bottom layer: an Endpoint per peer (a PULL socket it binds, a PUSH socket per peer it
-sends to), a msgpack header per message with the payload in its own zero-copy frame, an
-inbox that files messages by collective, step and sender, direct socket links beside
-ZeroMQ for small messages, shared-memory links and single-copy reads between peers on
-one host, heartbeats that find lost peers, and optional CurveZMQ.
+The bottom layer. An Endpoint per rank routes each message over one of its links:
+ZeroMQ (zmq_links.py: a PULL socket it binds, a PUSH socket per peer), direct stream
+sockets for small messages (direct_links.py), or shared memory to peers on this host
+(shared_links.py, with single-copy reads of large payloads); it files what arrives in an
+Inbox by key, and Liveness spreads the word on lost peers. A message is a header
+(frames.py: one typed constructor and key per kind) and at most one payload frame, sent
+without copying. Streams (streams.py) are numbered flows outside the collectives.
 """
 
-from .context import context
+from . import frames
 from .endpoint import DIRECT_BYTES, Endpoint
-from .frames import PROTOCOL_VERSION, Header, Kind
+from .frames import PROTOCOL_VERSION, Header, Key, Kind
 from .inbox import Inbox, Message
 from .shared import discard, held
 from .single_copy import Released, RemotePayload
+from .streams import Stream
 from .trackers import wait_sent
 
-__all__ = ["DIRECT_BYTES", "Endpoint", "Header", "Inbox", "Kind", "Message", "PROTOCOL_VERSION",
-           "Released", "RemotePayload", "context", "discard", "held", "wait_sent"]
+__all__ = ["DIRECT_BYTES", "Endpoint", "Header", "Inbox", "Key", "Kind", "Message",
+           "PROTOCOL_VERSION", "Released", "RemotePayload", "Stream", "discard", "frames",
+           "held", "wait_sent"]

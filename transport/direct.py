@@ -2,7 +2,7 @@
 
 ZeroMQ hands every message to its I/O thread on the way out and again on the way in. On a
 small message those two thread wake-ups cost more than everything else a collective does
-(bench/NOTES.md: an 8-byte exchange takes 120-150 us through ZeroMQ and 21 us through a
+(docs/benchmark-notes.md: an 8-byte exchange takes 120-150 us through ZeroMQ and 21 us through a
 plain socket on the same loopback). A direct link is a TCP connection (a Unix socket for
 ipc peers) from a sender to a receiver, on which the sender writes each frame itself,
 from the event loop's thread, and the receiver reads it on its event loop or while it

@@ -1,64 +1,94 @@
-"""Direct links as an endpoint runs them (direct.py): listening, offering, taking offers.
-
-Mixed into Endpoint, whose state it reads: rank, keys, peer_addresses, send(), _deliver(),
-_drop() and _closed, and whose _listener and _links it keeps.
-"""
+"""An endpoint's direct links (direct.py): the listener for its peers' links, and the
+writers of its own to theirs, opened when a peer offers one (a LINK message)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Any, Callable
 
 from ringlib.errors import RendezvousError
 
 from . import addresses, direct
-from .frames import Header, Kind
 from .inbox import Message
+from .roster import Roster
 
 log = logging.getLogger(__name__)
 
 
-class DirectLinking:
-    """An endpoint's direct links: the listener for its peers' and the writers to theirs."""
+class DirectLinks:
+    """Direct links to and from one rank's peers. Frames read from them go to
+    `deliver(header, payload)`; offers that cannot be taken go to `drop(why)`. A ring
+    with CurveZMQ keys is not `enabled`: bytes travel only on authenticated, encrypted
+    links, and it neither listens nor takes offers."""
 
-    def _listen_directly(self, address: str) -> None:
-        where = direct.listen_address(address)
-        if where is None:
+    def __init__(self, roster: Roster, deliver: Callable[[bytes, Any], None],
+                 drop: Callable[[str], None], enabled: bool = True) -> None:
+        self._roster, self._deliver, self._drop = roster, deliver, drop
+        self.enabled = enabled
+        self._listener: direct.Listener | None = None
+        self._writers: dict[int, direct.Writer] = {}
+        self._closed = False
+
+    def listen(self) -> None:
+        """Listen beside this rank's ZeroMQ address, where that is possible."""
+        where = direct.listen_address(self._roster.address)
+        if where is None or not self.enabled:
             return
         try:
             self._listener = direct.Listener(where, self._deliver)
         except OSError as exc:
             log.info("rank %d takes no direct links at %s (%s); ZeroMQ carries everything",
-                     self.rank, where, exc)
+                     self._roster.rank, where, exc)
 
-    def linked_peers(self) -> list[int]:
-        """The ranks this rank sends small messages to over a direct link, now."""
-        return sorted(rank for rank, link in self._links.items() if link.ready)
+    @property
+    def offer(self) -> bytes | None:
+        """What to tell peers so that they open links to this rank; None if it takes none."""
+        return None if self._listener is None else self._listener.address.encode()
 
-    async def offer_links(self, ranks: Iterable[int]) -> None:
-        """Tell `ranks` where to open direct links to this rank (a LINK message over
-        ZeroMQ); each connects in the background and sends small messages over it once
-        connected. Nothing is offered where this rank takes no direct links."""
-        if self._listener is None:
-            return
-        offer = self._listener.address.encode()
-        for rank in ranks:
-            await self.send(rank, Header(Kind.LINK, 0, 0, 0, "", 0, self.rank), offer)
-
-    def _open_link(self, offer: Message) -> None:
+    def take(self, offer: Message) -> None:
+        """Open a link to the peer that sent `offer`, if it points where that peer listens."""
         rank = offer.header.sender
         try:
             address = addresses.check(offer.payload.bytes.decode())
         except (AttributeError, UnicodeDecodeError, RendezvousError) as exc:
             return self._drop(f"bad direct-link offer from rank {rank}: {exc}")
-        if rank not in self.peer_addresses or \
-                not direct.offered_by(address, self.peer_addresses[rank]):
-            return self._drop(f"direct-link offer {address!r} is not where rank {rank} "
-                              f"({self.peer_addresses.get(rank)}) listens")
-        if rank == self.rank or rank in self._links or self._closed or self.keys is not None:
-            return  # with keys, bytes travel only on authenticated, encrypted links
+        if rank not in self._roster.peers or \
+                not direct.offered_by(address, self._roster.peers[rank]):
+            return self._drop(f"direct-link offer {address!r} is not where "
+                              f"{self._roster.name(rank)} listens")
+        if rank == self._roster.rank or rank in self._writers or self._closed or \
+                not self.enabled:
+            return
         try:
-            self._links[rank] = direct.Writer(address)
+            self._writers[rank] = direct.Writer(address)
         except OSError as exc:
-            log.info("rank %d: no direct link to rank %d at %s (%s)", self.rank, rank,
+            log.info("rank %d: no direct link to rank %d at %s (%s)", self._roster.rank, rank,
                      address, exc)
+
+    def send(self, to: int, header: bytes, payload: Any) -> bool:
+        """Write one frame to `to` if a link to it is up; False: send it another way."""
+        link = self._writers.get(to)
+        return link is not None and link.ready and link.send(header, payload)
+
+    @property
+    def listener(self) -> direct.Listener | None:
+        """Where this rank takes its peers' links (None: it takes none)."""
+        return self._listener
+
+    def poll(self) -> None:
+        """Deliver what every link holds now, without waiting."""
+        if self._listener is not None:
+            self._listener.poll()
+
+    def linked_peers(self) -> list[int]:
+        """The ranks this rank sends small messages to over a direct link, now."""
+        return sorted(rank for rank, link in self._writers.items() if link.ready)
+
+    def close(self, linger: float) -> None:
+        """Close every link; what writers still keep is written first, waiting up to
+        `linger` seconds."""
+        self._closed = True
+        for link in self._writers.values():
+            link.close(linger)
+        if self._listener is not None:
+            self._listener.close()

@@ -1,48 +1,42 @@
-"""One peer's end of the ring: a bound PULL socket that receives from everyone, and a PUSH
-socket per peer it sends to, all on the process's single asyncio ZeroMQ context.
+"""One rank's end of the ring: it routes each message over one of three kinds of link and
+files what arrives in its inbox; it knows nothing of what payloads mean.
 
-PULL/PUSH keeps each link one-way and message-oriented: no identities or envelopes, and
-ZeroMQ queues and reconnects underneath. Payload frames are sent with copy=False: pyzmq
-copies those under its copy threshold (64 KiB) and shares memory with the rest, returning
-a MessageTracker that tells when ZeroMQ has let go of the buffer (see wait_sent).
+    ZmqLinks     (zmq_links.py)     every message, until and unless another link takes it
+    DirectLinks  (direct_links.py)  small messages, over plain stream sockets
+    SharedLinks  (shared_links.py)  collective payloads to peers on this host, in /dev/shm
 
-Beside ZeroMQ, small messages take direct socket links (direct_links.py) and collective
-payloads to peers on this host take shared memory (shared_links.py); heartbeats and the
-verdicts on lost peers are in liveness.py.
+Liveness (liveness.py) keeps the verdicts on lost peers; the Roster (roster.py) says who
+is where. Each is an object of its own, handed the callbacks it needs; the endpoint
+routes between them, checks each message that arrives, and hands control messages to
+whoever handles their kind (on()).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import time
 from typing import Any, Callable
 
 import numpy as np
 import zmq
-import zmq.asyncio
 
-from ringlib.errors import (ProtocolError, RendezvousError, RendezvousTimeout, RingClosed,
-                            Unauthorized)
+from ringlib.errors import ProtocolError, RendezvousTimeout, RingClosed
 
-from . import addresses, direct, shared
-from .frames import Header, Kind, decode, encode, pack, unpack
-from .context import context, gate, hold, let_go
-from .direct_links import DirectLinking
-from .liveness import Liveness
+from . import frames, shared
+from .direct import remove_socket_files
+from .direct_links import DirectLinks
+from .frames import DATA, Header, Key, Kind, decode, encode, pack, unpack
 from .inbox import Inbox, Message
+from .liveness import Liveness
+from .roster import Roster
 from .security import Keys
 from .shared import HELD, discard
 from .shared_links import SharedLinks
+from .zmq_links import CLOSE_LINGER_S, ZmqLinks
 
 log = logging.getLogger(__name__)
 
-# How long closing waits for queued outgoing messages to be delivered.
-CLOSE_LINGER_MS = 2000
-# Plain ints: flag enums make `events & POLLIN` cost microseconds on the polling path.
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 # Messages up to this size go over a direct link where one is up (see direct.py).
 DIRECT_BYTES = 256 << 10
 # Arrays from this size go to a shared-memory peer by address where it can read this
@@ -51,87 +45,87 @@ SINGLE_COPY_BYTES = 256 << 10
 # Polls of the shared-memory links per poll of the sockets, while a receive spins.
 _SHARED_POLLS = 8
 
-class Endpoint(Liveness, DirectLinking):
-    """Sends to and receives from the other ranks; knows nothing about what payloads mean.
+
+class Endpoint:
+    """Sends to and receives from the other ranks.
 
     With `keys` every ZeroMQ link is authenticated and encrypted (CurveZMQ, see
     security.py), and no direct link is offered or taken: those are plain sockets.
     """
 
     def __init__(self, rank: int, keys: Keys | None = None) -> None:
-        self._rank = rank
+        self.roster = Roster(rank)
         self.keys = keys
-        self.address: str | None = None
         self.inbox = Inbox()
-        self._pull = context().socket(zmq.PULL)
-        self._pull.linger = 0
-        if keys is not None:
-            try:
-                keys.server(self._pull)
-            except zmq.ZMQError as exc:
-                self._pull.close(0)
-                raise Unauthorized(f"rank {rank}: ZeroMQ refused the CurveZMQ keys: {exc}") \
-                    from None
-            gate().admit(keys)
-        hold()  # nothing below fails: close() lets go
-        # The same socket as a plain one, for reads that do not yield to the event loop.
-        self._pull_now = zmq.Socket.shadow(self._pull.underlying)
-        self._push: dict[int, zmq.asyncio.Socket] = {}
-        self._push_now: dict[int, zmq.Socket] = {}  # the same sockets, plain
-        self.peer_addresses: dict[int, str] = {}
-        self._reader: asyncio.Task | None = None
-        self._may_poll = False
-        self._listener: direct.Listener | None = None
-        self._links: dict[int, direct.Writer] = {}
+        self.zmq = ZmqLinks(self.roster, keys, self._file, self.inbox.close)
+        self.direct = DirectLinks(self.roster, self._deliver, self._drop, enabled=keys is None)
+        self.shared = SharedLinks(self.roster, self.notify, self._deliver_packed)
+        self.liveness = Liveness(self.roster, self.notify, self.inbox.fail, self._forget)
         self.direct_bytes = DIRECT_BYTES
         self.single_copy_bytes = SINGLE_COPY_BYTES
-        self._init_liveness()
-        self.shared = SharedLinks(rank, self.notify, self._deliver_packed, self.peer_addresses)
-        self._waiting = 0  # receives waiting on the event loop (see recv)
-        self._control = {Kind.LINK: self._open_link, Kind.HEARTBEAT: lambda message: None,
-                         Kind.LOST: self._reported_lost, Kind.BYE: self._said_bye,
-                         Kind.MISMATCH: self._reported_mismatch, Kind.SHARED: self.shared.answer,
-                         Kind.DOORBELL: lambda message: self.shared.poll(message.header.sender)}
+        self._may_poll = False  # whether receives may poll the links (not on inproc)
+        self._waiting = 0       # receives waiting on the event loop (see recv)
+        self._control: dict[Kind, Callable[[Message], None]] = {
+            Kind.LINK: self.direct.take, Kind.HEARTBEAT: lambda message: None,
+            Kind.LOST: self.liveness.reported_lost, Kind.BYE: self.liveness.said_bye,
+            Kind.SHARED: self.shared.answer,
+            Kind.DOORBELL: lambda message: self.shared.poll(message.header.sender)}
         self._closed = False
+        self._doorbell = encode(frames.control(Kind.DOORBELL, rank))
 
     @property
     def rank(self) -> int:
-        return self._rank
+        return self.roster.rank
 
     @rank.setter
     def rank(self, value: int) -> None:
-        """A re-formed ring renumbers its ranks (runtime/reform.py); segment names follow."""
-        self._rank = self.shared.rank = value
+        """A re-formed ring renumbers its ranks (runtime/reform.py)."""
+        self.roster.rank = value
+        self._doorbell = encode(frames.control(Kind.DOORBELL, value))
+
+    @property
+    def address(self) -> str | None:
+        return self.roster.address
+
+    @property
+    def peer_addresses(self) -> dict[int, str]:
+        return self.roster.peers
+
+    def on(self, kind: Kind, handler: Callable[[Message], None]) -> None:
+        """Hand every message of `kind` that arrives to `handler`, instead of the inbox."""
+        self._control[kind] = handler
 
     def bind(self, address: str) -> str:
         """Bind the receiving socket at `address` (tcp port 0 picks a free port); return
         the address the other peers should connect to."""
-        addresses.check(address, bind=True)
-        endpoint = addresses.bind_address(address)
-        try:
-            if endpoint.endswith(":0"):
-                port = self._pull.bind_to_random_port(endpoint.removesuffix(":0"))
-                address = address.removesuffix(":0") + f":{port}"
-            else:
-                self._pull.bind(endpoint)
-        except zmq.ZMQError as exc:
-            self._pull.close(0)
-            raise RendezvousError(f"rank {self.rank} cannot bind {address}: {exc}") from None
-        self.address = address
+        self.roster.address = self.zmq.bind(address)
         # An inproc sender lives in this process, often on this very loop: polling for its
         # message would only keep it from running.
         self._may_poll = not address.startswith("inproc://")
-        if self.keys is None:
-            self._listen_directly(address)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-        return address
+        self.direct.listen()
+        return self.roster.address
+
+    def set_peers(self, table: list[str]) -> None:
+        """Learn every rank's address; links open on first use or through connect()."""
+        self.roster.peers.update(enumerate(table))
+
+    def connect(self, rank: int, address: str) -> None:
+        """Open the sending link to `rank` at `address`."""
+        self.roster.peers[rank] = address
+        self.zmq.connect(rank)
+
+    async def offer_links(self, ranks: list[int]) -> None:
+        """Tell `ranks` where to open direct links to this rank (see direct_links.py);
+        nothing is offered where this rank takes none."""
+        offer = self.direct.offer
+        for rank in ranks if offer is not None else ():
+            await self.send(rank, frames.control(Kind.LINK, self.rank), offer)
 
     def offer_shared(self, capacities: dict[int, int]) -> None:
         """Offer each rank a shared-memory link of the given capacity (see shared_links.py);
         those on this host take it. Not within one process (inproc), where it buys nothing."""
         if self._may_poll:
-            self.shared.job = shared.job([self.peer_addresses[r] for r in
-                                          sorted(self.peer_addresses)])
+            self.shared.job = shared.job([self.roster.peers[r] for r in sorted(self.roster.peers)])
             for rank, capacity in capacities.items():
                 self.shared.offer(rank, capacity)
 
@@ -143,127 +137,106 @@ class Endpoint(Liveness, DirectLinking):
         deadline = time.monotonic() + timeout
         while self._may_poll and not self.shared.settled(ranks):
             if time.monotonic() > deadline:
-                silent = self.shared.unsettled(ranks)
-                raise RendezvousTimeout(
-                    f"rank {self.rank} ({self.address}): ranks {silent} "
-                    f"({', '.join(self.peer_addresses[r] for r in silent)}) did not answer "
-                    f"about shared memory within {timeout:g} s")
+                silent = ", ".join(map(self.roster.name, self.shared.unsettled(ranks)))
+                raise RendezvousTimeout(f"{self.roster.me}: {silent} did not answer about "
+                                        f"shared memory within {timeout:g} s")
             await self.inbox.unless_failed(asyncio.sleep(1e-3))
 
-    def set_peers(self, table: list[str]) -> None:
-        """Learn every rank's address; links open on first use or through connect()."""
-        self.peer_addresses.update(enumerate(table))
+    def links(self) -> dict[str, list[int]]:
+        """The peers each kind of link beside ZeroMQ carries to, now: "shared", the ranks
+        this rank writes collective payloads to through shared memory; "direct", those it
+        sends small messages to over direct links."""
+        return {"shared": self.shared.peers(), "direct": self.direct.linked_peers()}
 
-    def connect(self, rank: int, address: str) -> None:
-        """Open the sending link to `rank` (ZeroMQ connects, and reconnects, in the background)."""
-        if rank in self._push:
-            return
-        push = context().socket(zmq.PUSH)
-        push.linger = CLOSE_LINGER_MS
-        self._secure(push)
-        push.connect(addresses.bind_address(addresses.check(address)))
-        self._push[rank] = push
-        self._push_now[rank] = zmq.Socket.shadow(push.underlying)
-        self.peer_addresses[rank] = address
+    def reaches(self, rank: int) -> bool:
+        """Whether this rank and `rank` can each read and write the other's memory (alike
+        on both once start-up is over: see SharedLinks.reach)."""
+        return self.shared.reach(rank)
+
+    def watch(self, ranks: list[int], interval: float, timeout: float) -> None:
+        """Beat to `ranks` and lose any that falls silent (see Liveness.watch)."""
+        self.liveness.watch(ranks, interval, timeout, self.zmq.secure, self._file_all)
 
     async def send(self, to: int, header: Header, payload: Any = None,
                    deadline: float | None = None, writable: bool = False) -> Any:
-        """Queue one message for rank `to`; the payload buffer is shared, not copied, when large.
+        """Queue one message for rank `to` over the best link to it; the payload buffer
+        is shared, not copied, when large. The header's nbytes is set to the payload's
+        length. Returns a tracker, done once the payload buffer may change again, or None
+        when there is nothing to wait for (see ZmqLinks.send). A send that must wait for
+        room gives up with TimeoutError at `deadline` (the event loop's time).
 
-        The returned tracker is done once ZeroMQ no longer reads the payload buffer; None
-        means there is nothing to wait for: a received zmq.Frame passed on as a payload
-        (ZeroMQ shares its buffer, and nobody changes it) or a copied payload. The
-        header's nbytes is set to the payload's length. A shared-memory peer that waits on
-        its event loop is woken (see shared.py). A send that must wait
-        for room gives up with TimeoutError at `deadline` (the event loop's time).
-
-        Large arrays go to a peer that can read this process by address (single_copy.py),
-        with a Released tracker; `writable` ones always do where the peer can, and the
-        peer may write into them until it releases them.
+        Collective payloads to a peer on this host go through shared memory, and large
+        arrays by address to a peer that can read this process (single_copy.py), with a
+        Released tracker; `writable` ones always do where the peer can, and the peer may
+        write into them until it releases them.
         """
         if self._closed:
             raise RingClosed(f"rank {self.rank}: endpoint is closed")
         if self.inbox.failure is not None:  # nothing more goes out once a peer is lost
             raise self.inbox.failure
-        if to not in self._push:
-            self.connect(to, self.peer_addresses[to])
         nbytes = 0 if payload is None else memoryview(payload).nbytes
         if header.nbytes != nbytes:
-            header = header._replace(nbytes=nbytes)
-        writer = self.shared.ready(to) if header.kind == Kind.DATA else None
-        if writer is not None:
-            by_address = writer.single_copy and isinstance(payload, np.ndarray) and \
-                (writable or 0 < self.single_copy_bytes <= nbytes)
-            written = writer.write(pack(header), payload, by_address, writable)
+            header = frames.sized(header, nbytes)
+        if header.kind == DATA:
+            written = self._write_shared(to, header, payload, nbytes, writable)
             if written is not None:
-                asleep, tracker = written
-                if asleep:
-                    self._ring(to)
-                return tracker
-        link = self._links.get(to)
-        if link is not None and link.ready and nbytes <= self.direct_bytes and \
-                link.send(encode(header), payload):
+                return written[0]
+        if nbytes <= self.direct_bytes and self.direct.send(to, encode(header), payload):
             return None
-        frames = [encode(header)] if payload is None else [encode(header), payload]
-        if payload is None:
-            options = {"copy": False, "track": False}
-        elif self.peer_addresses[to].startswith("inproc://"):
-            # inproc shares the very buffer with the receiver, who may hold it for as long as
-            # it likes; a tracker would wait on the receiver, so copy.
-            options = {}
-        else:
-            options = {"copy": False, "track": not isinstance(payload, zmq.Frame)}
-        try:  # straight into ZeroMQ's queue while it has room: no future, no loop round
-            return self._push_now[to].send_multipart(frames, zmq.NOBLOCK, **options)
-        except zmq.Again:  # the queue is full (or has no peer yet): wait for room
-            # A send waiting on a peer that takes nothing must not outlast PeerLost.
-            async with asyncio.timeout_at(deadline):
-                return await self.inbox.unless_failed(self._push[to].send_multipart(frames,
-                                                                                    **options))
+        parts = [encode(header)] if payload is None else [encode(header), payload]
+        return await self.zmq.send(to, parts, deadline, self.inbox.unless_failed)
 
-    def _ring(self, to: int) -> None:
+    def _write_shared(self, to: int, header: Header, payload: Any, nbytes: int,
+                      writable: bool) -> tuple[Any] | None:
+        """(tracker,) if the shared-memory link to `to` took the message, else None."""
+        writer = self.shared.writer_to(to)
+        if writer is None:
+            return None
+        by_address = writer.single_copy and isinstance(payload, np.ndarray) and \
+            (writable or 0 < self.single_copy_bytes <= nbytes)
+        written = writer.write(pack(header), payload, by_address, writable)
+        if written is None:
+            return None
+        asleep, tracker = written
+        if asleep:
+            self._ring_doorbell(to)
+        return (tracker,)
+
+    def _ring_doorbell(self, to: int) -> None:
         """Wake rank `to` to read its shared-memory link: over the direct link if one is up."""
-        link = self._links.get(to)
-        doorbell = encode(Header(Kind.DOORBELL, 0, 0, 0, "", 0, self.rank))
-        if link is None or not link.ready or not link.send(doorbell, None):
-            self.notify(to, Kind.DOORBELL)
+        if not self.direct.send(to, self._doorbell, None):
+            self.notify(to, frames.control(Kind.DOORBELL, self.rank))
 
-    def notify(self, to: int, kind: Kind, seq: int = 0, payload: bytes | None = None,
-               step: int = 0) -> None:
+    def notify(self, to: int, header: Header, payload: bytes | None = None) -> None:
         """Send a control message at once over ZeroMQ, without waiting, even after a peer
         was lost. It is dropped when the peer's queue is full: a peer that takes nothing
         is being lost anyway."""
         if self._closed:
             return
-        if to not in self._push:
-            self.connect(to, self.peer_addresses[to])
-        header = encode(Header(kind, seq, step, 0, "", len(payload or b""), self.rank))
-        try:
-            self._push_now[to].send_multipart([header] if payload is None else [header, payload],
-                                              zmq.NOBLOCK)
-        except zmq.Again:
-            log.info("rank %d: no room to tell rank %d %s", self.rank, to, kind.name)
+        header = frames.sized(header, len(payload or b""))
+        if not self.zmq.send_now(to, [encode(header)] if payload is None
+                                 else [encode(header), payload]):
+            log.info("rank %d: no room to tell rank %d %s", self.rank, to, header.kind.name)
 
-    async def recv(self, header_key: tuple, spin: float = 0.0,
-                   despite_failure: bool = False) -> Message:
-        """The message filed under `header_key` (see Header.key), waiting for it if needed
-        (after polling for up to `spin` seconds: see poll). `despite_failure` waits even
-        after a peer was lost (see Inbox.get)."""
-        message = self.poll(header_key, spin)
+    async def recv(self, key: Key, spin: float = 0.0, despite_failure: bool = False) -> Message:
+        """The message filed under `key`, waiting for it if needed (after polling for up
+        to `spin` seconds: see poll). `despite_failure` waits even after a peer was lost
+        (see Inbox.get)."""
+        message = self.poll(key, spin)
         if message is not None:
             return message
         self._waiting += 1
         if self._waiting == 1:
             self.shared.sleep()  # peers ring from now on; what came meanwhile is filed
         try:
-            return await self.inbox.get(header_key, despite_failure)
+            return await self.inbox.get(key, despite_failure)
         finally:
             self._waiting -= 1
             if self._waiting == 0:
                 self.shared.wake()
 
-    def poll(self, header_key: tuple, spin: float = 0.0) -> Message | None:
-        """The message filed under `header_key` if it is here, without yielding.
+    def poll(self, key: Key, spin: float = 0.0) -> Message | None:
+        """The message filed under `key` if it is here, without yielding.
 
         With `spin` (seconds) the links are first polled for up to that long: a message a
         few dozen microseconds away then arrives without the wake-ups of the loop, the
@@ -271,23 +244,23 @@ class Endpoint(Liveness, DirectLinking):
         latency-bound collectives; never done on inproc.
         """
         if spin <= 0 or not self._may_poll or self._closed:
-            return self.inbox.take(header_key)
+            return self.inbox.take(key)
         # Collective payloads from a peer on this host come through its ring (and only
-        # those: pipeline streams stay on the sockets).
-        shared = header_key[0] == Kind.DATA and header_key[4] in self.shared.readers
+        # those: streams stay on the sockets).
+        shared = key.kind == DATA and key.sender in self.shared.readers
         if shared:
-            self.shared.poll(header_key[4])  # its message is often there already
-        message = self.inbox.take(header_key)
+            self.shared.poll(key.sender)  # its message is often there already
+        message = self.inbox.take(key)
         if message is None:
-            message = self._poll_for(header_key, time.perf_counter() + spin, shared)
+            message = self._poll_for(key, time.perf_counter() + spin, shared)
         return message
 
-    def _poll_for(self, key: tuple, deadline: float, shared: bool) -> Message | None:
+    def _poll_for(self, key: Key, deadline: float, shared: bool) -> Message | None:
         """Poll the links until the message is here or the deadline passed: a `shared`
         message's ring first (a few loads), the sockets (system calls) less often."""
         while True:
             for _ in range(_SHARED_POLLS if shared else 0):
-                self.shared.poll(key[4])
+                self.shared.poll(key.sender)
                 message = self.inbox.take(key)
                 if message is not None:
                     return message
@@ -296,34 +269,23 @@ class Endpoint(Liveness, DirectLinking):
             if message is not None or time.perf_counter() >= deadline:
                 return message
 
-    def _file_ready(self) -> None:
-        """File every message ZeroMQ holds now. Reading until there is none matters: ZeroMQ
-        signals the event loop only when a message arrives at an empty queue, so a message
-        left behind here would wait for the next one to be noticed. Asking for EVENTS
-        finds the queue empty as a failed read would, without raising zmq.Again."""
-        try:
-            while self._pull_now.getsockopt(_EVENTS) & _POLLIN:
-                self._file(self._pull_now.recv_multipart(zmq.NOBLOCK, copy=False))
-        except zmq.ZMQError:  # the socket closed or failed: the reader task reports it
-            pass
-
-    def _file(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) > 2:
-            self._drop(f"{len(frames)} frames in one message; at most 2 expected")
-        else:
-            self._deliver(frames[0].buffer, frames[1] if len(frames) == 2 else None)
-
     def _file_all(self) -> None:
-        """File what ZeroMQ and the direct links hold now, without waiting."""
-        self._file_ready()
-        if self._listener is not None:
-            self._listener.poll()
+        """File what every link holds now, without waiting."""
+        self.zmq.file_ready()
+        self.direct.poll()
         self.shared.poll()
+
+    def _file(self, parts: list[zmq.Frame]) -> None:
+        """File one message from ZeroMQ."""
+        if len(parts) > 2:
+            self._drop(f"{len(parts)} frames in one message; at most 2 expected")
+        else:
+            self._deliver(parts[0].buffer, parts[1] if len(parts) == 2 else None)
 
     def _deliver(self, header: bytes | memoryview, payload: Any,
                  parse: Callable[[Any], Header] = decode) -> None:
         """File one message, from ZeroMQ, a direct link or (with `parse` unpack) a
-        shared-memory ring, or act on a control message."""
+        shared-memory ring, or hand a control message to its handler."""
         try:
             message = Message(parse(header), payload)
         except ProtocolError as exc:
@@ -332,10 +294,9 @@ class Endpoint(Liveness, DirectLinking):
         if h.nbytes != nbytes:
             return self._drop(f"{h.kind.name} from rank {h.sender} has {nbytes} payload bytes "
                               f"under a header of {h.nbytes}", payload)
-        if isinstance(payload, HELD) and h.kind != Kind.DATA:
+        if isinstance(payload, HELD) and h.kind != DATA:
             return self._drop(f"{h.kind.name} from rank {h.sender} in shared memory", payload)
-        if self._watchdog is not None:
-            self._watchdog.heard(h.sender)
+        self.liveness.heard(h.sender)
         act = self._control.get(h.kind)
         if act is None:
             self.inbox.deliver(message)
@@ -347,51 +308,26 @@ class Endpoint(Liveness, DirectLinking):
 
     def _drop(self, why: str, payload: Any = None) -> None:
         discard(payload)
-        log.warning("rank %d at %s dropped a message: %s", self.rank, self.address, why)
+        log.warning("%s dropped a message: %s", self.roster.me, why)
 
-    def _secure(self, socket: zmq.Socket) -> None:
-        if self.keys is not None:
-            self.keys.client(socket)
-
-    async def _read(self) -> None:
-        while True:
-            try:
-                frames = await self._pull.recv_multipart(copy=False)
-            except zmq.ZMQError as exc:
-                self.inbox.close(RingClosed(f"rank {self.rank}: receive socket failed: {exc}"))
-                return
-            self._file(frames)
+    def _forget(self, rank: int) -> None:
+        """`rank` was lost: drop its shared-memory links and the socket files it left."""
+        remove_socket_files(self.roster.peers[rank])
+        self.shared.lose(rank)
 
     async def close(self) -> None:
-        """Stop receiving, fail pending receives with RingClosed, close every socket.
-
-        Messages already queued are still delivered: closing the process's last endpoint
-        terminates the context, which waits up to CLOSE_LINGER_MS for them to leave. Without
-        that, a process that exits right after its last collective could take with it the
-        small messages its neighbours still wait for.
-        """
+        """Say BYE, stop receiving, fail pending receives with RingClosed, and close every
+        link; messages already queued are still delivered (see ZmqLinks.close)."""
         if self._closed:
             return
-        for rank in self._push:  # so that this rank's silence worries nobody
-            if rank not in self.lost:
-                self.notify(rank, Kind.BYE)
+        lost = self.liveness.lost
+        for rank in self.zmq.connected:  # so that this rank's silence worries nobody
+            if rank not in lost:
+                self.notify(rank, frames.control(Kind.BYE, self.rank))
         self._closed = True
         self.inbox.close(RingClosed(f"rank {self.rank}: endpoint closed"))
-        if self._watchdog is not None:
-            await self._watchdog.stop()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        for link in self._links.values():  # what they still keep is written first
-            link.close(CLOSE_LINGER_MS / 1000)
-        if self._listener is not None:
-            self._listener.close()
+        await self.liveness.stop()
+        await self.zmq.stop_reading()
+        self.direct.close(CLOSE_LINGER_S)  # what they still keep is written first
         self.shared.close()
-        self._pull.close(0)
-        if self.address and self.address.startswith("ipc://"):
-            # libzmq leaves the socket file behind; nobody else will remove it.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.address.removeprefix("ipc://"))
-        for rank, push in self._push.items():  # nothing waits to reach a lost rank
-            push.close(0 if rank in self.lost else None)
-        await let_go()
+        await self.zmq.close(lost)

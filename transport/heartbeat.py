@@ -22,7 +22,7 @@ from typing import Callable
 import zmq
 
 from .context import context
-from .frames import Header, Kind, encode
+from .frames import Kind, control, encode
 
 
 class Pulse:
@@ -31,7 +31,7 @@ class Pulse:
 
     def __init__(self, rank: int, targets: dict[int, str], interval: float,
                  secure: Callable[[zmq.Socket], None]) -> None:
-        self._beat = encode(Header(Kind.HEARTBEAT, 0, 0, 0, "", 0, rank))
+        self._beat = encode(control(Kind.HEARTBEAT, rank))
         self._stop = threading.Event()
         self._sockets: dict[int, zmq.Socket] = {}
         self._silenced: set[int] = set()

@@ -1,17 +1,21 @@
-"""The inbox: messages sorted by where they belong, so collectives in flight never mix.
+"""The inbox: a mailbox of messages filed by key, so that flows in flight never mix.
 
 One reader task receives everything a peer is sent and files each message under its key
-(kind, seq, step, chunk, sender). A collective waits on exactly the keys it expects; a
-message that arrives before anybody waits for it is kept until somebody does.
+(frames.Key: kind, seq, step, chunk, sender). A receiver waits on exactly the key it
+expects; a message that arrives before anybody waits for it is kept until somebody does.
+The inbox knows nothing of what messages mean: whoever owns the messages it holds may
+install a Filter, which sees each message first and may drop it, and may refuse waits on
+some keys (the collectives check every piece against its collective's signature there,
+and refuse waits on pieces of a collective that failed: collectives/session.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, NamedTuple, TypeVar
+from typing import Any, Awaitable, Callable, NamedTuple, Protocol, TypeVar
 
-from .frames import Header, Kind
+from .frames import Header, Key
 from .shared import discard
 
 log = logging.getLogger(__name__)
@@ -20,31 +24,38 @@ T = TypeVar("T")
 
 class Message(NamedTuple):
     header: Header
-    payload: Any  # a zmq.Frame (a read-only buffer) or None for control messages
+    payload: Any  # a zmq.Frame or a held payload (shared.py), or None without one
+
+    def text(self) -> str:
+        """A control message's payload as text (why a peer was lost, what mismatched)."""
+        return bytes(self.payload.buffer).decode(errors="replace") if self.payload else ""
+
+
+class Filter(Protocol):
+    """What an inbox asks its owner about the messages it holds."""
+
+    def admit(self, message: Message) -> bool:
+        """Whether to file `message`; a message not admitted is the filter's to discard."""
+
+    def refusal(self, key: Key) -> BaseException | None:
+        """What a wait on `key` raises instead of waiting, if anything."""
 
 
 class Inbox:
     def __init__(self) -> None:
-        self._waiting: dict[tuple, asyncio.Future] = {}
-        self._kept: dict[tuple, Message] = {}
+        self._waiting: dict[Key, asyncio.Future] = {}
+        self._kept: dict[Key, Message] = {}
         self._failure: BaseException | None = None
         self._closed: BaseException | None = None
-        self._resilient: set[tuple] = set()  # keys waited on despite_failure
+        self._resilient: set[Key] = set()  # keys waited on despite_failure
         self._watchers: list[asyncio.Future] = []  # unless_failed() calls waiting
-        self._abandoned: dict[int, BaseException | None] = {}  # collective seq -> its error
-        # collective seq -> (its signature here, what to raise for a message of another)
-        self._expected: dict[int, tuple[str, Callable[[Header], BaseException]]] = {}
+        self.filter: Filter | None = None
 
     def deliver(self, message: Message) -> None:
         """File a message: hand it to its waiter, or keep it for one."""
+        if self.filter is not None and not self.filter.admit(message):
+            return
         key = message.header.key
-        if key[0] == Kind.DATA:
-            if key[1] in self._abandoned:
-                return discard(message.payload)
-            expected = self._expected.get(key[1])
-            if expected is not None and message.header.sig != expected[0]:
-                discard(message.payload)
-                return self.abandon(key[1], expected[1](message.header))
         waiter = self._waiting.pop(key, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(message)
@@ -85,11 +96,11 @@ class Inbox:
             finally:
                 self._watchers.remove(watcher)
 
-    def take(self, key: tuple) -> Message | None:
+    def take(self, key: Key) -> Message | None:
         """The message kept under `key`, if one is, without waiting."""
         return self._kept.pop(key, None)
 
-    async def get(self, key: tuple, despite_failure: bool = False) -> Message:
+    async def get(self, key: Key, despite_failure: bool = False) -> Message:
         """The message filed under `key`, waiting for it if needed. `despite_failure` waits
         even after fail() (the messages that rebuild a ring after a peer was lost).
 
@@ -97,8 +108,9 @@ class Inbox:
         """
         if key in self._kept:
             return self._kept.pop(key)
-        if key[0] == Kind.DATA and self._abandoned.get(key[1]) is not None:
-            raise self._abandoned[key[1]]
+        refused = None if self.filter is None else self.filter.refusal(key)
+        if refused is not None:
+            raise refused
         if self._closed is not None:
             raise self._closed
         if self._failure is not None and not despite_failure:
@@ -118,30 +130,17 @@ class Inbox:
                 del self._waiting[key]
             self._resilient.discard(key)
 
-    def expect(self, seq: int, sig: str, mismatch: Callable[[Header], BaseException]) -> None:
-        """Collective `seq` runs here as `sig`: a message of it that carries another sig,
-        kept already or still to come, fails it with mismatch(that message's header)."""
-        self._expected[seq] = (sig, mismatch)
-        for key, message in list(self._kept.items()):
-            if key[0] == Kind.DATA and key[1] == seq and message.header.sig != sig:
-                return self.abandon(seq, mismatch(message.header))
+    def kept(self, which: Callable[[Key], bool]) -> list[Message]:
+        """The messages kept now under keys for which `which` is true."""
+        return [message for key, message in self._kept.items() if which(key)]
 
-    def settle(self, seq: int) -> None:
-        """Collective `seq` is over here: stop checking its messages."""
-        self._expected.pop(seq, None)
-
-    def abandoned(self, seq: int) -> bool:
-        return seq in self._abandoned
-
-    def abandon(self, seq: int, exc: BaseException | None = None) -> None:
-        """Drop what is kept for collective `seq`, which failed, and what still comes for it.
-        With `exc`, its current and later waits raise exc (another rank found it failed)."""
-        if self._abandoned.get(seq) is None:
-            self._abandoned[seq] = exc
-        for key in [k for k in self._kept if k[0] == Kind.DATA and k[1] == seq]:
+    def purge(self, which: Callable[[Key], bool], exc: BaseException | None = None) -> None:
+        """Drop the messages kept under keys for which `which` is true; with `exc`, make the
+        waits on such keys raise it."""
+        for key in [k for k in self._kept if which(k)]:
             discard(self._kept.pop(key).payload)
         if exc is not None:
-            self._fail_waiters(exc, lambda key: key[0] == Kind.DATA and key[1] == seq)
+            self._fail_waiters(exc, which)
 
     def fail(self, exc: BaseException) -> None:
         """Make every current and later wait raise `exc`, except those despite_failure (a
@@ -162,7 +161,7 @@ class Inbox:
             if not watcher.done():
                 watcher.set_result(None)
 
-    def _fail_waiters(self, exc: BaseException, which: Callable[[tuple], bool]) -> None:
+    def _fail_waiters(self, exc: BaseException, which: Callable[[Key], bool]) -> None:
         for key in [k for k, w in self._waiting.items() if which(k) and not w.done()]:
             self._waiting.pop(key).set_exception(exc)
 

@@ -1,7 +1,7 @@
 """Setting up shared-memory links (shared.py) between an endpoint and its peers.
 
 A rank offers each peer a segment to read from: it creates one and sends its name over
-the socket links (a SHARED message, step OFFER). A peer that can open it, map it and find
+the socket links (a SHARED message saying OFFER). A peer that can open it, map it and find
 the nonce in it shares this host's /dev/shm; it unlinks the name and answers ACCEPT, and
 from then on collective payloads to it travel through the segment. A peer on another host
 (or in a container with its own /dev/shm) finds no such file and answers DECLINE, and the
@@ -26,14 +26,15 @@ import msgpack
 
 from ringlib.errors import ProtocolError
 
-from .frames import Kind
+from . import frames
+from .frames import Header, SharedStep
 from .inbox import Message
+from .roster import Roster
 from .shared import Reader, Writer, remove_job_segments
 from .single_copy import readable
 
 log = logging.getLogger(__name__)
 
-OFFER, ACCEPT, DECLINE, NONE = 0, 1, 2, 3
 _SINGLE_COPY = b"single-copy"  # an ACCEPT's payload where the taker can read the offerer
 
 
@@ -41,10 +42,9 @@ class SharedLinks:
     """One endpoint's shared-memory links: the segments it writes, one per peer that took
     its offer, and those it reads."""
 
-    def __init__(self, rank: int, notify: Callable[..., None],
-                 deliver: Callable[[memoryview, Any], None], addresses: dict[int, str]) -> None:
-        self.rank = rank
-        self._addresses = addresses  # the endpoint's peer addresses, for errors
+    def __init__(self, roster: Roster, notify: Callable[[int, Header, bytes | None], None],
+                 deliver: Callable[[memoryview, Any], None]) -> None:
+        self._roster = roster
         self._notify = notify  # Endpoint.notify: a control message over the sockets
         self._deliver = deliver
         self.writers: dict[int, Writer] = {}
@@ -55,7 +55,7 @@ class SharedLinks:
         self._unanswered: set[int] = set()    # peers this rank's offer waits on
         self._asleep = False                  # see sleep()
 
-    def ready(self, rank: int) -> Writer | None:
+    def writer_to(self, rank: int) -> Writer | None:
         """The writer to `rank`, if `rank` took it."""
         writer = self.writers.get(rank)
         return writer if writer is not None and writer.ready else None
@@ -66,36 +66,35 @@ class SharedLinks:
         if rank in self.writers:
             return
         try:
-            writer = Writer(self.job, self.rank, rank, capacity) if capacity > 0 else None
+            writer = Writer(self.job, self._roster.rank, rank, capacity) if capacity > 0 else None
         except OSError as exc:
-            log.info("rank %d offers rank %d no shared memory: %s", self.rank, rank, exc)
+            log.info("rank %d offers rank %d no shared memory: %s", self._roster.rank, rank, exc)
             writer = None
         if writer is None:
-            return self._notify(rank, Kind.SHARED, 0, step=NONE)
+            return self._say(rank, SharedStep.NONE)
         self.writers[rank] = writer
         self._unanswered.add(rank)
         offer = (writer.name, writer.nonce, writer.capacity, *writer.probe)
-        self._notify(rank, Kind.SHARED, 0, msgpack.packb(offer), step=OFFER)
+        self._say(rank, SharedStep.OFFER, msgpack.packb(offer))
 
     def answer(self, message: Message) -> None:
         """Act on a SHARED message: take an offer (or decline it), or learn the answer."""
-        rank, step = message.header.sender, message.header.step
-        if rank == self.rank or rank not in self._addresses:
+        rank, step = message.header.sender, frames.shared_step(message.header)
+        if rank == self._roster.rank or rank not in self._roster.peers:
             return log.warning("rank %d dropped a shared-memory message from rank %d, which "
-                               "is not its peer", self.rank, rank)
-        if step in (OFFER, NONE):
+                               "is not its peer", self._roster.rank, rank)
+        if step in (SharedStep.OFFER, SharedStep.NONE):
             self._heard.add(rank)
-            return self._take(rank, message) if step == OFFER else None
+            return self._take(rank, message) if step == SharedStep.OFFER else None
         writer = self.writers.get(rank)
         self._unanswered.discard(rank)
-        if step == ACCEPT:
+        if step == SharedStep.ACCEPT:
             if writer is not None and not writer.ready:
                 writer.accepted(single_copy=message.payload is not None and
                                 message.payload.bytes == _SINGLE_COPY)
             return
-        why = bytes(message.payload.buffer).decode(errors="replace") if message.payload else ""
         log.info("rank %d: rank %d takes no shared memory (%s); sockets carry",
-                 self.rank, rank, why)
+                 self._roster.rank, rank, message.text())
         if writer is not None:  # declined: what it sends this rank is another matter
             self.writers.pop(rank).close()
 
@@ -103,10 +102,10 @@ class SharedLinks:
         try:
             name, nonce, capacity, pid, address = msgpack.unpackb(offer.payload.bytes)
             reader = Reader(name, nonce, capacity, self._deliver, pid,
-                            (rank, self._addresses.get(rank, "?")))
+                            (rank, self._roster.peers.get(rank, "?")))
         except (OSError, ValueError, TypeError, AttributeError, ProtocolError,
                 msgpack.UnpackException) as exc:
-            return self._notify(rank, Kind.SHARED, 0, str(exc).encode(), step=DECLINE)
+            return self._say(rank, SharedStep.DECLINE, str(exc).encode())
         old = self.readers.pop(rank, None)
         if old is not None:
             old.close()
@@ -117,17 +116,15 @@ class SharedLinks:
             reader.awake()
         if readable(pid, address, nonce):
             self._reads_memory.add(rank)
-        self._notify(rank, Kind.SHARED, 0,
-                     _SINGLE_COPY if rank in self._reads_memory else None, step=ACCEPT)
+        self._say(rank, SharedStep.ACCEPT, _SINGLE_COPY if rank in self._reads_memory else None)
 
     def settled(self, ranks: list[int]) -> bool:
         """Whether every one of `ranks` was heard from and answered this rank's offer."""
         return self._heard.issuperset(ranks) and not self._unanswered.intersection(ranks)
 
-
     def peers(self) -> list[int]:
         """The ranks this rank sends collective payloads to through shared memory, now."""
-        return sorted(rank for rank in self.writers if self.ready(rank))
+        return sorted(rank for rank in self.writers if self.writer_to(rank))
 
     def unsettled(self, ranks: list[int]) -> list[int]:
         return sorted(set(ranks) - self._heard | self._unanswered.intersection(ranks))
@@ -135,7 +132,7 @@ class SharedLinks:
     def reach(self, rank: int) -> bool:
         """Whether this rank and `rank` can each read and write the other's memory; both
         find the same once settled."""
-        writer = self.ready(rank)
+        writer = self.writer_to(rank)
         return writer is not None and writer.single_copy and rank in self._reads_memory
 
     def poll(self, rank: int | None = None) -> None:
@@ -154,7 +151,10 @@ class SharedLinks:
         DECLINE), which then sends by socket."""
         self._reads_memory.discard(rank)
         self.readers.pop(rank).close()
-        self._notify(rank, Kind.SHARED, 0, b"its ring broke", step=DECLINE)
+        self._say(rank, SharedStep.DECLINE, b"its ring broke")
+
+    def _say(self, rank: int, step: SharedStep, payload: bytes | None = None) -> None:
+        self._notify(rank, frames.shared_link(step, self._roster.rank), payload)
 
     def wake(self) -> None:
         """This endpoint no longer waits on its event loop: peers need not ring."""

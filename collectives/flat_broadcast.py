@@ -1,4 +1,4 @@
-"""Direct broadcast, for small buffers: the root sends its buffer to every other rank.
+"""Flat broadcast, for small buffers: the root sends its buffer to every other rank.
 
 Cost (N ranks, S bytes): one step of latency; the root sends (N-1) x S bytes, which is
 cheap while S is small, and every other rank receives S once.
@@ -11,7 +11,7 @@ import numpy as np
 from .channel import Channel
 
 
-async def direct_broadcast(ch: Channel, buf: np.ndarray, root: int) -> None:
+async def flat_broadcast(ch: Channel, buf: np.ndarray, root: int) -> None:
     """Overwrite `buf` (a storage view) on every rank with the root's."""
     if ch.rank != root:
         piece, _ = await ch.recv(root, 0, 0, buf.size)

@@ -1,0 +1,183 @@
+"""A collective's life on one rank, in one place: its number, the signature every piece
+of it must carry, the word to the other ranks when one does not, what happens to its
+late messages after it failed, and the wait for what it lent before it returns.
+
+Sessions numbers the collectives of one endpoint in the order they are called, which is
+the order on every rank (several may be in flight: their messages never mix), and, as the
+inbox's Filter, checks every collective piece that arrives against the signature of its
+collective: its name, dtype, shape, op and root, and the algorithm where ranks choose it
+by what they know of their links. A rank that finds a piece of another signature raises
+MismatchError and tells every other rank (MISMATCH), which raise it too: no rank is left
+waiting for a step that will never come. A rank that finished a collective before the
+word came (a broadcast's root, which receives nothing) raises it on the collective it is
+in when the word comes, or on the next, which every rank still completes, so that none
+falls out of step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from concurrent.futures import Executor
+from typing import Any, Awaitable, Callable, TypeVar
+
+import numpy as np
+
+from ringlib.errors import CollectiveTimeout, MismatchError
+from ringlib.transport import Endpoint, Header, Key, Kind, Message, discard, frames
+from ringlib.transport.frames import DATA
+
+from .channel import Channel
+
+T = TypeVar("T")
+
+# How long a failed collective waits for peers to let go of the buffers it lent them by
+# address, so that none touches them after it raised.
+WITHDRAW_S = 5.0
+
+
+class Sessions:
+    """The collectives of one endpoint's ring of `world_size` ranks."""
+
+    def __init__(self, endpoint: Endpoint, world_size: int, executor: Executor) -> None:
+        self.endpoint, self.world_size, self._executor = endpoint, world_size, executor
+        self._seq = itertools.count(1)
+        self._running: dict[int, Session] = {}
+        # seq -> what failed it (None: it failed here, or this rank skipped it); what
+        # still comes for it is dropped.
+        self._failed: dict[int, BaseException | None] = {}
+        self._notices: dict[int, MismatchError] = {}  # seq -> another rank's word on it
+        endpoint.inbox.filter = self
+        endpoint.on(Kind.MISMATCH, self._reported)
+
+    def open(self, sig: str, storage: np.dtype, timeout: float, spin: float,
+             segment_elems: int) -> Session:
+        """The next collective, running here as `sig` (a signature()), with `timeout`
+        seconds to complete; its receives poll for `spin` seconds before they yield, and
+        it sends at most `segment_elems` elements per message. It takes its number now, so
+        collectives in flight are numbered in the order they were called."""
+        seq = next(self._seq)
+        channel = Channel(self.endpoint, self.world_size, seq, sig.split()[0], sig, storage,
+                          self._executor, segment_elems,
+                          asyncio.get_running_loop().time() + timeout, spin)
+        session = Session(self, channel, timeout)
+        self._running[seq] = session
+        inbox = self.endpoint.inbox
+        mismatched = inbox.kept(lambda key: key.kind == DATA and key.seq == seq) if inbox else ()
+        for message in mismatched:
+            if message.header.sig != sig:
+                self.abandon(seq, session.mismatch(message.header))
+                break
+        return session
+
+    def skip(self) -> None:
+        """Use up the next number for a collective this rank sends and receives nothing
+        for (its buffer is empty): what other ranks send for it is dropped."""
+        self._failed[next(self._seq)] = None
+
+    def abandon(self, seq: int, exc: BaseException | None = None) -> None:
+        """Collective `seq` failed: drop what is kept for it and what still comes. With
+        `exc` (another rank found it failed), its current and later waits raise exc."""
+        if self._failed.get(seq) is None:
+            self._failed[seq] = exc
+        self.endpoint.inbox.purge(lambda key: key.kind == DATA and key.seq == seq, exc)
+
+    def admit(self, message: Message) -> bool:
+        """Whether a message may be filed: not a piece of a failed or skipped collective,
+        nor one of another signature than its collective's here (which fails it)."""
+        header = message.header
+        if header.kind != DATA:
+            return True
+        if header.seq in self._failed:
+            discard(message.payload)
+            return False
+        session = self._running.get(header.seq)
+        if session is not None and header.sig != session.channel.sig:
+            discard(message.payload)
+            self.abandon(header.seq, session.mismatch(header))
+            return False
+        return True
+
+    def refusal(self, key: Key) -> BaseException | None:
+        """What a wait on a piece of a collective that another rank failed raises."""
+        return self._failed.get(key.seq) if key.kind == DATA else None
+
+    def _reported(self, message: Message) -> None:
+        """Act on MISMATCH: another rank found collective `seq` called differently."""
+        seq, sender = message.header.seq, message.header.sender
+        if seq in self._failed:
+            return  # it failed here already
+        self._notices[seq] = MismatchError(f"{self.endpoint.roster.me}: {message.text()} "
+                                           f"(found by rank {sender})")
+        self.abandon(seq, self._notices[seq])
+
+    def failed(self, seq: int) -> None:
+        """Collective `seq` failed here: its late messages must not pile up, and what
+        another rank said of it is moot."""
+        self.abandon(seq)
+        self._notices.pop(seq, None)
+
+    def finished(self, seq: int) -> None:
+        """Collective `seq` is over here, done or failed."""
+        del self._running[seq]
+
+    def raise_late_mismatch(self, seq: int) -> None:
+        """Raise MismatchError for a collective up to `seq` that this rank finished while
+        another rank found it called differently."""
+        if not self._notices:
+            return
+        for late in sorted(s for s in self._notices if s <= seq and s not in self._running):
+            exc = self._notices.pop(late)
+            if late < seq:
+                exc.args = (f"{exc} (after this rank had finished it; #{seq} completed)",)
+            raise exc
+
+
+class Session:
+    """One collective on this rank: run() it once."""
+
+    def __init__(self, sessions: Sessions, channel: Channel, timeout: float) -> None:
+        self._sessions, self.channel, self._timeout = sessions, channel, timeout
+
+    async def run(self, algorithm: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """algorithm(channel, *args) under the collective's deadline. It returns once what
+        it sent from the caller's buffers has left (ZeroMQ) or been read (by address), so
+        the caller may change them; after a failure, once the peers let go of what it lent
+        them, or after WITHDRAW_S."""
+        ch = self.channel
+        try:
+            result = await algorithm(ch, *args)
+            await ch.drain()
+        except BaseException as exc:
+            self._sessions.failed(ch.seq)
+            await ch.withdraw(WITHDRAW_S)
+            if isinstance(exc, TimeoutError):
+                raise self._timed_out() from None
+            raise
+        finally:
+            ch.release_all()
+            self._sessions.finished(ch.seq)
+        self._sessions.raise_late_mismatch(ch.seq)
+        return result
+
+    def mismatch(self, theirs: Header) -> MismatchError:
+        """The error of a rank that found another calling something else; the other ranks
+        are told, so that they raise it too instead of waiting."""
+        ch, roster = self.channel, self.channel.endpoint.roster
+        why = (f"{ch.name} #{ch.seq}: {roster.name(theirs.sender)} called '{theirs.sig}' "
+               f"where {roster.me} called '{ch.sig}'; every rank must pass the same shape, "
+               "dtype, op and root")
+        for rank in range(ch.world_size):
+            if rank != roster.rank:
+                ch.endpoint.notify(rank, frames.mismatch(ch.seq, roster.rank), why.encode())
+        return MismatchError(why)
+
+    def _timed_out(self) -> CollectiveTimeout:
+        ch, roster = self.channel, self.channel.endpoint.roster
+        where = f"{ch.name} #{ch.seq} on {roster.me}"
+        if ch.waiting_for is None:
+            return CollectiveTimeout(f"{where} timed out after {self._timeout:g} s sending to "
+                                     "its peers")
+        peer, step = ch.waiting_for
+        return CollectiveTimeout(f"{where} timed out after {self._timeout:g} s waiting for "
+                                 f"{roster.name(peer)} at step {step}")

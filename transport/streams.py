@@ -1,0 +1,40 @@
+"""Streams: numbered flows of items between ranks, outside the collectives.
+
+A pipeline's micro-batches, or the latency benchmark's ping-pong, are not collectives:
+they have no signature and need no agreement, only an order. A Stream is one such flow,
+numbered like collectives (ranks that open their streams in the same order agree on the
+numbers: Ring.new_stream), so that streams on one ring never mix; within it, item i
+travels as parts 0, 1, ..., each a message of its own, which can be received in any
+order. Streams travel over the sockets (ZeroMQ or a direct link), never shared memory:
+their receivers keep payloads for as long as they like.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import frames
+from .endpoint import Endpoint
+from .inbox import Message
+
+
+class Stream:
+    """Stream `number` of `endpoint`'s ring."""
+
+    __slots__ = ("endpoint", "number")
+
+    def __init__(self, endpoint: Endpoint, number: int) -> None:
+        self.endpoint, self.number = endpoint, number
+
+    async def send(self, to: int, item: int, part: int, payload: Any = None,
+                   dtype: str = "") -> Any:
+        """Send part `part` of item `item` to rank `to`; return its tracker (Endpoint.send).
+        `dtype` names what the payload holds, for the receiver."""
+        nbytes = 0 if payload is None else memoryview(payload).nbytes
+        header = frames.stream(self.number, item, part, dtype, self.endpoint.roster.rank, nbytes)
+        return await self.endpoint.send(to, header, payload)
+
+    async def recv(self, frm: int, item: int, part: int, spin: float = 0.0) -> Message:
+        """Part `part` of item `item` from rank `frm`, polling up to `spin` seconds first."""
+        key = frames.stream_key(self.number, item, part, frm)
+        return await self.endpoint.recv(key, spin)
