@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak faults venv clean
+.PHONY: demo test soak faults docs venv clean
 
 demo: $(STAMP)
 	$(BIN)/ringlib demo
@@ -14,11 +14,15 @@ test: $(STAMP)
 
 # 10,000 random collectives on 3 ranks, every result checked (tests/test_soak.py runs 1,500).
 soak: $(STAMP)
-	$(BIN)/python -m ringlib.bench.soak -n 3 --collectives 10000
+	$(BIN)/ringlib bench soak -n 3 --collectives 10000
 
-# All-reduce on clean and faulty links between network namespaces (root; README).
+# All-reduce on clean and faulty links between network namespaces (root; docs/benchmarks.md).
 faults: $(STAMP)
-	$(BIN)/python -m ringlib.bench.netem
+	$(BIN)/ringlib bench netem
+
+# The documentation in docs/ (mkdocs.yml), built into site/; --strict fails on any warning.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
 
 venv: $(STAMP)
 
