@@ -106,8 +106,11 @@ class Report:
                  + ", ".join(settings)]
         links = self.setup.get("links")
         if links:
-            lines.append("rank 0's links beside ZeroMQ: " + ", ".join(
-                f"{kind} to {', '.join(map(str, ranks)) or 'none'}"
+            names = {"shared": "shared memory", "direct": "direct links"}
+            lines.append("rank 0's links beside ZeroMQ: " + "; ".join(
+                f"{names.get(kind, kind)} to " + (
+                    f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}" if ranks
+                    else "none")
                 for kind, ranks in links.items()))
         if self.table is not None:
             timed = "one-way latency (half a round trip)" if a.collective == "latency" \

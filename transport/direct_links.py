@@ -28,6 +28,9 @@ class DirectLinks:
         self._listener: direct.Listener | None = None
         self._writers: dict[int, direct.Writer] = {}
         self._closed = False
+        # poll(): deliver what every link holds now, without waiting. The listener's own,
+        # once there is one: receives that spin call it in a loop.
+        self.poll: Callable[[], None] = _no_links
 
     def listen(self) -> None:
         """Listen beside this rank's ZeroMQ address, where that is possible."""
@@ -36,6 +39,7 @@ class DirectLinks:
             return
         try:
             self._listener = direct.Listener(where, self._deliver)
+            self.poll = self._listener.poll
         except OSError as exc:
             log.info("rank %d takes no direct links at %s (%s); ZeroMQ carries everything",
                      self._roster.rank, where, exc)
@@ -75,11 +79,6 @@ class DirectLinks:
         """Where this rank takes its peers' links (None: it takes none)."""
         return self._listener
 
-    def poll(self) -> None:
-        """Deliver what every link holds now, without waiting."""
-        if self._listener is not None:
-            self._listener.poll()
-
     def linked_peers(self) -> list[int]:
         """The ranks this rank sends small messages to over a direct link, now."""
         return sorted(rank for rank, link in self._writers.items() if link.ready)
@@ -92,3 +91,7 @@ class DirectLinks:
             link.close(linger)
         if self._listener is not None:
             self._listener.close()
+
+
+def _no_links() -> None:
+    """poll() where this rank takes no direct links."""
