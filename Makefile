@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test soak faults docs venv clean
+.PHONY: demo test soak chaos faults docs venv clean
 
 demo: $(STAMP)
 	$(BIN)/ringlib demo
@@ -15,6 +15,11 @@ test: $(STAMP)
 # 10,000 random collectives on 3 ranks, every result checked (tests/test_soak.py runs 1,500).
 soak: $(STAMP)
 	$(BIN)/ringlib bench soak -n 3 --collectives 10000
+
+# 20 trials of 4 ranks losing one to SIGKILL or SIGSTOP, then 20 that re-form (tests/test_chaos.py runs 4).
+chaos: $(STAMP)
+	$(BIN)/ringlib bench chaos
+	$(BIN)/ringlib bench chaos --reform
 
 # All-reduce on clean and faulty links between network namespaces (root; docs/benchmarks.md).
 faults: $(STAMP)

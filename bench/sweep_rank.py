@@ -149,13 +149,14 @@ async def measure(ring: ringlib.Ring, systems: list[System], case: Case,
 
 
 async def secure_ring(ring: ringlib.Ring) -> ringlib.Ring:
-    """A second ring of the same ranks, with CurveZMQ on every link (--compare curve), and
-    without shared memory, which would carry the payloads of ranks on one host around
-    the encryption whose cost this column shows."""
+    """A second ring of the same ranks, with CurveZMQ on every link (--compare curve) and
+    the first's settings: ranks on one host pass payloads through shared memory, which
+    needs no encryption, and RINGLIB_SHM_BYTES=0 shows what the encryption costs."""
     return await ringlib.connect(ring.rank, ring.world_size,
                                  os.environ[CURVE_PEERS_VARIABLE].split(","),
                                  timeout=CONNECT_TIMEOUT, collective_timeout=COLLECTIVE_TIMEOUT,
-                                 curve_key=os.environ[CURVE_KEY_VARIABLE], shm_bytes=0)
+                                 curve_key=os.environ[CURVE_KEY_VARIABLE],
+                                 shm_bytes=ring.settings.shm_bytes)
 
 
 async def run_worker(args: argparse.Namespace) -> None:

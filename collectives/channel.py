@@ -29,15 +29,24 @@ from ringlib.transport import Endpoint, Released, RemotePayload, discard, frames
 
 
 @functools.lru_cache(maxsize=1024)
-def signature(name: str, dtype: str, shape: tuple[int, ...], op: str = "",
-              root: int | None = None, algorithm: str = "") -> str:
+def signature(name: str, dtype: str = "", shape: tuple[int, ...] | None = None, op: str = "",
+              root: int | None = None, algorithm: str = "", caller: str = "") -> str:
     """What a collective call is, as every rank must agree on it:
-    'all_reduce float32[3,4] sum', 'broadcast int64[10] root=2'. An `algorithm` chosen by
-    what a rank knows of its links (the pairwise all-reduce) is part of it, so that ranks
-    that chose differently raise MismatchError instead of mixing steps."""
-    parts = [name, f"{dtype}[{','.join(map(str, shape))}]", op,
-             "" if root is None else f"root={root}", algorithm]
+    'all_reduce float32[3,4] sum', 'broadcast int64[10] root=2', 'barrier'. An `algorithm`
+    chosen by what a rank knows of its links (the pairwise all-reduce) is part of it, so
+    that ranks that chose differently raise MismatchError instead of mixing steps; so is
+    the `caller`, the thread that called a blocking ring's collective, if it is not the
+    thread that made the ring."""
+    parts = [name, "" if shape is None else f"{dtype}[{','.join(map(str, shape))}]", op,
+             "" if root is None else f"root={root}", algorithm,
+             f"thread={caller}" if caller else ""]
     return " ".join(p for p in parts if p)
+
+# A receive that has waited this long asks its sender what it runs as this collective
+# (WAITING, see session.py): ranks that called different collectives whose messages never
+# meet (an all-reduce on some ranks, a broadcast on others) learn it then, not at the
+# deadline.
+PROBE_S = 0.5
 
 # Pieces below this many bytes are reduced or copied on the event-loop thread, where they
 # take tens of microseconds; a hop to the worker thread cost more than that up to 1 MiB
@@ -93,8 +102,12 @@ class Channel:
         key = frames.data_key(self.seq, step, chunk, frm)
         message = self.endpoint.poll(key, self.spin)
         if message is None:
-            async with asyncio.timeout_at(self.deadline):
-                message = await self.endpoint.recv(key)
+            probe = asyncio.get_running_loop().call_later(PROBE_S, self._probe, frm)
+            try:
+                async with asyncio.timeout_at(self.deadline):
+                    message = await self.endpoint.recv(key)
+            finally:
+                probe.cancel()
         self.waiting_for = None
         header, frame = message
         self.held.append(frame)
@@ -106,6 +119,9 @@ class Channel:
         if isinstance(frame, RemotePayload):
             return frame, frame
         return np.frombuffer(frame.buffer, self.storage), frame
+
+    def _probe(self, frm: int) -> None:
+        self.endpoint.notify(frm, frames.waiting(self.seq, self.rank), self.sig.encode())
 
     def release(self, frame: Any) -> None:
         """Done with a received piece: a shared-memory sender may write over it now."""

@@ -50,6 +50,7 @@ class Plan(NamedTuple):
 _RING, _DOUBLING = Plan("ring", False, ""), Plan("doubling", True, "")
 _PAIRWISE, _FLAT = Plan("pairwise", False, "pairwise"), Plan("flat", True, "")
 _DISSEMINATION = Plan("dissemination", True, "")
+EMPTY_PLAN = _DISSEMINATION  # an empty collective: its ranks meet as a barrier's do
 
 
 def plan(collective: str, nbytes: int, world_size: int, small_bytes: int,

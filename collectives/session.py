@@ -12,6 +12,11 @@ waiting for a step that will never come. A rank that finished a collective befor
 word came (a broadcast's root, which receives nothing) raises it on the collective it is
 in when the word comes, or on the next, which every rank still completes, so that none
 falls out of step.
+
+Ranks whose collectives exchange no message at all (an all-reduce on two ranks against a
+broadcast on a third) would wait out the deadline: a receive that waits long asks its
+sender what it runs (WAITING, see Channel), and the sender compares it with the
+collective of that number it runs, ran, or is yet to open.
 """
 
 from __future__ import annotations
@@ -26,14 +31,20 @@ import numpy as np
 from ringlib.errors import CollectiveTimeout, MismatchError
 from ringlib.transport import Endpoint, Header, Key, Kind, Message, discard, frames
 from ringlib.transport.frames import DATA
+from ringlib.transport.roster import Roster
 
 from .channel import Channel
 
 T = TypeVar("T")
 
+THREADS = (", from the thread that made the ring or from threads of the same name on every "
+           "rank (a blocking ring's collectives carry the caller's thread: runtime/blocking.py)")
 # How long a failed collective waits for peers to let go of the buffers it lent them by
 # address, so that none touches them after it raised.
 WITHDRAW_S = 5.0
+# Collectives whose fate is kept after they end (their signature, or their failure), for
+# the late messages and WAITING questions that may still come for them.
+HISTORY = 1024
 
 
 class Sessions:
@@ -43,12 +54,15 @@ class Sessions:
         self.endpoint, self.world_size, self._executor = endpoint, world_size, executor
         self._seq = itertools.count(1)
         self._running: dict[int, Session] = {}
-        # seq -> what failed it (None: it failed here, or this rank skipped it); what
-        # still comes for it is dropped.
+        # seq -> what failed it (None: it failed here); what still comes for it is dropped.
         self._failed: dict[int, BaseException | None] = {}
         self._notices: dict[int, MismatchError] = {}  # seq -> another rank's word on it
+        self._done: dict[int, str] = {}  # seq -> signature, of collectives finished here
+        self._asked: dict[int, Header] = {}  # seq -> WAITING for one not opened here yet
+        self._opened = 0  # the last sequence number taken
         endpoint.inbox.filter = self
         endpoint.on(Kind.MISMATCH, self._reported)
+        endpoint.on(Kind.WAITING, self._asked_about)
 
     def open(self, sig: str, storage: np.dtype, timeout: float, spin: float,
              segment_elems: int) -> Session:
@@ -56,7 +70,7 @@ class Sessions:
         seconds to complete; its receives poll for `spin` seconds before they yield, and
         it sends at most `segment_elems` elements per message. It takes its number now, so
         collectives in flight are numbered in the order they were called."""
-        seq = next(self._seq)
+        seq = self._opened = next(self._seq)
         channel = Channel(self.endpoint, self.world_size, seq, sig.split()[0], sig, storage,
                           self._executor, segment_elems,
                           asyncio.get_running_loop().time() + timeout, spin)
@@ -64,16 +78,12 @@ class Sessions:
         self._running[seq] = session
         inbox = self.endpoint.inbox
         mismatched = inbox.kept(lambda key: key.kind == DATA and key.seq == seq) if inbox else ()
-        for message in mismatched:
-            if message.header.sig != sig:
-                self.abandon(seq, session.mismatch(message.header))
+        asked = self._asked.pop(seq, None)
+        for header in [m.header for m in mismatched] + ([asked] if asked else []):
+            if header.sig != sig:
+                self.abandon(seq, session.mismatch(header))
                 break
         return session
-
-    def skip(self) -> None:
-        """Use up the next number for a collective this rank sends and receives nothing
-        for (its buffer is empty): what other ranks send for it is dropped."""
-        self._failed[next(self._seq)] = None
 
     def abandon(self, seq: int, exc: BaseException | None = None) -> None:
         """Collective `seq` failed: drop what is kept for it and what still comes. With
@@ -83,8 +93,8 @@ class Sessions:
         self.endpoint.inbox.purge(lambda key: key.kind == DATA and key.seq == seq, exc)
 
     def admit(self, message: Message) -> bool:
-        """Whether a message may be filed: not a piece of a failed or skipped collective,
-        nor one of another signature than its collective's here (which fails it)."""
+        """Whether a message may be filed: not a piece of a failed collective, nor one of
+        another signature than its collective's here (which fails it)."""
         header = message.header
         if header.kind != DATA:
             return True
@@ -102,6 +112,31 @@ class Sessions:
         """What a wait on a piece of a collective that another rank failed raises."""
         return self._failed.get(key.seq) if key.kind == DATA else None
 
+    def _asked_about(self, message: Message) -> None:
+        """Act on WAITING: another rank has long waited for this rank's piece of
+        collective `seq`, which it runs as `sig`."""
+        theirs = message.header._replace(sig=message.text())  # as its pieces would say
+        seq = theirs.seq
+        session, done = self._running.get(seq), self._done.get(seq)
+        if seq in self._failed:
+            return
+        if session is not None and theirs.sig != session.channel.sig:
+            self.abandon(seq, session.mismatch(theirs))
+        elif done is not None and theirs.sig != done:
+            self._mismatched_after(theirs, done)
+        elif session is None and done is None and seq > self._opened and \
+                len(self._asked) < HISTORY:
+            self._asked[seq] = theirs  # checked when this rank opens it
+
+    def _mismatched_after(self, theirs: Header, mine: str) -> None:
+        """This rank finished collective `theirs.seq` as `mine`, and another rank waits in
+        it as another: tell every rank, which raise MismatchError, and raise it here on
+        the next collective."""
+        why = mismatch_text(theirs.seq, theirs, mine, self.endpoint.roster)
+        tell_everyone(self.endpoint, theirs.seq, why)
+        self._notices[theirs.seq] = MismatchError(why)
+        self.abandon(theirs.seq)  # what else comes for it, a second WAITING too, is moot
+
     def _reported(self, message: Message) -> None:
         """Act on MISMATCH: another rank found collective `seq` called differently."""
         seq, sender = message.header.seq, message.header.sender
@@ -118,8 +153,11 @@ class Sessions:
         self._notices.pop(seq, None)
 
     def finished(self, seq: int) -> None:
-        """Collective `seq` is over here, done or failed."""
-        del self._running[seq]
+        """Collective `seq` is over here, done or failed; what is kept of collectives older
+        than HISTORY goes."""
+        self._done[seq] = self._running.pop(seq).channel.sig
+        for kept in (self._done, self._failed, self._notices):
+            kept.pop(seq - HISTORY, None)
 
     def raise_late_mismatch(self, seq: int) -> None:
         """Raise MismatchError for a collective up to `seq` that this rank finished while
@@ -163,13 +201,9 @@ class Session:
     def mismatch(self, theirs: Header) -> MismatchError:
         """The error of a rank that found another calling something else; the other ranks
         are told, so that they raise it too instead of waiting."""
-        ch, roster = self.channel, self.channel.endpoint.roster
-        why = (f"{ch.name} #{ch.seq}: {roster.name(theirs.sender)} called '{theirs.sig}' "
-               f"where {roster.me} called '{ch.sig}'; every rank must pass the same shape, "
-               "dtype, op and root")
-        for rank in range(ch.world_size):
-            if rank != roster.rank:
-                ch.endpoint.notify(rank, frames.mismatch(ch.seq, roster.rank), why.encode())
+        ch = self.channel
+        why = mismatch_text(ch.seq, theirs, ch.sig, ch.endpoint.roster)
+        tell_everyone(ch.endpoint, ch.seq, why)
         return MismatchError(why)
 
     def _timed_out(self) -> CollectiveTimeout:
@@ -181,3 +215,18 @@ class Session:
         peer, step = ch.waiting_for
         return CollectiveTimeout(f"{where} timed out after {self._timeout:g} s waiting for "
                                  f"{roster.name(peer)} at step {step}")
+
+
+def tell_everyone(endpoint: Endpoint, seq: int, why: str) -> None:
+    """Tell every other rank that collective `seq` mismatched (MISMATCH), and `why`."""
+    me = endpoint.roster.rank
+    for rank in endpoint.roster.peers:
+        if rank != me:
+            endpoint.notify(rank, frames.mismatch(seq, me), why.encode())
+
+
+def mismatch_text(seq: int, theirs: Header, mine: str, roster: Roster) -> str:
+    """What a MismatchError says: which collective, which ranks, what each called."""
+    return (f"{mine.split()[0]} #{seq}: {roster.name(theirs.sender)} called '{theirs.sig}' "
+            f"where {roster.me} called '{mine}'; every rank must pass the same shape, "
+            "dtype, op and root" + (THREADS if "thread=" in theirs.sig + mine else ""))

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError, PeerLost,
                      ProtocolError, RendezvousError, RendezvousTimeout, RingClosed, RingError,
-                     StageError, Unauthorized, UnsupportedBuffer, UnsupportedDtype, UnsupportedOp)
+                     StageError, Unauthorized, UnsupportedBuffer, UnsupportedDtype, UnsupportedOp,
+                     UsageError)
 
 if TYPE_CHECKING:
     from .dtypes import DType
@@ -81,6 +82,7 @@ __all__ = [
     "UnsupportedBuffer",
     "UnsupportedDtype",
     "UnsupportedOp",
+    "UsageError",
     "chunk",
     "chunk_bounds",
     "connect",

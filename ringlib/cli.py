@@ -17,6 +17,7 @@ BENCHMARKS = {
     "trainer": "trainer",
     "pipeline": "pipeline",
     "soak": "soak",
+    "chaos": "chaos",
     "netem": "netem",
     "loopback": "loopback",
 }

@@ -78,10 +78,20 @@ def typed_storage(x: Any, what: str = "buffer") -> tuple[np.ndarray, DType]:
     if not isinstance(x, np.ndarray):
         raise UnsupportedBuffer(f"{what} must be a numpy array or torch tensor, "
                                 f"not {type(x).__name__}")
-    dtype = _BY_NUMPY.get(x.dtype) or lookup(x.dtype.name)  # ml_dtypes' bfloat16 by name
+    dtype = _BY_NUMPY.get(x.dtype) or _by_name(x.dtype, what)
     if not x.flags.c_contiguous:
         raise InvalidBuffer(f"{what} of shape {x.shape} is not C-contiguous")
     return x.reshape(-1).view(dtype.storage), dtype
+
+
+def _by_name(dtype: np.dtype, what: str) -> DType:
+    """The DType of a numpy dtype that is not one of ours exactly: ml_dtypes' bfloat16 goes
+    by its name; another byte order than this machine's would be reduced as garbage."""
+    if not dtype.isnative:
+        raise UnsupportedDtype(f"{what} is {dtype.name} in non-native byte order "
+                               f"({dtype.str!r}); ringlib reduces native-endian buffers: pass "
+                               f"x.astype(x.dtype.newbyteorder('='))")
+    return lookup(dtype.name)
 
 
 def _tensor_storage(t: Any, what: str) -> tuple[np.ndarray, DType]:

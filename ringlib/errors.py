@@ -66,6 +66,12 @@ class ProtocolError(RingError):
     """A message that is not ringlib's: bad framing, a bad header, a wrong protocol version."""
 
 
+class UsageError(RingError, RuntimeError):
+    """A ring used in a way that would mix up collectives: from an event loop other than
+    its own, or a blocking ring from a second thread while another's collective is in
+    flight. The message states the rule."""
+
+
 class InvalidArgument(RingError, ValueError):
     """An argument out of range for this ring, such as a broadcast root that is no rank."""
 

@@ -3,6 +3,14 @@
 For ordinary training loops: init() takes connect()'s arguments, and every collective
 takes the same arguments as the Ring's and returns its result instead of a coroutine.
 Calls from one thread run in the order they are made; a Ctrl-C while one waits cancels it.
+
+Collectives are numbered in the order they are called, the same on every rank. Two
+threads calling at once would be ordered differently on different ranks, and pair up
+wrong collectives: so one thread at a time may have collectives in flight, and a call
+from another meanwhile raises UsageError. A collective from a thread other than the one
+that made the ring carries that thread's name in its signature (less the counters in
+default names), so that collectives of differently named threads never pair up across
+ranks (they raise MismatchError).
 """
 
 from __future__ import annotations
@@ -11,14 +19,16 @@ import asyncio
 import atexit
 import concurrent.futures
 import functools
+import re
 import threading
 from typing import Any, Callable, Coroutine, TypeVar
 
-from ringlib.errors import RingClosed
+from ringlib.errors import RingClosed, UsageError
 
-from .ring import Ring, connect
+from .ring import CALLER, Ring, connect
 
 T = TypeVar("T")
+_COUNTED = re.compile(r"[-_]\d+")  # the counters in default thread names: see _kind_of
 
 
 class _LoopThread:
@@ -46,16 +56,72 @@ class _LoopThread:
         self.loop.close()
 
 
+class _Callers:
+    """Whose collectives are in flight on one blocking ring: one thread's at a time."""
+
+    def __init__(self, rank: Callable[[], int]) -> None:
+        self._rank = rank
+        self._owner = threading.current_thread()  # the thread that made the ring
+        self._lock = threading.Lock()
+        self._busy: threading.Thread | None = None
+        self._count = 0
+
+    def enter(self, what: str) -> str:
+        """Count in a collective of the calling thread, or raise UsageError if another
+        thread's are in flight; return what its signature carries of the caller."""
+        me = threading.current_thread()
+        with self._lock:
+            if self._count and self._busy is not me:
+                raise UsageError(
+                    f"rank {self._rank()}: thread {me.name!r} called {what} while a collective "
+                    f"of thread {self._busy.name!r} is in flight; collectives are numbered in "
+                    "call order, the same on every rank, so one blocking ring takes them from "
+                    "one thread at a time (hand the calls to one thread, or give each thread a "
+                    "ring of its own)")
+            self._busy, self._count = me, self._count + 1
+        return "" if me is self._owner else _kind_of(me.name)
+
+    def leave(self, *_: object) -> None:
+        with self._lock:
+            self._count -= 1
+
+
+def _kind_of(name: str) -> str:
+    """A thread's name without the numbers Python and executors count threads by
+    ('Thread-3 (train)', 'asyncio_0', 'ThreadPoolExecutor-0_1'), which differ between
+    ranks that run the same program: 'Thread (train)', 'asyncio', 'ThreadPoolExecutor'."""
+    return _COUNTED.sub("", name)
+
+
+async def _as(caller: str, call: Coroutine[Any, Any, T]) -> T:
+    """Run `call` as from the thread named `caller` (see CALLER)."""
+    CALLER.set(caller)
+    return await call
+
+
 def _blocking(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     @functools.wraps(method)
     def call(self: BlockingRing, *args: Any, **kwargs: Any) -> T:
-        return self._loop_thread().run(method(self.ring, *args, **kwargs))
+        thread = self._loop_thread()
+        caller = self._callers.enter(method.__name__)
+        try:
+            return thread.run(_as(caller, method(self.ring, *args, **kwargs)))
+        finally:
+            self._callers.leave()
     return call
 
 
 def _nowait(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., concurrent.futures.Future[T]]:
     def call(self: BlockingRing, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
-        return self._loop_thread().submit(method(self.ring, *args, **kwargs))
+        thread = self._loop_thread()
+        caller = self._callers.enter(method.__name__)
+        try:
+            future = thread.submit(_as(caller, method(self.ring, *args, **kwargs)))
+        except BaseException:
+            self._callers.leave()
+            raise
+        future.add_done_callback(self._callers.leave)
+        return future
     call.__name__ = f"{method.__name__}_async"
     call.__doc__ = (f"Start {method.__name__} and return a concurrent.futures.Future of its "
                     "result at once; the collective runs on the ring's loop thread.")
@@ -68,6 +134,7 @@ class BlockingRing:
     def __init__(self, ring: Ring, thread: _LoopThread) -> None:
         self.ring = ring
         self._thread = thread
+        self._callers = _Callers(lambda: self.ring.rank)
         self.local_rank = ring.local_rank
         atexit.register(self.close)
 

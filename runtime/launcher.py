@@ -12,7 +12,9 @@ out whole, prefixed with its rank, on the stream it was written to. When a rank 
 the others get SIGTERM, then SIGKILL after a grace period, and the launcher exits with
 the failed rank's code (128 + N for signal N). SIGINT and SIGTERM to the launcher are
 passed to every rank, and end it the same way. At the end it removes the shared-memory
-segments that ranks on this host killed midway left in /dev/shm (RINGLIB_JOB names them).
+segments that ranks on this host killed midway left in /dev/shm (RINGLIB_JOB names them);
+a janitor process (janitor.py) does that, and stops whatever the ranks started, even
+when the launcher itself is killed outright.
 """
 
 from __future__ import annotations
@@ -20,22 +22,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
 from ringlib.errors import RendezvousError, Unauthorized
-from ringlib.transport import shared
+from ringlib.transport import segment_names
 from ringlib.transport.security import Keys
 
 from .hosts import Host, PortReservation, Seat, parse_hosts, read_hostfile, seat
 from .processes import die_with_parent, signal_group
 
+JANITOR = Path(__file__).with_name("janitor.py")
 GRACE_S = 5.0           # between SIGTERM and SIGKILL
 DEFAULT_PORT = 29600    # first port of each remote host's ranks, when --port is not given
 STDERR_TAIL = 12        # lines of a failed rank's stderr repeated in the report
@@ -80,7 +86,7 @@ def plan(seats: list[Seat], command: list[str], transport: str, port: int | None
     for s in seats:
         env = {"RINGLIB_RANK": str(s.rank), "RINGLIB_LOCAL_RANK": str(s.local_rank),
                "RINGLIB_WORLD_SIZE": str(len(seats)), "RINGLIB_PEERS": ",".join(peers),
-               shared.JOB_VARIABLE: job_name(workdir), "PYTHONUNBUFFERED": "1"}
+               segment_names.JOB_VARIABLE: job_name(workdir), "PYTHONUNBUFFERED": "1"}
         if timeout is not None:
             env["RINGLIB_CONNECT_TIMEOUT"] = str(timeout)
         if keys is not None:
@@ -95,7 +101,7 @@ def plan(seats: list[Seat], command: list[str], transport: str, port: int | None
 
 
 def job_name(workdir: str) -> str:
-    """The job's part of its ranks' shared-memory segment names (see transport/shared.py)."""
+    """The job's part of its ranks' shared-memory segment names (transport/segment_names.py)."""
     return "L" + os.path.basename(workdir).removeprefix("ringlib-")
 
 
@@ -104,11 +110,16 @@ def _bracketed(address: str) -> str:
 
 
 class Supervisor:
-    """Runs the ranks to the end; the first failure or signal stops all of them."""
+    """Runs the ranks to the end; the first failure or signal stops all of them.
+    started(pid) hears of each rank's process (its group's id) as it starts, and
+    reaped(pid) once the rank has exited and its group was killed."""
 
-    def __init__(self, ranks: list[Rank], grace: float = GRACE_S) -> None:
+    def __init__(self, ranks: list[Rank], grace: float = GRACE_S,
+                 started: Callable[[int], None] = lambda pid: None,
+                 reaped: Callable[[int], None] = lambda pid: None) -> None:
         self.ranks = ranks
         self.grace = grace
+        self._started, self._reaped = started, reaped
         self.failed: Rank | None = None
         self.signalled: int | None = None
         self._stopping: asyncio.Task | None = None
@@ -140,6 +151,7 @@ class Supervisor:
                 start_new_session=True, preexec_fn=die_with_parent(), limit=LINE_LIMIT)
         except OSError as exc:
             raise RendezvousError(f"cannot start {rank.name}: {rank.argv[0]}: {exc}") from None
+        self._started(rank.process.pid)
 
     async def _relay(self, rank: Rank, stream: asyncio.StreamReader, out: BinaryIO,
                      keep: bool) -> None:
@@ -155,6 +167,7 @@ class Supervisor:
     async def _watch(self, rank: Rank) -> None:
         code = await rank.process.wait()
         signal_group(rank.process.pid, signal.SIGKILL)  # what the rank left running
+        self._reaped(rank.process.pid)
         if code != 0 and self.failed is None and self.signalled is None:
             self.failed = rank
             self._stopping = asyncio.ensure_future(self._stop_all(signal.SIGTERM))
@@ -256,18 +269,41 @@ def launch(seats: list[Seat], command: list[str], transport: str = "tcp",
     shared-memory segments of ranks killed midway. Raises RendezvousError for a plan that
     cannot run."""
     workdir = tempfile.mkdtemp(prefix="ringlib-")
+    janitor = _janitor(workdir)
     reservation = None
     try:
         ranks, reservation = plan(seats, command, transport, port, rsh, workdir, timeout, keys)
-        return asyncio.run(Supervisor(ranks, grace).run())
+        return asyncio.run(Supervisor(ranks, grace, lambda pid: _tell(janitor, pid),
+                                      lambda pid: _tell(janitor, -pid)).run())
     finally:
         if reservation is not None:
             reservation.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        left = shared.remove_job_segments(job_name(workdir))
+        left = segment_names.remove_job_segments(job_name(workdir))
         if left:  # ranks killed before their peers took (and unlinked) what they offered
             print(f"ringlib launch: removed {left} shared-memory segments of killed ranks",
                   file=sys.stderr)
+        with contextlib.suppress(BrokenPipeError):
+            janitor.stdin.close()  # it stops what the ranks left running, then exits
+        janitor.wait()
+
+
+def _janitor(workdir: str) -> subprocess.Popen:
+    """The job's janitor (janitor.py), in a session of its own, so that it outlives a
+    launcher killed outright and cleans up after it."""
+    prefix = os.path.join(segment_names.DIRECTORY,
+                          f"{segment_names.PREFIX}{job_name(workdir)}-")
+    return subprocess.Popen([sys.executable, str(JANITOR), prefix, workdir],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+
+
+def _tell(janitor: subprocess.Popen, group: int) -> None:
+    """Tell the janitor of a rank's process group (or, negated, that it was reaped). A
+    janitor that died cannot hear it, and the job goes on without one."""
+    with contextlib.suppress(BrokenPipeError):
+        janitor.stdin.write(f"{group}\n")
+        janitor.stdin.flush()
 
 
 def main(argv: list[str] | None = None) -> int:

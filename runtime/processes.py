@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 _PR_SET_PDEATHSIG = 1
@@ -73,3 +74,18 @@ def stop(procs: list[subprocess.Popen], grace: float) -> None:
             signal_group(p.pid, signal.SIGKILL)
     for p in procs:
         p.wait()
+
+
+def processes_with(tag: str) -> list[int]:
+    """Live processes whose environment holds `tag` (NAME=value): the children, and their
+    children, of a run that put the tag in its environment."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                environ = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+            if tag.encode() in environ:
+                found.append(int(entry.name))
+    return found

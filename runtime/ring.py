@@ -3,28 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import collections.abc
+import contextvars
 import dataclasses
 import itertools
+import numbers
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Generator, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Generator, TypeVar
 
 import numpy as np
 
 from ringlib import collectives
 from ringlib.collectives import Plan, Sessions, signature, step_reducers
+from ringlib.collectives.choose import EMPTY_PLAN
 from ringlib.dtypes import BY_NAME, DType
-from ringlib.errors import InvalidArgument, RingClosed
+from ringlib.errors import InvalidArgument, RingClosed, UsageError
 from ringlib.ops import Op
 from ringlib.transport import Endpoint, Stream
 from ringlib.transport.security import Keys
 
 from .buffers import empty_like, like, storage
 from .environment import Placement, placement
-from .reform import reform
+from .reform import Attempt, reform
 from .rendezvous import bind_and_exchange, join
-from .settings import Settings, connect_timeout
+from .settings import Settings, connect_timeout, seconds
 
 T = TypeVar("T")
+# The name of the thread a blocking ring's collective was called from ("" for asyncio
+# callers and the thread that made the ring), set by the facade (blocking.py); collectives carry it in
+# their signatures, so that two threads' collectives can never pair up across ranks.
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("ringlib_caller", default="")
 
 
 class _Tunable:
@@ -50,11 +58,11 @@ class Ring:
     supports; ops are "sum", "mean", "min", "max", "prod" or an Op. Every collective takes
     `timeout` (seconds), defaulting to the ring's `collective_timeout`.
 
-    Ranks that pass different shapes, dtypes, ops or roots all raise MismatchError (but a
-    rank whose buffer alone is empty skips the collective, and the others time out naming
-    it). When a rank dies or is cut off, every pending and later collective raises
-    PeerLost within about `peer_timeout` seconds, until reform() rebuilds a ring of the
-    survivors.
+    Ranks that pass different shapes, dtypes, ops or roots all raise MismatchError, a rank
+    whose buffer alone is empty too: an empty collective still meets the other ranks (a
+    barrier's worth of empty messages). When a rank dies or is cut off, every pending and
+    later collective raises PeerLost within about `peer_timeout` seconds, until reform()
+    rebuilds a ring of the survivors. A ring runs on the event loop it was made on.
     """
 
     collective_timeout = _Tunable()
@@ -72,8 +80,10 @@ class Ring:
         self.generation = 0  # how many times this ring was re-formed
         self.settings = settings
         self._executor = executor
+        self._loop = asyncio.get_running_loop()
         self._use(endpoint)
         self._streams = itertools.count()
+        self._attempt: Attempt | None = None  # the try at re-forming, after one failed
         self._closed = False
 
     def _use(self, endpoint: Endpoint | None) -> None:
@@ -129,12 +139,12 @@ class Ring:
         op = Op.parse(op)
         buf, dtype = storage(x, "x", writable=True)
         step_reducers(dtype, op, self.world_size)  # an integer mean fails here, before sending
-        if not self._skipped(buf.size):
+        if not self._alone(timeout):
             plan = self.plan("all_reduce", buf.nbytes)
             sig = signature("all_reduce", dtype.name, tuple(x.shape), op.value,
-                            algorithm=plan.tag)
-            await self._run(plan, sig, dtype, timeout, collectives.all_reduce, buf, dtype, op,
-                            plan.algorithm)
+                            algorithm=plan.tag, caller=CALLER.get())
+            await self._run(buf.size, plan, sig, dtype, timeout, collectives.all_reduce, buf,
+                            dtype, op, plan.algorithm)
         return x
 
     async def reduce_scatter(self, x: Any, op: Op | str = Op.SUM, *,
@@ -146,10 +156,13 @@ class Ring:
         step_reducers(dtype, op, self.world_size)
         work = src.copy()
         start, stop = 0, work.size
-        if not self._skipped(work.size):
-            sig = signature("reduce_scatter", dtype.name, tuple(x.shape), op.value)
-            start, stop = await self._run(self.plan("reduce_scatter", work.nbytes), sig, dtype,
-                                          timeout, collectives.reduce_scatter, work, dtype, op)
+        if not self._alone(timeout):
+            sig = signature("reduce_scatter", dtype.name, tuple(x.shape), op.value,
+                            caller=CALLER.get())
+            bounds = await self._run(work.size, self.plan("reduce_scatter", work.nbytes), sig,
+                                     dtype, timeout, collectives.reduce_scatter, work, dtype, op)
+            if bounds is not None:  # None: it was empty
+                start, stop = bounds
         return like(x, work[start:stop])
 
     async def all_gather(self, x: Any, *, timeout: float | None = None) -> Any:
@@ -157,48 +170,55 @@ class Ring:
         src, dtype = storage(x, "x", writable=False)
         out, out_buf = empty_like(x, (self.world_size, *x.shape))
         out_buf[self.rank * src.size:(self.rank + 1) * src.size] = src
-        if not self._skipped(src.size):
-            sig = signature("all_gather", dtype.name, tuple(x.shape))
-            await self._run(self.plan("all_gather", out_buf.nbytes), sig, dtype, timeout,
-                            collectives.all_gather, out_buf)
+        if not self._alone(timeout):
+            sig = signature("all_gather", dtype.name, tuple(x.shape), caller=CALLER.get())
+            await self._run(src.size, self.plan("all_gather", out_buf.nbytes), sig, dtype,
+                            timeout, collectives.all_gather, out_buf)
         return out
 
     async def broadcast(self, x: T, root: int = 0, *, timeout: float | None = None) -> T:
         """Overwrite x on every rank with root's x, in place; return x."""
-        if not 0 <= root < self.world_size:
-            raise InvalidArgument(f"broadcast root {root} is not a rank of this ring "
-                                  f"(world size {self.world_size})")
+        if isinstance(root, bool) or not isinstance(root, numbers.Integral) or \
+                not 0 <= root < self.world_size:
+            raise InvalidArgument(f"broadcast root {root!r} is not a rank of this ring "
+                                  f"(an integer 0..{self.world_size - 1})")
         buf, dtype = storage(x, "x", writable=self.rank != root)
-        if not self._skipped(buf.size):
+        if not self._alone(timeout):
             plan = self.plan("broadcast", buf.nbytes)
-            sig = signature("broadcast", dtype.name, tuple(x.shape), root=root)
-            await self._run(plan, sig, dtype, timeout, collectives.broadcast, buf, root,
-                            plan.algorithm)
+            sig = signature("broadcast", dtype.name, tuple(x.shape), root=root,
+                            caller=CALLER.get())
+            await self._run(buf.size, plan, sig, dtype, timeout, collectives.broadcast, buf,
+                            root, plan.algorithm)
         return x
 
     async def barrier(self, *, timeout: float | None = None) -> None:
         """Return once every rank has entered the barrier."""
-        if not self._skipped(1):
-            await self._run(self.plan("barrier", 0), "barrier", BY_NAME["uint8"], timeout,
-                            collectives.barrier)
+        if not self._alone(timeout):
+            await self._run(1, self.plan("barrier", 0), signature("barrier", caller=CALLER.get()),
+                            BY_NAME["uint8"], timeout, collectives.barrier)
 
-    def _skipped(self, size: int) -> bool:
-        """Whether this rank exchanges nothing for a collective over `size` elements: in a
-        ring of one, or for an empty buffer. Ranks agree on it without talking, since they
-        pass the same sizes. An empty collective still uses up its sequence number, so
-        that a rank whose buffer alone is empty (the others then time out naming it) keeps
-        its later collectives in step."""
+    def _alone(self, timeout: Any) -> bool:
+        """Whether this rank is a ring of one, and exchanges nothing; first, that the ring
+        may be used here and now, with this `timeout`."""
         if self._closed:
             raise RingClosed(f"rank {self.rank}: the ring is closed")
-        if self.world_size > 1 and size == 0:
-            self._sessions.skip()
-        return self.world_size == 1 or size == 0
+        if asyncio.get_running_loop() is not self._loop:
+            raise UsageError(f"rank {self.rank}: this ring runs on the event loop it was made "
+                             "on; a collective was called from another one (make a ring per "
+                             "event loop, or use ringlib.init()'s from any one thread)")
+        if timeout is not None:
+            seconds("timeout", timeout)
+        return self.world_size == 1
 
-    def _run(self, plan: Plan, sig: str, dtype: DType, timeout: float | None,
+    def _run(self, size: int, plan: Plan, sig: str, dtype: DType, timeout: float | None,
              algorithm: Callable[..., Awaitable[T]], *args: Any) -> Awaitable[T]:
-        """Open the collective `sig` (a signature()) now, so that it takes its number in
-        call order, and return its run under its deadline to await; latency-bound ones
-        poll for their messages for up to spin_us before yielding."""
+        """Open the collective `sig` (a signature()) over `size` elements now, so that it
+        takes its number in call order, and return its run under its deadline to await;
+        latency-bound ones poll for their messages for up to spin_us before yielding. An
+        empty one exchanges empty messages as a barrier does, under its own signature, so
+        that ranks whose sizes differ find it out."""
+        if size == 0:
+            plan, algorithm, args = EMPTY_PLAN, collectives.barrier, ()
         settings = self.settings
         session = self._sessions.open(
             sig, dtype.storage, settings.collective_timeout if timeout is None else timeout,
@@ -220,9 +240,12 @@ class Ring:
             raise RingClosed(f"rank {self.rank}: the ring is closed")
         if self._endpoint is None:
             return
-        limit = connect_timeout() if timeout is None else timeout
-        endpoint, peers = await reform(self._endpoint, self.generation + 1, self.world_size,
+        limit = connect_timeout(timeout)
+        if self._attempt is None or self._attempt.generation != self.generation + 1:
+            self._attempt = Attempt(self.generation + 1)
+        endpoint, peers = await reform(self._endpoint, self._attempt, self.world_size,
                                        self.settings, limit)
+        self._attempt = None
         self.world_size, self.peers = len(peers), peers
         self.rank = endpoint.rank if endpoint is not None else 0
         self._use(endpoint)
@@ -245,18 +268,35 @@ class Ring:
         await self.close()
 
 
-class Connecting:
-    """What connect() returns: await it for a Ring, or use it as `async with`."""
+class Connecting(collections.abc.Coroutine):
+    """What connect() returns: await it for a Ring, use it as `async with`, or hand it to
+    asyncio.run() as the coroutine it is. Nothing starts before one of these."""
 
-    def __init__(self, opening: Callable[[], Awaitable[Ring]]) -> None:
+    def __init__(self, opening: Callable[[], Coroutine[Any, Any, Ring]]) -> None:
         self._opening = opening
+        self._coro: Coroutine[Any, Any, Ring] | None = None
         self._ring: Ring | None = None
 
+    def _started(self) -> Coroutine[Any, Any, Ring]:
+        if self._coro is None:
+            self._coro = self._opening()
+        return self._coro
+
+    def send(self, value: Any) -> Any:
+        return self._started().send(value)
+
+    def throw(self, *exc_info: Any) -> Any:
+        return self._started().throw(*exc_info)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()
+
     def __await__(self) -> Generator[Any, None, Ring]:
-        return self._opening().__await__()
+        return self._started().__await__()
 
     async def __aenter__(self) -> Ring:
-        self._ring = await self._opening()
+        self._ring = await self._started()
         return self._ring
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -280,8 +320,7 @@ def connect(rank: int | None = None, world_size: int | None = None,
         curve_key, shm_bytes), each defaulting to its `RINGLIB_*` variable; see Settings.
     """
     where = placement(rank, world_size, peers)
-    if timeout is None:
-        timeout = connect_timeout()
+    timeout = connect_timeout(timeout)
     tunables = Settings(**settings)
     return Connecting(lambda: _open(where, timeout, tunables))
 
@@ -302,8 +341,8 @@ async def _open(where: Placement, timeout: float, settings: Settings) -> Ring:
         peers = await bind_and_exchange(endpoint, where, timeout)
         await join(endpoint, peers, settings, timeout)
         await warm
-    except BaseException:
-        await endpoint.close()
+    except BaseException as exc:
+        await endpoint.close(f"it gave up starting: {exc}")
         executor.shutdown(wait=False)
         raise
     return Ring(where, endpoint, peers, executor, settings)

@@ -10,6 +10,8 @@ stall: rank 1 stops itself (SIGSTOP) after a few collectives, as a hung process 
     wakes it (SIGCONT): it learns that it is out of the ring, and cannot re-form.
 busy: rank 1 blocks its event loop for longer than the peer timeout between collectives;
     its heartbeats still flow, and every collective completes.
+startup: rank VICTIM binds its address, as a rank starting up does, and is SIGKILLed
+    before it says a word; the others print what connect() raised, and when.
 """
 
 from __future__ import annotations
@@ -97,9 +99,29 @@ async def busy(seed: int) -> None:
         print("done", flush=True)
 
 
+def startup(seed: int) -> None:
+    rank = int(os.environ["RINGLIB_RANK"])
+    if rank == VICTIM:
+        import zmq
+
+        pull = zmq.Context().socket(zmq.PULL)
+        pull.bind(os.environ["RINGLIB_PEERS"].split(",")[rank])
+        time.sleep(3)  # the others are up and connect to it meanwhile
+        os.kill(os.getpid(), signal.SIGKILL)
+    start = time.monotonic()
+    try:
+        ringlib.init(timeout=60)
+    except ringlib.RingError as exc:
+        print(f"{type(exc).__name__} after {time.monotonic() - start:.2f} s: {exc}", flush=True)
+        return
+    sys.exit("the ring formed without the killed rank")
+
+
 if __name__ == "__main__":
     scenario, seed = sys.argv[1], int(sys.argv[2])
     if scenario == "train":
         train(seed)
+    elif scenario == "startup":
+        startup(seed)
     else:
         asyncio.run({"stall": stall, "busy": busy}[scenario](seed))

@@ -4,11 +4,14 @@ sum          all-reduce rank+1 and print the sum (and whether CurveZMQ is on)
 fail R CODE  after an all-reduce, rank R exits with CODE; the others sleep
 kill R       after an all-reduce, rank R kills itself with SIGKILL; the others sleep
 sleep        print "ready", then sleep
+orphans      as sleep, but each rank first starts a child of its own and offers a
+             shared-memory segment nobody takes: what a launcher killed outright leaves
 chatter N    print N long lines of the rank's digit to stdout and to stderr, interleaved
 """
 
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -35,7 +38,13 @@ def main(mode: str, args: list[str]) -> int:
             return int(args[1])
         if mode == "kill" and ring.rank == int(args[0]):
             os.kill(os.getpid(), signal.SIGKILL)
-        if mode in ("fail", "kill", "sleep"):
+        if mode == "orphans":
+            from ringlib.transport import segment_names, shared
+
+            subprocess.Popen(["sleep", "300"])
+            ring.offer = shared.Writer(os.environ[segment_names.JOB_VARIABLE], ring.rank, 99,
+                                       4096)
+        if mode in ("fail", "kill", "sleep", "orphans"):
             print("ready", flush=True)
             time.sleep(120)
     return 0

@@ -8,6 +8,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ringlib.runtime.processes import processes_with
+
 
 def tagged_env(tmp: Path, **extra: str) -> tuple[str, dict[str, str]]:
     """A NAME=value tag and an environment carrying it, with TMPDIR at tmp (created)."""
@@ -15,20 +17,6 @@ def tagged_env(tmp: Path, **extra: str) -> tuple[str, dict[str, str]]:
     name, value = tag.split("=")
     tmp.mkdir()
     return tag, {**os.environ, name: value, "TMPDIR": str(tmp), **extra}
-
-
-def processes_with(tag: str) -> list[int]:
-    """Live processes whose environment holds `tag` (NAME=value)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                environ = (entry / "environ").read_bytes().split(b"\0")
-            except OSError:  # gone meanwhile, or not ours to read
-                continue
-            if tag.encode() in environ:
-                found.append(int(entry.name))
-    return found
 
 
 def assert_none_left(tag: str, within: float = 5.0) -> None:

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import ringlib
-from ringlib.transport import shared
+from ringlib.transport import segment_names, shared
 
 SIZES = [1, 2, 1000, 40_000, 300_001, 2_500_000]  # small, doubling, ring, many pieces
 
@@ -41,8 +41,8 @@ async def check(ring: ringlib.Ring, seed: int) -> None:
     print("shared", ",".join(map(str, peers)) or "-", flush=True)
     reached = [r for r in range(ring.world_size) if r != ring.rank and ring.endpoint.reaches(r)]
     print("reaches", ",".join(map(str, reached)) or "-", flush=True)
-    prefix = f"{shared.PREFIX}{shared.job(ring.peers)}-{ring.rank}-"  # its offers, all taken
-    names = [n for n in os.listdir(shared.DIRECTORY) if n.startswith(prefix)]
+    prefix = f"{segment_names.PREFIX}{segment_names.job(ring.peers)}-{ring.rank}-"  # its offers, all taken
+    names = [n for n in os.listdir(segment_names.DIRECTORY) if n.startswith(prefix)]
     print("named", len(names), flush=True)
     digest = hashlib.sha256()
     for i, n in enumerate(SIZES):
@@ -99,7 +99,7 @@ async def die(ring: ringlib.Ring, seed: int) -> None:
     try:
         for step in range(1000):
             if step == 5 and ring.rank == ring.world_size - 1:
-                shared.Writer(shared.job(ring.peers), ring.rank, 99, 1 << 20)
+                shared.Writer(segment_names.job(ring.peers), ring.rank, 99, 1 << 20)
                 os.kill(os.getpid(), signal.SIGKILL)
             await ring.all_reduce(x, op="mean", timeout=30)
     except ringlib.PeerLost as exc:
@@ -117,7 +117,7 @@ async def main(scenario: str, seed: int) -> None:
 if __name__ == "__main__":
     scenario, seed = sys.argv[1], int(sys.argv[2])
     if scenario == "orphan":
-        shared.Writer(shared.job([]), int(os.environ["RINGLIB_RANK"]), 99, 1 << 20)
+        shared.Writer(segment_names.job([]), int(os.environ["RINGLIB_RANK"]), 99, 1 << 20)
         print("offered", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     asyncio.run(main(scenario, seed))

@@ -30,6 +30,8 @@ def bound_pair(addresses: list[str]) -> list[Endpoint]:
     for end, address in zip(ends, addresses):
         end.bind(address)
         end.set_peers(addresses)
+    for end, other in zip(ends, reversed(ends)):  # as their greeting would tell them
+        end.roster.tokens[other.rank] = other.roster.token
     return ends
 
 

@@ -66,3 +66,18 @@ def test_a_rank_whose_event_loop_is_busy_is_not_taken_for_lost(seed):
     delays the collectives but loses nobody."""
     finished = run_ring("busy", 3, "tcp", seed, extra_env=FAST, peer=FAULT_PEER, timeout=60)
     assert all(f.returncode == 0 and "done" in f.stdout for f in finished), report(finished)
+
+
+def test_a_rank_killed_during_start_up_is_named_by_every_other_within_the_peer_timeout(seed):
+    """It bound its address and died before its first word: the others' connect() raises
+    PeerLost naming it (and only it) about a peer timeout later, not the connect timeout
+    (60 s here) later; rank 0, not its neighbour, hears it from the neighbours."""
+    finished = run_ring("startup", 4, "tcp", seed, extra_env=FAST, peer=FAULT_PEER,
+                        timeout=60, expendable=frozenset({2}))
+    for f in finished[:2] + finished[3:]:
+        assert f.returncode == 0, report(finished)
+        seconds = float(re.search(r"PeerLost after ([\d.]+) s", f.stdout).group(1))
+        assert seconds < 10, report(finished)
+        lost = f.stdout.split("): ", 1)[1]  # after "rank R (address)", this rank itself
+        assert lost.startswith("rank 2 (") and lost.count("rank ") == 1 + ("found by" in lost), \
+            report(finished)

@@ -5,8 +5,10 @@ the ring carries on with the right result."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from typing import AsyncIterator
 
 import msgpack
 import numpy as np
@@ -30,22 +32,32 @@ def data(seq: int, nbytes: int) -> bytes:
     return encode(frames.data(seq, 0, 0, SIG, 1, nbytes))
 
 
-async def test_garbage_and_payloads_unlike_their_header_are_dropped(caplog):
+@contextlib.asynccontextmanager
+async def hand_played_rank_1() -> AsyncIterator[tuple[list[str], zmq.asyncio.Socket]]:
+    """Addresses for a 2-rank ring, and a socket that plays rank 1 to rank 0: it has
+    greeted rank 0 and said it offers no shared memory (the ring offers none either:
+    shm_bytes=0). Rank 1's own address is bound, so nothing rank 0 sends is refused."""
     peers = local_addresses(2, "tcp", "")
     ctx = zmq.asyncio.Context()
-    fake = ctx.socket(zmq.PUSH)
-    fake.linger = 0
+    fake, inbox = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    fake.linger = inbox.linger = 0
     fake.connect(peers[0])
-    inbox = ctx.socket(zmq.PULL)
-    inbox.linger = 0
     inbox.bind(peers[1])
     await fake.send(encode(frames.control(Kind.HELLO, 1)))
-    # and says it offers no shared memory (the ring offers none either: shm_bytes=0)
     await fake.send(encode(frames.shared_link(frames.SharedStep.NONE, 1)))
+    try:
+        yield peers, fake
+    finally:
+        fake.close()
+        inbox.close()
+        ctx.term()
+
+
+async def test_garbage_and_payloads_unlike_their_header_are_dropped(caplog):
     foreign = [[b"\x00garbage"], [b"\xc1", b"more"], [b"a", b"b", b"c"],
                [msgpack.packb((PROTOCOL_VERSION + 1, 0, 1, 0, 0, SIG, 16, 1)), bytes(16)],
                [data(1, 16), bytes(4)], [data(1, 4), bytes(16)], [data(1, 16)]]
-    try:
+    async with hand_played_rank_1() as (peers, fake):
         async with ringlib.connect(0, 2, peers, timeout=10, peer_timeout=0,
                                    shm_bytes=0) as ring:
             with caplog.at_level(logging.WARNING, logger="ringlib.transport"):
@@ -59,10 +71,23 @@ async def test_garbage_and_payloads_unlike_their_header_are_dropped(caplog):
             assert len(dropped) == len(foreign), dropped
             assert any("protocol version" in m for m in dropped)
             assert sum("payload bytes under a header of" in m for m in dropped) == 3
-    finally:
-        fake.close()
-        inbox.close()
-        ctx.term()
+
+
+async def test_a_flood_of_junk_is_logged_at_a_bounded_rate_with_counts(caplog):
+    async with hand_played_rank_1() as (peers, fake):
+        with caplog.at_level(logging.WARNING, logger="ringlib.transport"):
+            async with ringlib.connect(0, 2, peers, timeout=10, peer_timeout=0,
+                                       shm_bytes=0) as ring:
+                for i in range(2000):
+                    await fake.send(b"\x00junk %d" % i)
+                await fake.send_multipart([data(1, 16), np.full(4, 2.0, np.float32)])
+                x = np.ones(4, np.float32)
+                await ring.all_reduce(x, timeout=5)  # every piece of junk came before
+        assert x.tolist() == [3.0] * 4
+        lines = [r.message for r in caplog.records if r.name.startswith("ringlib.transport")]
+        counted = [line for line in lines if "more like these" in line]
+        assert len(lines) - len(counted) <= 10, lines[:20]
+        assert len(counted) == 1 and "1990 more" in counted[0], lines[-3:]
 
 
 async def test_foreign_clients_on_the_port_change_nothing(rng):

@@ -60,7 +60,7 @@ def test_each_kind_is_made_and_waited_on_by_its_own_typed_pair_even_across_the_w
     made_and_awaited = [
         (frames.data(a, b, c, "all_reduce float32[4] sum", r, 16), frames.data_key(a, b, c, r)),
         (frames.stream(a, b, c, "uint8", r, 16), frames.stream_key(a, b, c, r)),
-        (frames.reform(a, b, r), frames.reform_key(a, b, r)),
+        (frames.reform(a, c, b, r), frames.reform_key(a, c, b, r)),
         *((frames.control(kind, r), frames.control_key(kind, r))
           for kind in (Kind.HELLO, Kind.JOIN, Kind.TABLE, Kind.LINK, Kind.BYE)),
     ]

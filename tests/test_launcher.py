@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -68,10 +69,10 @@ def test_a_rank_killed_by_a_signal_gives_128_plus_the_signal(tmp_path):
     assert "rank 2 on localhost was killed by SIGKILL" in done.stderr
 
 
-def sleeping_ring(tmp: Path, ranks: int) -> tuple[subprocess.Popen, str]:
+def sleeping_ring(tmp: Path, ranks: int, mode: str = "sleep") -> tuple[subprocess.Popen, str]:
     """A launcher whose ranks are all connected and asleep, and its tag."""
     tag, env = tagged_env(tmp / "tmp")
-    launcher = subprocess.Popen([*LAUNCH, "-n", str(ranks), "--", sys.executable, JOB, "sleep"],
+    launcher = subprocess.Popen([*LAUNCH, "-n", str(ranks), "--", sys.executable, JOB, mode],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ready = 0
     while ready < ranks:
@@ -96,6 +97,19 @@ def test_ranks_die_with_a_launcher_killed_outright(tmp_path):
     launcher.kill()
     launcher.communicate(timeout=30)
     assert_none_left(tag)
+
+
+def test_a_launcher_killed_outright_leaves_neither_the_ranks_children_nor_their_memory(
+        tmp_path):
+    """Its janitor, in a session of its own, stops the ranks' process groups (their own
+    children with them) and removes the job's segments from /dev/shm."""
+    before = set(os.listdir("/dev/shm"))
+    launcher, tag = sleeping_ring(tmp_path, 2, "orphans")
+    assert len(set(os.listdir("/dev/shm")) - before) == 2  # one offer nobody took per rank
+    launcher.kill()
+    launcher.communicate(timeout=30)
+    assert_none_left(tag)
+    assert set(os.listdir("/dev/shm")) - before == set()
 
 
 def test_lines_are_never_mixed_and_streams_stay_apart(tmp_path):

@@ -90,6 +90,9 @@ def test_reducing_from_bytes_allocates_no_copy_of_the_source(dtype):
         ([1.0, 2.0], np.ones(2), TypeError, "numpy array or torch tensor"),
         (torch.ones(4, 4).t(), torch.ones(4, 4), ValueError, "not contiguous"),
         (torch.ones(4, dtype=torch.complex64), torch.ones(4), TypeError, "complex64 is not supported"),
+        (np.arange(5, dtype=">f4"), np.ones(5, np.float32), TypeError, "dst is float32 in non-native"),
+        (np.ones(5, np.float32), np.arange(5, dtype=">f4"), TypeError, "src is float32 in non-native"),
+        (np.ones(3, ">i8"), np.ones(3, ">i8"), TypeError, r"non-native byte order \('>i8'\)"),
     ],
 )
 def test_bad_buffers_raise_before_any_work(dst, src, error, words):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 
 import numpy as np
@@ -13,9 +14,10 @@ import torch
 
 import ringlib
 from ringlib import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError,
-                     PeerLost, RendezvousTimeout, RingClosed, RingError, UnsupportedBuffer, UnsupportedOp)
+                     PeerLost, RendezvousTimeout, RingClosed, RingError, UnsupportedBuffer,
+                     UnsupportedDtype, UnsupportedOp, UsageError)
 from ringlib.transport.addresses import free_tcp_ports
-from ringlib.transport import Endpoint, Inbox, Message, frames
+from ringlib.transport import Endpoint, Inbox, Kind, Message, frames
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -94,6 +96,7 @@ def read_only() -> np.ndarray:
     (read_only, InvalidBuffer, "read-only"),
     (lambda: [1.0, 2.0], UnsupportedBuffer, "numpy array or torch tensor"),
     (lambda: np.ones(4, np.complex64), UnsupportedBuffer, "complex64"),
+    (lambda: np.arange(5, dtype=">f4"), UnsupportedDtype, "x is float32 in non-native byte order"),
 ])
 async def test_bad_buffers_fail_on_the_calling_rank_before_anything_is_sent(bad, error, message):
     buffer = bad()
@@ -117,6 +120,46 @@ async def test_bad_arguments_fail_before_anything_is_sent():
     for beats in ({"heartbeat_s": 0}, {"heartbeat_s": 6}, {"heartbeat_s": 1, "peer_timeout": 1}):
         with pytest.raises(InvalidArgument, match="heartbeat_s=.* must be above 0 and below"):
             ringlib.connect(0, 2, addresses(2), **beats)
+
+
+@pytest.mark.parametrize("timeout", [-1, 0, float("nan"), float("inf"), "5", True, None])
+async def test_a_timeout_is_a_finite_number_of_seconds_above_0(timeout):
+    async with ring_of(2) as (r0, r1):
+        if timeout is not None:
+            with pytest.raises(InvalidArgument, match=r"timeout=.* must be a finite number of "
+                                                      "seconds above 0"):
+                await r0.all_reduce(np.ones(3), timeout=timeout)
+            with pytest.raises(InvalidArgument, match="timeout="):
+                ringlib.connect(0, 2, addresses(2), timeout=timeout)
+            with pytest.raises(InvalidArgument, match="collective_timeout="):
+                ringlib.connect(0, 2, addresses(2), collective_timeout=timeout)
+        x0, x1 = np.ones(3), np.ones(3)  # nothing was sent: the ring carries on
+        await asyncio.gather(r0.all_reduce(x0, timeout=5), r1.all_reduce(x1, timeout=5))
+        assert x0.tolist() == [2.0] * 3
+
+
+@pytest.mark.parametrize("root", [1.0, True, "0", -1, 2, None])
+async def test_a_broadcast_root_is_an_integer_rank(root):
+    async with ring_of(2) as (r0, _):
+        with pytest.raises(InvalidArgument, match=f"broadcast root {root!r} is not a rank"):
+            await r0.broadcast(np.ones(3), root=root)
+
+
+@pytest.mark.parametrize("setting", [dict(segment_bytes=0), dict(spin_us=-1),
+                                     dict(small_bytes=1.5), dict(direct_bytes="big"),
+                                     dict(shm_bytes=True), dict(peer_timeout=float("nan")),
+                                     dict(curve_key=7)])
+def test_settings_are_checked_up_front_naming_the_setting(setting):
+    (name, _), = setting.items()
+    with pytest.raises(InvalidArgument, match=f"{name}="):
+        ringlib.connect(0, 2, addresses(2), **setting)
+
+
+def test_connect_is_a_coroutine_for_asyncio_run_and_a_ring_keeps_to_its_event_loop():
+    ring = asyncio.run(ringlib.connect(0, 1))
+    assert ring.world_size == 1
+    with pytest.raises(UsageError, match="runs on the event loop it was made on"):
+        asyncio.run(ring.all_reduce(np.ones(3)))
 
 
 MISMATCHES = {  # collective -> (what ranks 0 and 1 pass, what rank 2 passes), as call kwargs
@@ -155,6 +198,40 @@ async def test_every_rank_raises_a_mismatch_naming_the_ranks_and_their_arguments
         assert all(y.tolist() == [3.0] * 4 for y in ys)
 
 
+CALLS = {  # small collectives, as every rank calls them but rank 2 in the test below
+    "all_reduce": lambda ring: ring.all_reduce(np.ones(6, np.float32), timeout=20),
+    "reduce_scatter": lambda ring: ring.reduce_scatter(np.ones(6, np.float32), timeout=20),
+    "all_gather": lambda ring: ring.all_gather(np.ones(6, np.float32), timeout=20),
+    "broadcast": lambda ring: ring.broadcast(np.ones(6, np.float32), root=0, timeout=20),
+    "barrier": lambda ring: ring.barrier(timeout=20),
+    "empty all_reduce": lambda ring: ring.all_reduce(np.ones(0, np.float32), timeout=20),
+}
+
+
+@pytest.mark.parametrize("most, odd", [(a, b) for a in CALLS for b in CALLS
+                                       if a != b and "empty" not in a])
+async def test_any_two_collectives_that_disagree_raise_a_mismatch_on_every_rank_promptly(most, odd):
+    """Even where their messages never meet (an all-reduce on two ranks, a broadcast on the
+    third), or where a rank's buffer alone is empty: MismatchError on every rank long before
+    the deadline (the call itself, or the next one for a rank that had finished it), and
+    the ring carries on."""
+    async with ring_of(3) as rings:
+        started = time.monotonic()
+        first = await asyncio.gather(*[CALLS[odd if r.rank == 2 else most](r) for r in rings],
+                                     return_exceptions=True)
+        elapsed = time.monotonic() - started
+        xs = [np.full(4, r.rank, np.float32) for r in rings]
+        second = await asyncio.gather(*[r.all_reduce(x, timeout=20) for r, x in zip(rings, xs)],
+                                      return_exceptions=True)
+        assert elapsed < 5, f"the mismatch took {elapsed:.1f} s of a 20 s deadline"
+        for ring, results in zip(rings, zip(first, second)):
+            errors = [r for r in results if isinstance(r, BaseException)]
+            assert len(errors) == 1 and isinstance(errors[0], MismatchError), (ring.rank, results)
+        ys = [np.full(4, r.rank, np.float32) for r in rings]
+        await asyncio.gather(*[r.all_reduce(y, timeout=20) for r, y in zip(rings, ys)])
+        assert all(y.tolist() == [3.0] * 4 for y in ys)
+
+
 async def lost_everywhere(rings) -> None:
     """Every ring's next collective raises PeerLost for a rank that closed its ring."""
     results = await asyncio.gather(*[r.all_reduce(np.ones(4), timeout=10) for r in rings],
@@ -190,6 +267,67 @@ async def test_a_rank_that_leaves_is_lost_everywhere_and_the_others_re_form_down
         assert (await r0.all_reduce(np.full(3, 5.0))).tolist() == [5.0] * 3
 
 
+async def test_a_rank_that_closes_is_reported_at_once_not_after_the_peer_timeout():
+    async with ring_of(3, peer_timeout=30, heartbeat_s=0.5) as (r0, r1, r2):
+        await r1.close()
+        started = time.monotonic()
+        results = await asyncio.gather(r0.all_reduce(np.ones(4), timeout=60),
+                                       r2.all_reduce(np.ones(4), timeout=60),
+                                       return_exceptions=True)
+        assert all(isinstance(r, PeerLost) and r.rank == 1 and "closed its ring" in str(r)
+                   for r in results), results
+        assert time.monotonic() - started < 5  # a heartbeat interval's grace, not 30 s
+
+
+async def test_a_rank_that_closes_fails_only_what_waits_for_it_and_leaves_its_files(tmp_path):
+    """Rank 0 closes (BYE) and a new endpoint binds its ipc address at once, as a re-opened
+    ring would. A message between ranks 1 and 2 that comes long after the BYE still
+    arrives; a collective that needs rank 0 raises PeerLost at once; and the survivors
+    leave the files at rank 0's address alone: a rank that closes removes its own."""
+    peers = [f"ipc://{tmp_path}/r{r}" for r in range(3)]
+    rings = await asyncio.gather(*[ringlib.connect(r, 3, peers, timeout=10, peer_timeout=30,
+                                                   heartbeat_s=0.1) for r in range(3)])
+    r0, r1, r2 = rings
+    successor = Endpoint(0)
+    try:
+        await r0.close()
+        successor.bind(peers[0])
+        later = frames.stream(0, 1, 0, "uint8", 1, 3)
+        arrival = asyncio.ensure_future(r2.endpoint.recv(later.key))
+        await asyncio.sleep(1.0)  # ten heartbeat intervals: BYE's grace is one
+        await r1.endpoint.send(2, later, b"abc")
+        assert (await arrival).payload.bytes == b"abc"
+        started = time.monotonic()
+        results = await asyncio.gather(r1.all_reduce(np.ones(4), timeout=60),
+                                       r2.all_reduce(np.ones(4), timeout=60),
+                                       return_exceptions=True)
+        assert all(isinstance(r, PeerLost) and r.rank == 0 for r in results), results
+        assert time.monotonic() - started < 5
+        assert (tmp_path / "r0").exists()  # the successor's socket file
+    finally:
+        await asyncio.gather(*[r.close() for r in rings])
+        await successor.close()
+
+
+async def test_stale_or_stranger_control_messages_cannot_fail_a_ring():
+    """LOST, MISMATCH and BYE carry their sender's token, which only its peers learned at
+    start-up: the same words from another endpoint are dropped."""
+    async with ring_of(2) as (r0, r1):
+        stranger = Endpoint(1)  # claims to be rank 1, but is not the one that greeted
+        stranger.set_peers(r0.peers)
+        stranger.roster.tokens[0] = r0.endpoint.roster.token
+        try:
+            stranger.notify(0, frames.lost(0, 1), b"you are out")
+            stranger.notify(0, frames.mismatch(1, 1), b"all wrong")
+            stranger.notify(0, frames.control(Kind.BYE, 1))
+            await asyncio.sleep(1.0)  # a heartbeat interval: a BYE would count by now
+            x0, x1 = np.ones(3), np.ones(3)
+            await asyncio.gather(r0.all_reduce(x0, timeout=5), r1.all_reduce(x1, timeout=5))
+            assert x0.tolist() == [2.0] * 3 and not r0.endpoint.liveness.gone()
+        finally:
+            await stranger.close()
+
+
 async def test_settings_changed_on_a_ring_hold_after_it_re_forms():
     async with ring_of(3, peer_timeout=0.5, heartbeat_s=0.1) as (r0, r1, r2):
         for ring in (r0, r1):
@@ -205,6 +343,18 @@ async def test_settings_changed_on_a_ring_hold_after_it_re_forms():
             r0.configure(spin=3)
         with pytest.raises(InvalidArgument, match="shm_bytes"):
             r0.configure(shm_bytes=-1)
+
+
+async def test_a_re_form_tried_again_never_takes_the_words_of_the_try_that_failed():
+    """Rank 0 tries first and is stopped; its words of that try (with the address of an
+    endpoint it closed since) wait at rank 1. Tried again, by both, the ring forms."""
+    async with ring_of(3, peer_timeout=0.5, heartbeat_s=0.1) as (r0, r1, r2):
+        await r2.close()
+        await lost_everywhere([r0, r1])
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(r0.reform(timeout=10), 0.3)
+        await asyncio.sleep(0.1)
+        await re_formed([r0, r1])
 
 
 async def test_a_rank_that_starts_later_than_the_peer_timeout_is_not_taken_for_lost():
@@ -236,13 +386,16 @@ async def test_a_rank_that_never_calls_makes_the_others_time_out_naming_it():
         assert isinstance(caught.value, TimeoutError) and isinstance(caught.value, RingError)
 
 
-async def test_connect_names_the_neighbours_it_could_not_reach():
+async def test_connect_names_the_ranks_it_could_not_reach_and_only_those():
     peers = addresses(4)
+    present = asyncio.ensure_future(ringlib.connect(2, 4, peers, timeout=0.6))
     with pytest.raises(RendezvousTimeout) as caught:
-        await ringlib.connect(0, 4, peers, timeout=0.3)
+        await ringlib.connect(0, 4, peers, timeout=0.5)
     message = str(caught.value)
     assert f"rank 1 at {peers[1]}" in message and f"rank 3 at {peers[3]}" in message
-    assert "rank 2" not in message  # not a neighbour of rank 0
+    assert "rank 2" not in message  # it was there, and greeted rank 0
+    with pytest.raises(RendezvousTimeout):
+        await present
 
 
 async def test_a_closed_ring_refuses_collectives():

@@ -18,7 +18,7 @@ import pytest
 from leftovers import assert_none_left, tagged_env
 from ring_harness import ringlib_env, run_ranks
 from ringlib.errors import ProtocolError
-from ringlib.transport import shared
+from ringlib.transport import segment_names, shared
 from ringlib.transport.addresses import local_addresses
 from ringlib.transport.frames import data, pack, unpack
 
@@ -28,7 +28,7 @@ PEER = str(Path(__file__).with_name("shm_peer.py"))
 
 def ours(job: str = "") -> set[str]:
     """ringlib's names in /dev/shm (of one job: ranks started by a test carry their own)."""
-    return {n for n in os.listdir(shared.DIRECTORY) if n.startswith(shared.PREFIX + job)}
+    return {n for n in os.listdir(segment_names.DIRECTORY) if n.startswith(segment_names.PREFIX + job)}
 
 
 def launched_since(before: set[str]) -> set[str]:
@@ -113,7 +113,7 @@ def test_a_stranger_segment_or_a_wrong_nonce_is_refused_and_left_alone():
         with pytest.raises(ProtocolError, match="not a ringlib segment"):
             shared.Reader("../etc/passwd", writer.nonce, writer.capacity, print)
         with pytest.raises(FileNotFoundError):
-            shared.Reader(shared.PREFIX + "nobody", writer.nonce, writer.capacity, print)
+            shared.Reader(segment_names.PREFIX + "nobody", writer.nonce, writer.capacity, print)
         assert writer.name in ours()
     finally:
         writer.close()
@@ -126,7 +126,7 @@ def run_shm(scenario: str, world: int, transport: str, seed: int, extra: dict | 
     job = f"t{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="rl-") as ipc_dir:
         peers = local_addresses(world, transport, ipc_dir)
-        envs = [{**ringlib_env(r, world, peers), shared.JOB_VARIABLE: job, **(extra or {})}
+        envs = [{**ringlib_env(r, world, peers), segment_names.JOB_VARIABLE: job, **(extra or {})}
                 for r in range(world)]
         finished = run_ranks([PEER, scenario, str(seed)], envs, 150, expendable)
     assert not ours(job), f"left in /dev/shm: {ours(job)}"
@@ -225,10 +225,48 @@ def test_the_launcher_removes_what_a_killed_rank_offered_and_nobody_took(tmp_pat
     assert not launched_since(before)
 
 
+def test_what_ranks_killed_without_a_launcher_offered_goes_with_the_next_ring_here(seed):
+    """No launcher to clean up: the next ring to start on this host removes offers whose
+    creating process is gone, and none of a process that lives."""
+    before = ours()
+    orphan = subprocess.run([sys.executable, PEER, "orphan", str(seed)], timeout=60,
+                            capture_output=True, text=True,
+                            env={**os.environ, "RINGLIB_RANK": "0", "RINGLIB_WORLD_SIZE": "1"})
+    assert "offered" in orphan.stdout and orphan.returncode == -9, orphan.stderr
+    left = ours() - before
+    assert len(left) == 1, left
+    mine = shared.Writer("alive", 0, 99, 4096)  # of this process, which lives
+    try:
+        finished = run_shm("check", 2, "tcp", seed)
+        assert all(f.returncode == 0 for f in finished), report(finished)
+        assert not left & ours() and mine.name in ours()
+    finally:
+        mine.close()
+
+
+def test_offers_made_in_another_pid_namespace_are_never_taken_for_orphans():
+    """A container that shares /dev/shm but not its pids sees none of another's processes:
+    only names made in this pid namespace are judged by whether their creator lives."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is free now (and not soon reused)
+    space = segment_names._PID_SPACE
+    names = {here: f"{segment_names.PREFIX}test{uuid.uuid4().hex[:8]}-0-1-{gone.pid}.{here}-ab"
+             for here in (space, space + "0")}
+    for name in names.values():
+        (Path(segment_names.DIRECTORY) / name).touch()
+    try:
+        segment_names.remove_orphans()
+        assert not (Path(segment_names.DIRECTORY) / names[space]).exists()
+        assert (Path(segment_names.DIRECTORY) / names[space + "0"]).exists()
+    finally:
+        for name in names.values():
+            segment_names.unlink(name)
+
+
 def namespaced(command: list[str]) -> list[str]:
     """`command` in a mount namespace of its own, with a /dev/shm of its own: another host,
     as far as shared memory goes."""
-    script = f"mount -t tmpfs tmpfs {shared.DIRECTORY} && exec \"$@\""
+    script = f"mount -t tmpfs tmpfs {segment_names.DIRECTORY} && exec \"$@\""
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
 
 

@@ -8,6 +8,9 @@ last one closes; a CurveZMQ ring also starts its ZAP handler (security.Gate) on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+from typing import Any, Callable
 
 import zmq.asyncio
 
@@ -51,4 +54,29 @@ async def let_go() -> None:
         _gate.stop()
         _gate = None
     if _context is not None:
-        await asyncio.get_running_loop().run_in_executor(None, _context.term)
+        await _in_thread(_context.term)
+
+
+async def _in_thread(call: Callable[[], None]) -> None:
+    """Await call() run in a thread of its own. Not the loop's executor: that refuses work
+    once the interpreter shuts down, when a blocking ring that nobody closed is closed."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def run() -> None:
+        try:
+            call()
+            outcome: tuple[Callable[[Any], None], Any] = (done.set_result, None)
+        except BaseException as exc:  # handed to the waiter, which raises it
+            outcome = (done.set_exception, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(_settle, done, *outcome)
+
+    threading.Thread(target=run, name="ringlib-context-term", daemon=True).start()
+    await done
+
+
+def _settle(done: asyncio.Future, settle: Callable[[Any], None], value: Any) -> None:
+    """settle(value) (done's set_result or set_exception), unless the wait was cancelled."""
+    if not done.done():
+        settle(value)

@@ -86,11 +86,13 @@ def _socket_for(address: str) -> tuple[socket.socket, Any]:
 
 
 class Listener:
-    """Accepts direct links on the event loop and reads their frames into `deliver`."""
+    """Accepts direct links on the event loop and reads their frames into `deliver`; a
+    link cut off amid a frame goes to `drop(why)`."""
 
-    def __init__(self, address: str, deliver: Callable[[bytes, zmq.Frame | None], None]) -> None:
+    def __init__(self, address: str, deliver: Callable[[bytes, zmq.Frame | None], None],
+                 drop: Callable[[str], None] = log.warning) -> None:
         self._sock, where = _socket_for(address)
-        self._deliver = deliver
+        self._deliver, self._drop = deliver, drop
         self._loop = asyncio.get_running_loop()
         self.readers: list[Reader] = []
         try:
@@ -113,9 +115,10 @@ class Listener:
                 conn.setblocking(False)
                 if conn.family != socket.AF_UNIX:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self.readers.append(Reader(conn, self._deliver, self._loop, self._drop))
+                self.readers.append(Reader(conn, self._deliver, self._loop, self._forget,
+                                           self._drop))
 
-    def _drop(self, reader: Reader) -> None:
+    def _forget(self, reader: Reader) -> None:
         self.readers.remove(reader)
 
     def poll(self) -> None:
@@ -137,8 +140,10 @@ class Reader:
     """One accepted link: bytes in, whole frames out."""
 
     def __init__(self, conn: socket.socket, deliver: Callable, loop: asyncio.AbstractEventLoop,
-                 on_close: Callable[[Reader], None]) -> None:
+                 on_close: Callable[[Reader], None],
+                 drop: Callable[[str], None] = log.warning) -> None:
         self._conn, self._deliver, self._loop, self._on_close = conn, deliver, loop, on_close
+        self._drop = drop
         self._buffer = bytearray()
         self._closed = False
         loop.add_reader(conn.fileno(), self.read_ready)
@@ -182,8 +187,8 @@ class Reader:
     def _close_with(self, why: str) -> None:
         if not self._closed:
             if self._buffer:
-                log.warning("direct link closed with %d bytes of an unfinished frame: %s",
-                            len(self._buffer), why)
+                self._drop(f"direct link closed with {len(self._buffer)} bytes of an "
+                           f"unfinished frame: {why}")
             self.close()
 
     def close(self) -> None:

@@ -4,7 +4,7 @@ writers of its own to theirs, opened when a peer offers one (a LINK message)."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from ringlib.errors import RendezvousError
 
@@ -17,14 +17,12 @@ log = logging.getLogger(__name__)
 
 class DirectLinks:
     """Direct links to and from one rank's peers. Frames read from them go to
-    `deliver(header, payload)`; offers that cannot be taken go to `drop(why)`. A ring
-    with CurveZMQ keys is not `enabled`: bytes travel only on authenticated, encrypted
-    links, and it neither listens nor takes offers."""
+    `deliver(header, payload)`; offers that cannot be taken go to `drop(why)`. The links
+    are plain sockets: what may travel on them is the endpoint's to say."""
 
     def __init__(self, roster: Roster, deliver: Callable[[bytes, Any], None],
-                 drop: Callable[[str], None], enabled: bool = True) -> None:
+                 drop: Callable[[str], None]) -> None:
         self._roster, self._deliver, self._drop = roster, deliver, drop
-        self.enabled = enabled
         self._listener: direct.Listener | None = None
         self._writers: dict[int, direct.Writer] = {}
         self._closed = False
@@ -35,10 +33,10 @@ class DirectLinks:
     def listen(self) -> None:
         """Listen beside this rank's ZeroMQ address, where that is possible."""
         where = direct.listen_address(self._roster.address)
-        if where is None or not self.enabled:
+        if where is None:
             return
         try:
-            self._listener = direct.Listener(where, self._deliver)
+            self._listener = direct.Listener(where, self._deliver, self._drop)
             self.poll = self._listener.poll
         except OSError as exc:
             log.info("rank %d takes no direct links at %s (%s); ZeroMQ carries everything",
@@ -60,8 +58,7 @@ class DirectLinks:
                 not direct.offered_by(address, self._roster.peers[rank]):
             return self._drop(f"direct-link offer {address!r} is not where "
                               f"{self._roster.name(rank)} listens")
-        if rank == self._roster.rank or rank in self._writers or self._closed or \
-                not self.enabled:
+        if rank == self._roster.rank or rank in self._writers or self._closed:
             return
         try:
             self._writers[rank] = direct.Writer(address)
@@ -83,12 +80,12 @@ class DirectLinks:
         """The ranks this rank sends small messages to over a direct link, now."""
         return sorted(rank for rank, link in self._writers.items() if link.ready)
 
-    def close(self, linger: float) -> None:
+    def close(self, linger: float, gone: Collection[int] = ()) -> None:
         """Close every link; what writers still keep is written first, waiting up to
-        `linger` seconds."""
+        `linger` seconds, except to the ranks `gone`, which read nothing more."""
         self._closed = True
-        for link in self._writers.values():
-            link.close(linger)
+        for rank, link in self._writers.items():
+            link.close(0.0 if rank in gone else linger)
         if self._listener is not None:
             self._listener.close()
 

@@ -23,11 +23,12 @@ import zmq
 
 from ringlib.errors import ProtocolError, RendezvousTimeout, RingClosed
 
-from . import frames, shared
+from . import frames, segment_names
 from .direct import remove_socket_files
 from .direct_links import DirectLinks
-from .frames import DATA, Header, Key, Kind, decode, encode, pack, unpack
+from .frames import CHECKED, DATA, TOKENED, Header, Key, Kind, decode, encode, pack, unpack
 from .inbox import Inbox, Message
+from .limited_log import LimitedLog
 from .liveness import Liveness
 from .roster import Roster
 from .security import Keys
@@ -50,17 +51,23 @@ class Endpoint:
     """Sends to and receives from the other ranks.
 
     With `keys` every ZeroMQ link is authenticated and encrypted (CurveZMQ, see
-    security.py), and no direct link is offered or taken: those are plain sockets.
+    security.py). Direct links are plain sockets: with keys they carry doorbells alone,
+    which say nothing but "read your shared-memory link", and anything else that comes
+    on them is dropped; shared memory needs no encryption (its segments are this user's
+    alone, and their names and nonces travel encrypted).
     """
 
     def __init__(self, rank: int, keys: Keys | None = None) -> None:
         self.roster = Roster(rank)
         self.keys = keys
-        self.inbox = Inbox()
+        self._warnings = LimitedLog(log)  # of what strangers may send
+        self.inbox = Inbox(self._warnings.warning)
         self.zmq = ZmqLinks(self.roster, keys, self._file, self.inbox.close)
-        self.direct = DirectLinks(self.roster, self._deliver, self._drop, enabled=keys is None)
-        self.shared = SharedLinks(self.roster, self.notify, self._deliver_packed)
-        self.liveness = Liveness(self.roster, self.notify, self.inbox.fail, self._forget)
+        self._plain = keys is None  # whether payloads may travel on plain links
+        self.direct = DirectLinks(self.roster, self._deliver_direct, self._drop)
+        self.shared = SharedLinks(self.roster, self.notify, self._deliver_packed, self._drop)
+        self.liveness = Liveness(self.roster, self.notify, self.inbox.fail, self._forget,
+                                 self._file_all, self._waits_on)
         self.direct_bytes = DIRECT_BYTES
         self.single_copy_bytes = SINGLE_COPY_BYTES
         self._may_poll = False  # whether receives may poll the links (not on inproc)
@@ -92,8 +99,12 @@ class Endpoint:
         return self.roster.peers
 
     def on(self, kind: Kind, handler: Callable[[Message], None]) -> None:
-        """Hand every message of `kind` that arrives to `handler`, instead of the inbox."""
+        """Hand every message of `kind` to `handler` instead of the inbox: those that
+        arrive from now on, and first those the inbox kept before there was a handler."""
         self._control[kind] = handler
+        for message in self.inbox.kept(lambda key: key.kind == kind):
+            handler(message)
+        self.inbox.purge(lambda key: key.kind == kind)
 
     def bind(self, address: str) -> str:
         """Bind the receiving socket at `address` (tcp port 0 picks a free port); return
@@ -125,7 +136,12 @@ class Endpoint:
         """Offer each rank a shared-memory link of the given capacity (see shared_links.py);
         those on this host take it. Not within one process (inproc), where it buys nothing."""
         if self._may_poll:
-            self.shared.job = shared.job([self.roster.peers[r] for r in sorted(self.roster.peers)])
+            removed = segment_names.remove_orphans()
+            if removed:
+                log.info("%s removed %d shared-memory offers of processes that are gone",
+                         self.roster.me, removed)
+            self.shared.job = segment_names.job([self.roster.peers[r]
+                                                 for r in sorted(self.roster.peers)])
             for rank, capacity in capacities.items():
                 self.shared.offer(rank, capacity)
 
@@ -155,7 +171,7 @@ class Endpoint:
 
     def watch(self, ranks: list[int], interval: float, timeout: float) -> None:
         """Beat to `ranks` and lose any that falls silent (see Liveness.watch)."""
-        self.liveness.watch(ranks, interval, timeout, self.zmq.secure, self._file_all)
+        self.liveness.watch(ranks, interval, timeout, self.zmq.secure)
 
     async def send(self, to: int, header: Header, payload: Any = None,
                    deadline: float | None = None, writable: bool = False) -> Any:
@@ -181,7 +197,10 @@ class Endpoint:
             written = self._write_shared(to, header, payload, nbytes, writable)
             if written is not None:
                 return written[0]
-        if nbytes <= self.direct_bytes and self.direct.send(to, encode(header), payload):
+        elif header.kind in TOKENED:
+            header = frames.tokened(header, self.roster.token)
+        if self._plain and nbytes <= self.direct_bytes and \
+                self.direct.send(to, encode(header), payload):
             return None
         parts = [encode(header)] if payload is None else [encode(header), payload]
         return await self.zmq.send(to, parts, deadline, self.inbox.unless_failed)
@@ -214,6 +233,8 @@ class Endpoint:
         if self._closed:
             return
         header = frames.sized(header, len(payload or b""))
+        if header.kind in TOKENED:
+            header = frames.tokened(header, self.roster.token)
         if not self.zmq.send_now(to, [encode(header)] if payload is None
                                  else [encode(header), payload]):
             log.info("rank %d: no room to tell rank %d %s", self.rank, to, header.kind.name)
@@ -283,19 +304,27 @@ class Endpoint:
             self._deliver(parts[0].buffer, parts[1] if len(parts) == 2 else None)
 
     def _deliver(self, header: bytes | memoryview, payload: Any,
-                 parse: Callable[[Any], Header] = decode) -> None:
-        """File one message, from ZeroMQ, a direct link or (with `parse` unpack) a
-        shared-memory ring, or hand a control message to its handler."""
+                 parse: Callable[[Any], Header] = decode, plain_link: bool = False) -> None:
+        """File one message, from ZeroMQ, a direct link (`plain_link`) or (with `parse`
+        unpack) a shared-memory ring, or hand a control message to its handler."""
         try:
             message = Message(parse(header), payload)
         except ProtocolError as exc:
             return self._drop(str(exc), payload)
         h, nbytes = message.header, 0 if payload is None else len(payload)
+        if plain_link and not self._plain:  # anyone may write there: a wake-up, no more
+            if h.kind != Kind.DOORBELL or payload is not None:
+                return self._drop(f"{h.kind.name} from rank {h.sender} on a plain link of a "
+                                  "ring with keys", payload)
+            return self._control[h.kind](message)  # not a sign of life: it proves nothing
         if h.nbytes != nbytes:
             return self._drop(f"{h.kind.name} from rank {h.sender} has {nbytes} payload bytes "
                               f"under a header of {h.nbytes}", payload)
         if isinstance(payload, HELD) and h.kind != DATA:
             return self._drop(f"{h.kind.name} from rank {h.sender} in shared memory", payload)
+        if h.kind in CHECKED and h.sig != self.roster.tokens.get(h.sender):
+            return self._drop(f"{h.kind.name} from rank {h.sender} without its token: a "
+                              "stranger, or a ring at that address that is gone", payload)
         self.liveness.heard(h.sender)
         act = self._control.get(h.kind)
         if act is None:
@@ -303,31 +332,47 @@ class Endpoint:
         else:
             act(message)
 
+    def _deliver_direct(self, header: bytes, payload: Any) -> None:
+        self._deliver(header, payload, plain_link=True)
+
     def _deliver_packed(self, header: memoryview, payload: Any) -> None:
         self._deliver(header, payload, unpack)
 
     def _drop(self, why: str, payload: Any = None) -> None:
         discard(payload)
-        log.warning("%s dropped a message: %s", self.roster.me, why)
+        self._warnings.warning("%s dropped a message: %s", self.roster.me, why)
 
-    def _forget(self, rank: int) -> None:
-        """`rank` was lost: drop its shared-memory links and the socket files it left."""
-        remove_socket_files(self.roster.peers[rank])
-        self.shared.lose(rank)
+    def _waits_on(self, rank: int) -> bool:
+        """Whether a receive from `rank`, or a send to it, waits now."""
+        return self.inbox.waits_on(rank) or self.zmq.waits_for_room(rank)
 
-    async def close(self) -> None:
-        """Say BYE, stop receiving, fail pending receives with RingClosed, and close every
-        link; messages already queued are still delivered (see ZmqLinks.close)."""
+    def _forget(self, rank: int, died: bool) -> None:
+        """`rank` was lost: drop its shared-memory links and, if it `died` (a rank that
+        closed removed its own, and may have re-opened there), the files it left."""
+        if died:
+            remove_socket_files(self.roster.peers[rank])
+        self.shared.lose(rank, died)
+
+    async def close(self, why: str = "") -> None:
+        """Say BYE (with `why`, if this rank gives up), stop receiving, fail pending
+        receives with RingClosed, and close every link; messages already queued are still
+        delivered (see ZmqLinks.close)."""
         if self._closed:
             return
-        lost = self.liveness.lost
-        for rank in self.zmq.connected:  # so that this rank's silence worries nobody
-            if rank not in lost:
-                self.notify(rank, frames.control(Kind.BYE, self.rank))
+        # Nothing waits to reach a rank that is lost, said BYE (filed now, if it came), or
+        # was never heard from (a start-up that failed): closing must not linger for it.
+        self._file_all()
+        gone = self.liveness.gone() | {r for r in self.zmq.connected
+                                       if r not in self.roster.tokens}
+        # What the direct links keep is written first, before the BYE.
+        self.direct.close(CLOSE_LINGER_S, gone)
+        for rank in self.zmq.connected:  # so that its peers take this rank for gone, not dead
+            if rank not in gone:
+                self.notify(rank, frames.control(Kind.BYE, self.rank), why.encode() or None)
         self._closed = True
         self.inbox.close(RingClosed(f"rank {self.rank}: endpoint closed"))
         await self.liveness.stop()
         await self.zmq.stop_reading()
-        self.direct.close(CLOSE_LINGER_S)  # what they still keep is written first
         self.shared.close()
-        await self.zmq.close(lost)
+        await self.zmq.close(gone)
+        self._warnings.flush()

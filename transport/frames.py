@@ -11,13 +11,20 @@ kind; each kind has a constructor here that names them, and a key to wait on:
     kind      seq          step                  chunk          sig         made by
     DATA      collective   step                  piece          signature   data()
     STREAM    item         part                  stream number  dtype       stream()
-    REFORM    generation   round                 -              -           reform()
-    LOST      lost rank    -                     -              -           lost()
-    MISMATCH  collective   -                     -              -           mismatch()
-    SHARED    -            OFFER/ACCEPT/...      -              -           shared_link()
+    REFORM    generation   round                 attempt        token       reform()
+    LOST      lost rank    -                     -              token       lost()
+    MISMATCH  collective   -                     -              token       mismatch()
+    WAITING   collective   -                     -              token       waiting()
+    SHARED    -            OFFER/ACCEPT/...      -              token       shared_link()
+    HELLO, LINK, BYE       -                     -              token       control()
     others    -            -                     -              -           control()
 
 Payloads travel as their own frame so they can be sent and received without copying.
+
+The token is the sending endpoint's own random word (Roster.token), which its peers
+learn from its HELLO at start-up: the endpoint stamps it on the kinds that can change a
+ring's course (TOKENED) and drops those whose token is not the sender's (an older ring
+at the same address, re-opened since, or a stranger who reached the port).
 
 Records in a shared-memory ring (shared.py) carry the same header as fixed-width fields
 and the signature's bytes (pack/unpack): there, msgpack's few microseconds per message
@@ -35,7 +42,7 @@ import msgpack
 
 from ringlib.errors import ProtocolError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class Kind(enum.IntEnum):
@@ -54,6 +61,14 @@ class Kind(enum.IntEnum):
     REFORM = 10    # survivors agree on a new ring (runtime/reform.py)
     SHARED = 11    # a shared-memory link offered, taken or declined (shared_links.py)
     DOORBELL = 12  # a record waits in a shared-memory link (shared.py)
+    WAITING = 13   # a rank has long waited for the receiver's piece of a collective
+
+
+# The kinds an endpoint stamps with its token; HELLO carries it to the peers, which check
+# it on the others.
+TOKENED = frozenset({Kind.HELLO, Kind.LINK, Kind.BYE, Kind.LOST, Kind.MISMATCH, Kind.REFORM,
+                     Kind.SHARED, Kind.WAITING})
+CHECKED = TOKENED - {Kind.HELLO}
 
 
 class SharedStep(enum.IntEnum):
@@ -97,6 +112,11 @@ _PLACE = operator.itemgetter(0, 1, 2, 3, 6)  # a header's key fields
 DATA, STREAM = Kind.DATA, Kind.STREAM
 
 
+def tokened(header: Header, token: str) -> Header:
+    """`header` stamped with its sender's token (TOKENED kinds)."""
+    return _new(Header, (*header[:4], token, *header[5:]))
+
+
 def sized(header: Header, nbytes: int) -> Header:
     """`header` for a payload of `nbytes` (NamedTuple's _replace costs microseconds)."""
     return _new(Header, (*header[:5], nbytes, header[6]))
@@ -121,13 +141,14 @@ def stream_key(number: int, item: int, part: int, sender: int) -> Key:
     return _new(Key, (STREAM, item, part, number, sender))
 
 
-def reform(generation: int, round_: int, sender: int) -> Header:
-    """A survivor's word in round `round_` of re-forming the ring as `generation`."""
-    return Header(Kind.REFORM, generation, round_, 0, "", 0, sender)
+def reform(generation: int, attempt: int, round_: int, sender: int) -> Header:
+    """A survivor's word in round `round_` of its `attempt`-th try at re-forming the ring
+    as `generation`."""
+    return Header(Kind.REFORM, generation, round_, attempt, "", 0, sender)
 
 
-def reform_key(generation: int, round_: int, sender: int) -> Key:
-    return Key(Kind.REFORM, generation, round_, 0, sender)
+def reform_key(generation: int, attempt: int, round_: int, sender: int) -> Key:
+    return Key(Kind.REFORM, generation, round_, attempt, sender)
 
 
 def lost(rank: int, sender: int) -> Header:
@@ -143,6 +164,12 @@ def lost_rank(header: Header) -> int:
 def mismatch(seq: int, sender: int) -> Header:
     """`sender` found collective `seq` called differently (the payload says how)."""
     return Header(Kind.MISMATCH, seq, 0, 0, "", 0, sender)
+
+
+def waiting(seq: int, sender: int) -> Header:
+    """`sender` has long waited for the receiver's piece of collective `seq`; the payload
+    is the signature it runs it as, which the receiver compares with its own."""
+    return Header(Kind.WAITING, seq, 0, 0, "", 0, sender)
 
 
 def shared_link(step: SharedStep, sender: int) -> Header:

@@ -7,9 +7,10 @@ in the loop's thread) still looks alive; the thread needs the GIL only for a mom
 beat. Beating starts as soon as the peers are known, before the greeting, so that a rank
 still waiting for a late neighbour looks alive to its other one. A Watch keeps when each
 neighbour was last heard from (any message counts; a neighbour's clock starts with its
-first message) and says which have been silent for longer than the timeout. The
-receiving side files what its socket holds before it judges, so that its own stalls
-never look like a peer's.
+first message, or with the connection to it, whichever comes first: a neighbour that
+bound its address and died before its first word is lost too) and says which have been
+silent for longer than the timeout. The receiving side files what its socket holds
+before it judges, so that its own stalls never look like a peer's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from typing import Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .context import context
 from .frames import Kind, control, encode
@@ -27,19 +29,25 @@ from .frames import Kind, control, encode
 
 class Pulse:
     """A thread that sends this rank's heartbeat to `targets` (rank -> address) until
-    stopped; silence(rank) stops the beats to one of them."""
+    stopped; silence(rank) stops the beats to one of them. connected(rank) is called, from
+    the thread, once the first connection to a target has passed ZeroMQ's handshake
+    (CurveZMQ's too: a peer that holds another key is never connected)."""
 
     def __init__(self, rank: int, targets: dict[int, str], interval: float,
-                 secure: Callable[[zmq.Socket], None]) -> None:
+                 secure: Callable[[zmq.Socket], None],
+                 connected: Callable[[int], None] = lambda rank: None) -> None:
         self._beat = encode(control(Kind.HEARTBEAT, rank))
         self._stop = threading.Event()
         self._sockets: dict[int, zmq.Socket] = {}
+        self._monitors: dict[int, zmq.Socket] = {}  # until the first connection
+        self._connected = connected
         self._silenced: set[int] = set()
         plain = zmq.Context.shadow(context().underlying)
         for target, address in targets.items():  # made here, used and closed by the thread
             push = plain.socket(zmq.PUSH)
             push.linger, push.sndhwm = 0, 4
             secure(push)
+            self._monitors[target] = push.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
             push.connect(address)
             self._sockets[target] = push
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True,
@@ -56,11 +64,25 @@ class Pulse:
                         push.send(self._beat, zmq.NOBLOCK)
                     except zmq.Again:  # the peer takes nothing: its silence is the news
                         pass
+                self._note_connections()
                 if self._stop.wait(interval):
                     return
         finally:
+            for target in list(self._monitors):
+                self._unmonitor(target)
             for push in self._sockets.values():
                 push.close(0)
+
+    def _note_connections(self) -> None:
+        for target, monitor in list(self._monitors.items()):
+            if monitor.poll(0):
+                recv_monitor_message(monitor)  # EVENT_HANDSHAKE_SUCCEEDED, the only one asked for
+                self._unmonitor(target)
+                self._connected(target)
+
+    def _unmonitor(self, target: int) -> None:
+        self._sockets[target].disable_monitor()
+        self._monitors.pop(target).close(0)
 
     def silence(self, rank: int) -> None:
         self._silenced.add(rank)
@@ -82,6 +104,11 @@ class Watch:
         if rank in self._last:
             self._last[rank] = time.monotonic()
 
+    def connected(self, rank: int) -> None:
+        """This rank's link to `rank` is up: its clock starts now, if no word did."""
+        if self._last.get(rank, 0) is None:
+            self._last[rank] = time.monotonic()
+
     def forget(self, rank: int) -> None:
         self._last.pop(rank, None)
 
@@ -101,7 +128,7 @@ class Watchdog:
                  secure: Callable[[zmq.Socket], None], drain: Callable[[], None],
                  on_silent: Callable[[int, float], None]) -> None:
         self._watch = Watch(list(targets), timeout)
-        self._pulse = Pulse(rank, targets, interval, secure)
+        self._pulse = Pulse(rank, targets, interval, secure, self._watch.connected)
         self.heard = self._watch.heard
         self._task = asyncio.get_running_loop().create_task(
             self._check_every(min(interval, timeout / 4), drain, on_silent))

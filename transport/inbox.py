@@ -42,7 +42,10 @@ class Filter(Protocol):
 
 
 class Inbox:
-    def __init__(self) -> None:
+    """`warn(message, *args)` says that a message was dropped (as log.warning does)."""
+
+    def __init__(self, warn: Callable[..., None] = log.warning) -> None:
+        self._warn = warn
         self._waiting: dict[Key, asyncio.Future] = {}
         self._kept: dict[Key, Message] = {}
         self._failure: BaseException | None = None
@@ -61,7 +64,7 @@ class Inbox:
             waiter.set_result(message)
         elif key in self._kept:
             discard(message.payload)
-            log.warning("dropped a duplicate message %s", message.header)
+            self._warn("dropped a duplicate message %s", message.header)
         else:
             self._kept[key] = message
 
@@ -129,6 +132,10 @@ class Inbox:
             if self._waiting.get(key) is waiter:
                 del self._waiting[key]
             self._resilient.discard(key)
+
+    def waits_on(self, sender: int) -> bool:
+        """Whether a receive waits now for a message from `sender`."""
+        return any(key.sender == sender for key in self._waiting)
 
     def kept(self, which: Callable[[Key], bool]) -> list[Message]:
         """The messages kept now under keys for which `which` is true."""

@@ -3,11 +3,16 @@
 The Watchdog (heartbeat.py) reports a neighbour silent past the peer timeout; the rank
 is then lost: every receive fails with PeerLost, and every other rank is told (LOST), the
 lost one included, which may be alive and must learn that it is out. A rank that closes
-says BYE first, so that its silence is no alarm.
+says BYE, a promise to send nothing more. Collectives that need nothing from it finish;
+once what it sent before has arrived (BYE_GRACE of a heartbeat interval, for what still
+travels on another link), a wait on it is a wait that nothing will end, and the rank is
+lost then, as one that closed its ring, not one that died. Its files are its own to
+remove.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Callable
 
@@ -23,41 +28,54 @@ from .roster import Roster
 
 log = logging.getLogger(__name__)
 
+# A rank that said BYE is lost after this many heartbeat intervals: whatever it sent
+# before its BYE over another link (a direct link to another host) has come by then.
+BYE_GRACE = 1.0
+
 
 class Liveness:
     """What one rank knows and says about whether its peers are still there.
 
     notify(to, header, payload): send a control message at once.
     fail(exc): fail every receive (a peer was lost, or this rank is out).
-    forget(rank): drop what this rank keeps for a lost peer (its links, its files).
+    forget(rank, died): drop what this rank keeps for a lost peer (its links, and where
+        it `died` rather than closed, the files it left).
+    drain(): file what every link holds now.
+    waited_on(rank): whether a receive from `rank`, or a send to it, waits now.
     """
 
     def __init__(self, roster: Roster, notify: Callable[[int, Header, bytes | None], None],
-                 fail: Callable[[BaseException], None], forget: Callable[[int], None]) -> None:
+                 fail: Callable[[BaseException], None], forget: Callable[[int, bool], None],
+                 drain: Callable[[], None], waited_on: Callable[[int], bool]) -> None:
         self._roster = roster
-        self._notify, self._fail, self._forget = notify, fail, forget
+        self._notify, self._fail, self._forget, self._drain = notify, fail, forget, drain
+        self._waited_on = waited_on
+        self._interval = 0.5  # the heartbeat interval, once watching
         self.lost: dict[int, str] = {}  # rank -> why it was lost
         self.excluded_by: int | None = None  # a rank that declared this one lost
-        self._departed: set[int] = set()  # ranks that said BYE
+        self._departed: dict[int, str] = {}  # rank that said BYE -> why it closed
+        self._farewells: dict[int, asyncio.TimerHandle] = {}  # its next check
+        self._stopped = False
         self._watchdog: Watchdog | None = None
         # heard(rank): a message came from `rank`, which is alive. The watchdog's own, once
         # there is one: this runs for every message.
         self.heard: Callable[[int], None] = _nobody_watched
 
     def watch(self, ranks: list[int], interval: float, timeout: float,
-              secure: Callable[[zmq.Socket], None], drain: Callable[[], None]) -> None:
+              secure: Callable[[zmq.Socket], None]) -> None:
         """Send `ranks` a heartbeat every `interval` seconds, and declare any of them lost
-        after `timeout` seconds without a message from it (timeout 0: never). `drain`
-        files what the sockets hold before each verdict."""
+        after `timeout` seconds without a message from it (timeout 0: never); what the
+        links hold is filed before each verdict."""
+        self._interval = interval
         if timeout <= 0 or not ranks:
             return
         targets = {r: addresses.bind_address(self._roster.peers[r]) for r in ranks}
         self._watchdog = Watchdog(self._roster.rank, targets, interval, timeout, secure,
-                                  drain, self._silent)
+                                  self._drain, self._silent)
         self.heard = self._watchdog.heard
 
     def _silent(self, rank: int, seconds: float) -> None:
-        self.lose(rank, "closed its ring" if rank in self._departed else
+        self.lose(rank, self._departed.get(rank) or
                   f"sent nothing for {seconds:.1f} s: it died or hangs, or the network to it "
                   "is cut")
 
@@ -71,7 +89,7 @@ class Liveness:
         self.lost[rank] = why
         if self._watchdog is not None:
             self._watchdog.forget(rank)
-        self._forget(rank)
+        self._forget(rank, rank not in self._departed)
         found = "" if reporter is None else f" (found by rank {reporter})"
         message = f"{self._roster.me}: {self._roster.name(rank)} {why}{found}"
         self._fail(PeerLost(message, rank, peers[rank]))
@@ -95,10 +113,39 @@ class Liveness:
                                 self._roster.rank, self._roster.address))
 
     def said_bye(self, message: Message) -> None:
-        """Act on BYE: the sender closes on purpose."""
-        self._departed.add(message.header.sender)
+        """Act on BYE: the sender closes on purpose and sends nothing more. From when what
+        it sent before has come, lose it as soon as anything waits on it."""
+        rank = message.header.sender
+        if self._stopped or rank in self._departed:
+            return
+        self._departed[rank] = "closed its ring" + (f" ({message.text()})"
+                                                    if message.payload else "")
+        self._check_later(rank)
+
+    def _check_later(self, rank: int) -> None:
+        self._farewells[rank] = asyncio.get_running_loop().call_later(
+            BYE_GRACE * self._interval, self._check, rank)
+
+    def _check(self, rank: int) -> None:
+        """Lose `rank`, which said BYE, if a receive or a send waits on it; else look
+        again."""
+        if self._stopped or rank in self.lost:
+            return
+        self._drain()
+        if self._waited_on(rank):
+            self.lose(rank, self._departed[rank])
+        else:
+            self._check_later(rank)
+
+    def gone(self) -> set[int]:
+        """The ranks that nothing sent now would reach: those lost, and those that said
+        BYE (they stopped reading), lost yet or not."""
+        return set(self.lost) | set(self._departed)
 
     async def stop(self) -> None:
+        self._stopped = True
+        for farewell in self._farewells.values():
+            farewell.cancel()
         if self._watchdog is not None:
             await self._watchdog.stop()
 

@@ -8,6 +8,7 @@ same rank and address.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 
@@ -16,6 +17,9 @@ class Roster:
     rank: int
     address: str | None = None                            # where this rank receives
     peers: dict[int, str] = field(default_factory=dict)   # rank -> where it receives
+    # This endpoint's random word, and each peer's as its HELLO said (see frames.TOKENED).
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
+    tokens: dict[int, str] = field(default_factory=dict)
 
     def name(self, rank: int) -> str:
         """'rank 2 (tcp://10.0.0.3:29601)', for messages."""

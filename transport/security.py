@@ -5,7 +5,10 @@ a CURVE server with that pair, and every sending socket a CURVE client with it, 
 process must hold the secret key to complete a handshake: a ZAP handler (pyzmq's
 ThreadAuthenticator, one per ZeroMQ context) admits only clients whose public key is the
 ring's. A stranger without it can neither join nor inject a message; ZeroMQ drops the
-connection during the handshake, before a byte reaches ringlib.
+connection during the handshake, before a byte reaches ringlib. Each ring's receiving
+sockets name a ZAP domain of their own, derived from the ring's public key, so that in
+a process with several keyed rings a client holding one ring's key can reach only that
+ring's sockets.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from ringlib.errors import Unauthorized
+
+from .limited_log import LimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +60,16 @@ class Keys:
                                    "characters (32 bytes)")
         return cls(public, secret)
 
+    @property
+    def domain(self) -> str:
+        """The ZAP domain of this ring's receiving sockets."""
+        return f"{DOMAIN}-{self.public.decode()}"
+
     def server(self, socket: zmq.Socket) -> None:
         """Make `socket` (a receiving one) accept only clients holding this pair."""
         socket.curve_server = True
         socket.curve_publickey, socket.curve_secretkey = self.public, self.secret
-        socket.zap_domain = DOMAIN.encode()
+        socket.zap_domain = self.domain.encode()
 
     def client(self, socket: zmq.Socket) -> None:
         """Make `socket` (a sending one) present this pair to a server that has it."""
@@ -85,25 +95,32 @@ def generate(directory: str | os.PathLike) -> tuple[Path, Path]:
 
 
 class Gate:
-    """The ZAP handler of one ZeroMQ context: admits the public keys of the rings that
-    run on it. Started with the first secure endpoint, stopped before the context ends."""
+    """The ZAP handler of one ZeroMQ context: admits, at each ring's sockets (its domain),
+    that ring's public key. Started with the first secure endpoint, stopped before the
+    context ends."""
 
     def __init__(self, context: zmq.Context) -> None:
-        self._allowed: set[bytes] = set()
+        self._allowed: dict[str, bytes] = {}  # domain -> the one public key it admits
+        self._refusals = LimitedLog(log)
         # pyzmq's handler thread needs plain sockets: a plain view of the same context.
         self._auth = ThreadAuthenticator(zmq.Context.shadow(context.underlying), log=log)
         self._auth.start()
-        self._auth.configure_curve_callback(DOMAIN, self)
 
     def admit(self, keys: Keys) -> None:
-        self._allowed.add(keys.public)
+        if keys.domain not in self._allowed:
+            self._allowed[keys.domain] = keys.public
+            self._auth.configure_curve_callback(keys.domain, self)
 
     def callback(self, domain: str, key: bytes) -> bool:
-        """pyzmq's question: may the client with this z85 public key connect?"""
-        if key in self._allowed:
+        """pyzmq's question: may the client with this z85 public key connect here?"""
+        if self._allowed.get(domain) == key:
             return True
-        log.warning("refused a CurveZMQ client with an unknown key %s", key.decode())
+        self._refusals.warning("refused a CurveZMQ client with an unknown key %s",
+                               key.decode())
         return False
 
     def stop(self) -> None:
+        """Stop the handler's thread, then say how many refusals went unlogged (the
+        thread is the only other user of the count)."""
         self._auth.stop()
+        self._refusals.flush()

@@ -29,17 +29,13 @@ word with a fence between (ringlib.atomics), so at least one of them sees the ot
 store, and no wake-up is lost.
 
 Nothing stays in /dev/shm: the receiver unlinks the name as soon as it has mapped it; an
-offer never accepted is unlinked by the sender, by every survivor that loses the sender
-(names carry the ring's job and the offering rank), or by `ringlib launch`, which removes
-every name of its job (`remove_job_segments`).
+offer never accepted is unlinked by the sender, or by others: see segment_names.py.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import glob
-import hashlib
 import logging
 import mmap
 import os
@@ -52,13 +48,11 @@ import numpy as np
 from ringlib import atomics
 from ringlib.errors import ProtocolError
 
+from .segment_names import DIRECTORY, PREFIX, segment_name, unlink
 from .single_copy import Released, RemotePayload
 
 log = logging.getLogger(__name__)
 
-DIRECTORY = "/dev/shm"
-PREFIX = "ringlib-"
-JOB_VARIABLE = "RINGLIB_JOB"  # set by `ringlib launch`: names of one job share it
 DATA_OFFSET = 4096
 ALIGN = 64
 NONCE, CAPACITY, HEAD, TAIL, ASLEEP = 0, 1, 8, 16, 24
@@ -76,29 +70,6 @@ def _aligned(n: int) -> int:
 def record_size(header_len: int, payload_len: int) -> int:
     """Bytes a record takes in the ring, padding included."""
     return _aligned(_aligned(_RECORD.size + header_len) + payload_len)
-
-
-def job(peers: list[str]) -> str:
-    """A ring's part of segment names: the launcher's job, or else one that every rank of
-    the ring derives alike from its address table, so that each can find another's."""
-    digest = hashlib.sha1(",".join(peers).encode()).hexdigest()[:12]
-    return os.environ.get(JOB_VARIABLE) or f"r{digest}"
-
-
-def remove_job_segments(job_name: str, rank: int | None = None) -> int:
-    """Unlink every segment name of a job, or those that its `rank` offered (ranks may be
-    killed before their peers take what they offered); return how many there were."""
-    start = f"{PREFIX}{job_name}-" + ("" if rank is None else f"{rank}-")
-    names = glob.glob(os.path.join(DIRECTORY, glob.escape(start)) + "*")
-    for path in names:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-    return len(names)
-
-
-def unlink(name: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(DIRECTORY, name))
 
 
 def _map(fd: int, size: int) -> tuple[mmap.mmap, np.ndarray, memoryview]:
@@ -121,7 +92,7 @@ class Writer:
 
     def __init__(self, job_name: str, rank: int, peer: int, capacity: int) -> None:
         self.capacity = _aligned(capacity)
-        self.name = f"{PREFIX}{job_name}-{rank}-{peer}-{secrets.token_hex(6)}"
+        self.name = segment_name(job_name, rank, peer)
         self.nonce = int.from_bytes(secrets.token_bytes(8), "little") >> 1
         self.ready = False     # the receiver has mapped it
         self.named = True      # the name still exists in /dev/shm

@@ -30,7 +30,8 @@ from . import frames
 from .frames import Header, SharedStep
 from .inbox import Message
 from .roster import Roster
-from .shared import Reader, Writer, remove_job_segments
+from .segment_names import remove_job_segments
+from .shared import Reader, Writer
 from .single_copy import readable
 
 log = logging.getLogger(__name__)
@@ -43,10 +44,12 @@ class SharedLinks:
     its offer, and those it reads."""
 
     def __init__(self, roster: Roster, notify: Callable[[int, Header, bytes | None], None],
-                 deliver: Callable[[memoryview, Any], None]) -> None:
+                 deliver: Callable[[memoryview, Any], None],
+                 drop: Callable[[str], None]) -> None:
         self._roster = roster
         self._notify = notify  # Endpoint.notify: a control message over the sockets
         self._deliver = deliver
+        self._drop = drop      # Endpoint's: a message dropped, said at a bounded rate
         self.writers: dict[int, Writer] = {}
         self.readers: dict[int, Reader] = {}
         self.job = ""  # the ring's part of segment names (shared.job), set by the first offer
@@ -81,8 +84,8 @@ class SharedLinks:
         """Act on a SHARED message: take an offer (or decline it), or learn the answer."""
         rank, step = message.header.sender, frames.shared_step(message.header)
         if rank == self._roster.rank or rank not in self._roster.peers:
-            return log.warning("rank %d dropped a shared-memory message from rank %d, which "
-                               "is not its peer", self._roster.rank, rank)
+            return self._drop(f"a shared-memory message from rank {rank}, which is not its "
+                              "peer")
         if step in (SharedStep.OFFER, SharedStep.NONE):
             self._heard.add(rank)
             return self._take(rank, message) if step == SharedStep.OFFER else None
@@ -170,10 +173,10 @@ class SharedLinks:
             reader.asleep()
         self.poll()
 
-    def lose(self, rank: int) -> None:
-        """`rank` is gone: unmap its segment, unlink ours if it never took it, and what it
-        offered others that they never took."""
-        if self.job:
+    def lose(self, rank: int, died: bool = True) -> None:
+        """`rank` is gone: unmap its segment, unlink ours if it never took it, and if it
+        `died`, what it offered others that they never took."""
+        if self.job and died:
             remove_job_segments(self.job, rank)
         self._close(rank)
 

@@ -62,6 +62,7 @@ class ZmqLinks:
         self._pull_now = zmq.Socket.shadow(self._pull.underlying)
         self._push: dict[int, zmq.asyncio.Socket] = {}
         self._push_now: dict[int, zmq.Socket] = {}  # the same sockets, plain
+        self._waiting: dict[int, int] = {}  # rank -> sends waiting for room on its queue
         self._reader: asyncio.Task | None = None
 
     def bind(self, address: str) -> str:
@@ -125,8 +126,17 @@ class ZmqLinks:
             return self._push_now[to].send_multipart(frames, zmq.NOBLOCK, **options)
         except zmq.Again:  # the queue is full (or has no peer yet): wait for room
             # A send waiting on a peer that takes nothing must not outlast PeerLost.
-            async with asyncio.timeout_at(deadline):
-                return await unless_failed(self._push[to].send_multipart(frames, **options))
+            self._waiting[to] = self._waiting.get(to, 0) + 1
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await unless_failed(self._push[to].send_multipart(frames,
+                                                                             **options))
+            finally:
+                self._waiting[to] -= 1
+
+    def waits_for_room(self, rank: int) -> bool:
+        """Whether a send waits for room on `rank`'s queue now."""
+        return self._waiting.get(rank, 0) > 0
 
     def send_now(self, to: int, frames: list[Any]) -> bool:
         """Queue a small message without waiting, copied; False if the peer's queue is full."""
