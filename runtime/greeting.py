@@ -12,6 +12,7 @@ its address), and whatever this rank sends it from then on reaches the new one.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Callable
 
 from ringlib.transport import Endpoint, Kind, Message
@@ -28,8 +29,9 @@ async def until_heard(endpoint: Endpoint, kind: Kind, ranks: list[int],
     `answer`, also once to each as soon as it is heard, so that it hears this rank even
     if every earlier word was lost. learn(message) sees each as it arrives, before any
     message that follows it. A lost peer (PeerLost) ends the wait at once. Words of
-    `kind` that come after the wait are ignored: repeats, or a stranger's, which must not
-    teach this rank a token."""
+    `kind` that come after the wait teach nothing (a stranger's must not teach this rank
+    a token); with `answer`, a peer's repeat is answered again, since it missed the
+    answer."""
     heard: dict[int, Message] = {}
     everyone = asyncio.Event()
 
@@ -48,7 +50,7 @@ async def until_heard(endpoint: Endpoint, kind: Kind, ranks: list[int],
     try:
         missing = await _saying(endpoint, ranks, heard, everyone, say, timeout)
     finally:
-        endpoint.on(kind, _ignore)
+        endpoint.on(kind, _answering(ranks, say) if answer and say is not None else _ignore)
     return heard, missing
 
 
@@ -59,19 +61,37 @@ async def _saying(endpoint: Endpoint, ranks: list[int], heard: dict[int, Message
     `everyone` is set or `timeout` passes; return those still missing."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while (missing := [r for r in ranks if r not in heard]) and loop.time() < deadline:
-        if endpoint.inbox.failure is not None:
-            raise endpoint.inbox.failure
-        for rank in missing if say is not None else ():
-            say(rank)
-        try:
-            async with asyncio.timeout(min(RESEND_S, deadline - loop.time())):
-                await everyone.wait()
-        except TimeoutError:
-            pass
+    endpoint.expecting = set(ranks)  # the ring needs them all: one that says BYE is lost
+    try:
+        while (missing := [r for r in ranks if r not in heard]) and loop.time() < deadline:
+            if endpoint.inbox.failure is not None:
+                raise endpoint.inbox.failure
+            for rank in missing if say is not None else ():
+                say(rank)
+            try:
+                async with asyncio.timeout(min(RESEND_S, deadline - loop.time())):
+                    await everyone.wait()
+            except TimeoutError:
+                pass
+    finally:
+        endpoint.expecting = set()
     if missing and endpoint.inbox.failure is not None:
         raise endpoint.inbox.failure
     return missing
+
+
+def _answering(ranks: list[int], say: Callable[[int], None]) -> Callable[[Message], None]:
+    """After the wait: a peer among `ranks` that says its word again missed this rank's
+    answer, so say it again (at most once per RESEND_S to each), and learn nothing."""
+    last: dict[int, float] = {}
+
+    def answer(message: Message) -> None:
+        rank, now = message.header.sender, time.monotonic()
+        if rank in ranks and now - last.get(rank, -RESEND_S) >= RESEND_S:
+            last[rank] = now
+            say(rank)
+
+    return answer
 
 
 def _ignore(message: Message) -> None:

@@ -72,7 +72,9 @@ def test_each_kind_is_made_and_waited_on_by_its_own_typed_pair_even_across_the_w
 
 @given(ids, ids)
 def test_the_fields_of_control_messages_read_back_as_what_they_were_made_with(rank, sender):
-    assert frames.lost_rank(decode(encode(frames.lost(rank, sender)))) == rank
+    for closed in (False, True):
+        assert frames.lost_rank(decode(encode(frames.lost(rank, sender, closed)))) == \
+            (rank, closed)
     assert decode(encode(frames.mismatch(rank, sender))).seq == rank
     for step in frames.SharedStep:
         assert frames.shared_step(decode(encode(frames.shared_link(step, sender)))) == step

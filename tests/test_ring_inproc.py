@@ -309,6 +309,21 @@ async def test_a_rank_that_closes_fails_only_what_waits_for_it_and_leaves_its_fi
         await successor.close()
 
 
+async def test_a_rank_that_gives_up_starting_fails_the_start_up_of_the_others_at_once():
+    """Rank 1 never comes; rank 2 gives up after 1 s and says so (BYE). Rank 0, with 30 s
+    to wait, raises PeerLost naming rank 2 and why, well before its own timeout or the
+    30 s peer timeout."""
+    peers = addresses(3)
+    started = time.monotonic()
+    results = await asyncio.gather(ringlib.connect(0, 3, peers, timeout=30, peer_timeout=30),
+                                   ringlib.connect(2, 3, peers, timeout=1, peer_timeout=30),
+                                   return_exceptions=True)
+    assert isinstance(results[1], RendezvousTimeout), results
+    assert isinstance(results[0], PeerLost) and results[0].rank == 2, results
+    assert "gave up starting" in str(results[0]), results
+    assert time.monotonic() - started < 10
+
+
 async def test_stale_or_stranger_control_messages_cannot_fail_a_ring():
     """LOST, MISMATCH and BYE carry their sender's token, which only its peers learned at
     start-up: the same words from another endpoint are dropped."""

@@ -78,6 +78,8 @@ class Endpoint:
             Kind.SHARED: self.shared.answer,
             Kind.DOORBELL: lambda message: self.shared.poll(message.header.sender)}
         self._closed = False
+        # The ranks whose start-up words a wait expects now (greeting.py, settle_shared).
+        self.expecting: set[int] = set()
         self._doorbell = encode(frames.control(Kind.DOORBELL, rank))
 
     @property
@@ -151,12 +153,16 @@ class Endpoint:
         collectives that choose their algorithm by it choose alike on every rank. Part of
         start-up: RendezvousTimeout after `timeout` seconds, naming the silent ranks."""
         deadline = time.monotonic() + timeout
-        while self._may_poll and not self.shared.settled(ranks):
-            if time.monotonic() > deadline:
-                silent = ", ".join(map(self.roster.name, self.shared.unsettled(ranks)))
-                raise RendezvousTimeout(f"{self.roster.me}: {silent} did not answer about "
-                                        f"shared memory within {timeout:g} s")
-            await self.inbox.unless_failed(asyncio.sleep(1e-3))
+        self.expecting = set(ranks)  # the ring needs them all: one that said BYE is lost
+        try:
+            while self._may_poll and not self.shared.settled(ranks):
+                if time.monotonic() > deadline:
+                    silent = ", ".join(map(self.roster.name, self.shared.unsettled(ranks)))
+                    raise RendezvousTimeout(f"{self.roster.me}: {silent} did not answer "
+                                            f"about shared memory within {timeout:g} s")
+                await self.inbox.unless_failed(asyncio.sleep(1e-3))
+        finally:
+            self.expecting = set()
 
     def links(self) -> dict[str, list[int]]:
         """The peers each kind of link beside ZeroMQ carries to, now: "shared", the ranks
@@ -343,8 +349,10 @@ class Endpoint:
         self._warnings.warning("%s dropped a message: %s", self.roster.me, why)
 
     def _waits_on(self, rank: int) -> bool:
-        """Whether a receive from `rank`, or a send to it, waits now."""
-        return self.inbox.waits_on(rank) or self.zmq.waits_for_room(rank)
+        """Whether a receive from `rank`, a send to it, or a start-up wait for its words
+        waits now."""
+        return rank in self.expecting or self.inbox.waits_on(rank) or \
+            self.zmq.waits_for_room(rank)
 
     def _forget(self, rank: int, died: bool) -> None:
         """`rank` was lost: drop its shared-memory links and, if it `died` (a rank that

@@ -12,7 +12,7 @@ kind; each kind has a constructor here that names them, and a key to wait on:
     DATA      collective   step                  piece          signature   data()
     STREAM    item         part                  stream number  dtype       stream()
     REFORM    generation   round                 attempt        token       reform()
-    LOST      lost rank    -                     -              token       lost()
+    LOST      lost rank    1 if it said BYE      -              token       lost()
     MISMATCH  collective   -                     -              token       mismatch()
     WAITING   collective   -                     -              token       waiting()
     SHARED    -            OFFER/ACCEPT/...      -              token       shared_link()
@@ -151,14 +151,14 @@ def reform_key(generation: int, attempt: int, round_: int, sender: int) -> Key:
     return Key(Kind.REFORM, generation, round_, attempt, sender)
 
 
-def lost(rank: int, sender: int) -> Header:
-    """`sender` found `rank` lost (the payload says why)."""
-    return Header(Kind.LOST, rank, 0, 0, "", 0, sender)
+def lost(rank: int, sender: int, closed: bool = False) -> Header:
+    """`sender` found `rank` lost (the payload says why); `closed`: it said BYE."""
+    return Header(Kind.LOST, rank, int(closed), 0, "", 0, sender)
 
 
-def lost_rank(header: Header) -> int:
-    """The rank a LOST message reports."""
-    return header.seq
+def lost_rank(header: Header) -> tuple[int, bool]:
+    """The rank a LOST message reports, and whether it closed its ring (said BYE)."""
+    return header.seq, header.step == 1
 
 
 def mismatch(seq: int, sender: int) -> Header:

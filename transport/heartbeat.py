@@ -16,6 +16,7 @@ before it judges, so that its own stalls never look like a peer's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from typing import Callable
@@ -128,10 +129,16 @@ class Watchdog:
                  secure: Callable[[zmq.Socket], None], drain: Callable[[], None],
                  on_silent: Callable[[int, float], None]) -> None:
         self._watch = Watch(list(targets), timeout)
-        self._pulse = Pulse(rank, targets, interval, secure, self._watch.connected)
+        self._loop = asyncio.get_running_loop()
+        self._pulse = Pulse(rank, targets, interval, secure, self._connected)
         self.heard = self._watch.heard
-        self._task = asyncio.get_running_loop().create_task(
+        self._task = self._loop.create_task(
             self._check_every(min(interval, timeout / 4), drain, on_silent))
+
+    def _connected(self, rank: int) -> None:
+        """From the Pulse thread: the watch is the loop's, so the news goes there."""
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody watches
+            self._loop.call_soon_threadsafe(self._watch.connected, rank)
 
     async def _check_every(self, period: float, drain: Callable[[], None],
                            on_silent: Callable[[int, float], None]) -> None:

@@ -3,7 +3,8 @@
 A process without the ring's keys (or, on a ring without keys, anyone who reaches a
 port) can send junk as fast as it likes, and every piece of junk is a warning worth one
 line. LimitedLog lets `burst` of them through per `period` seconds and counts the rest;
-the count comes out as one line when the next period begins, or at flush().
+the count comes out as one line with the first warning of a later period, or at flush()
+(the endpoint flushes when it closes).
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@ lost one included, which may be alive and must learn that it is out. A rank that
 says BYE, a promise to send nothing more. Collectives that need nothing from it finish;
 once what it sent before has arrived (BYE_GRACE of a heartbeat interval, for what still
 travels on another link), a wait on it is a wait that nothing will end, and the rank is
-lost then, as one that closed its ring, not one that died. Its files are its own to
-remove.
+lost at the next look (one a heartbeat interval), as one that closed its ring, not one
+that died. A neighbour that said BYE is still watched: silent past the peer timeout, it
+is lost even if nothing was seen to wait on it (a wait on a send's tracker is not seen).
+Its files are its own to remove.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class Liveness:
         """Send `ranks` a heartbeat every `interval` seconds, and declare any of them lost
         after `timeout` seconds without a message from it (timeout 0: never); what the
         links hold is filed before each verdict."""
-        self._interval = interval
+        self._interval = interval or self._interval  # 0 beats never; BYE still needs a pace
         if timeout <= 0 or not ranks:
             return
         targets = {r: addresses.bind_address(self._roster.peers[r]) for r in ranks}
@@ -79,17 +81,20 @@ class Liveness:
                   f"sent nothing for {seconds:.1f} s: it died or hangs, or the network to it "
                   "is cut")
 
-    def lose(self, rank: int, why: str, reporter: int | None = None) -> None:
+    def lose(self, rank: int, why: str, reporter: int | None = None,
+             closed: bool = False) -> None:
         """Fail every pending and later receive with PeerLost and stop beating to `rank`;
         if this rank found it, tell every other rank, `rank` included: it may be alive
-        (stalled, or cut off for a while) and must learn that it is out."""
+        (stalled, or cut off for a while) and must learn that it is out. A rank that
+        `closed` its ring (said BYE, here or to the reporter) keeps its files."""
         me, peers = self._roster.rank, self._roster.peers
         if rank in self.lost or rank == me or rank not in peers:
             return
         self.lost[rank] = why
         if self._watchdog is not None:
             self._watchdog.forget(rank)
-        self._forget(rank, rank not in self._departed)
+        closed = closed or rank in self._departed
+        self._forget(rank, not closed)
         found = "" if reporter is None else f" (found by rank {reporter})"
         message = f"{self._roster.me}: {self._roster.name(rank)} {why}{found}"
         self._fail(PeerLost(message, rank, peers[rank]))
@@ -98,14 +103,14 @@ class Liveness:
         log.log(logging.INFO if rank in self._departed else logging.WARNING, "%s", message)
         for other in peers:
             if other != me and (other not in self.lost or other == rank):
-                self._notify(other, frames.lost(rank, me), why.encode())
+                self._notify(other, frames.lost(rank, me, closed), why.encode())
 
     def reported_lost(self, message: Message) -> None:
         """Act on LOST: another rank found a rank lost, perhaps this one."""
         why = message.text()
-        rank, reporter = frames.lost_rank(message.header), message.header.sender
+        (rank, closed), reporter = frames.lost_rank(message.header), message.header.sender
         if rank != self._roster.rank:
-            return self.lose(rank, why, reporter=reporter)
+            return self.lose(rank, why, reporter=reporter, closed=closed)
         if self.excluded_by is None:
             self.excluded_by = reporter
             self._fail(PeerLost(f"{self._roster.me} is out of the ring: "

@@ -67,10 +67,19 @@ def remove_orphans() -> int:
     with contextlib.suppress(FileNotFoundError):  # no /dev/shm: no segments either
         for name in os.listdir(DIRECTORY):
             pid = _creator(name)
-            if pid is not None and not _alive(pid):
+            if pid is not None and not _alive(pid) and _ours(name):
                 unlink(name)
                 removed += 1
     return removed
+
+
+def _ours(name: str) -> bool:
+    """Whether this process's user owns segment `name` (/dev/shm is sticky: another
+    user's is theirs to remove)."""
+    try:
+        return os.stat(os.path.join(DIRECTORY, name)).st_uid == os.getuid()
+    except FileNotFoundError:
+        return False
 
 
 def _creator(name: str) -> int | None:
