@@ -132,8 +132,8 @@ class Liveness:
             BYE_GRACE * self._interval, self._check, rank)
 
     def _check(self, rank: int) -> None:
-        """Lose `rank`, which said BYE, if a receive or a send waits on it; else look
-        again."""
+        """Lose `rank`, which said BYE, if a receive, a send or a start-up wait waits on
+        it; else look again."""
         if self._stopped or rank in self.lost:
             return
         self._drain()
