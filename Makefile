@@ -16,7 +16,8 @@ test: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/ringlib bench soak -n 3 --collectives 10000
 
-# 20 trials of 4 ranks losing one to SIGKILL or SIGSTOP, then 20 that re-form (tests/test_chaos.py runs 4).
+# 20 trials of 4 ranks losing one to SIGKILL or SIGSTOP, then 20 that re-form
+# (tests/test_chaos.py runs 4).
 chaos: $(STAMP)
 	$(BIN)/ringlib bench chaos
 	$(BIN)/ringlib bench chaos --reform

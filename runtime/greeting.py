@@ -61,8 +61,7 @@ async def _saying(endpoint: Endpoint, ranks: list[int], heard: dict[int, Message
     `everyone` is set or `timeout` passes; return those still missing."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    endpoint.expecting = set(ranks)  # the ring needs them all: one that says BYE is lost
-    try:
+    with endpoint.expecting(ranks):  # the ring needs them all
         while (missing := [r for r in ranks if r not in heard]) and loop.time() < deadline:
             if endpoint.inbox.failure is not None:
                 raise endpoint.inbox.failure
@@ -73,8 +72,6 @@ async def _saying(endpoint: Endpoint, ranks: list[int], heard: dict[int, Message
                     await everyone.wait()
             except TimeoutError:
                 pass
-    finally:
-        endpoint.expecting = set()
     if missing and endpoint.inbox.failure is not None:
         raise endpoint.inbox.failure
     return missing

@@ -30,8 +30,8 @@ from .settings import Settings, connect_timeout, seconds
 
 T = TypeVar("T")
 # The name of the thread a blocking ring's collective was called from ("" for asyncio
-# callers and the thread that made the ring), set by the facade (blocking.py); collectives carry it in
-# their signatures, so that two threads' collectives can never pair up across ranks.
+# callers and the thread that made the ring), set by the facade (blocking.py); collectives
+# carry it in their signatures, so that two threads' collectives never pair up across ranks.
 CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("ringlib_caller", default="")
 
 

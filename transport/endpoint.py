@@ -14,9 +14,10 @@ whoever handles their kind (on()).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import zmq
@@ -78,8 +79,7 @@ class Endpoint:
             Kind.SHARED: self.shared.answer,
             Kind.DOORBELL: lambda message: self.shared.poll(message.header.sender)}
         self._closed = False
-        # The ranks whose start-up words a wait expects now (greeting.py, settle_shared).
-        self.expecting: set[int] = set()
+        self._expecting: set[int] = set()  # see expecting()
         self._doorbell = encode(frames.control(Kind.DOORBELL, rank))
 
     @property
@@ -153,16 +153,23 @@ class Endpoint:
         collectives that choose their algorithm by it choose alike on every rank. Part of
         start-up: RendezvousTimeout after `timeout` seconds, naming the silent ranks."""
         deadline = time.monotonic() + timeout
-        self.expecting = set(ranks)  # the ring needs them all: one that said BYE is lost
-        try:
+        with self.expecting(ranks):
             while self._may_poll and not self.shared.settled(ranks):
                 if time.monotonic() > deadline:
                     silent = ", ".join(map(self.roster.name, self.shared.unsettled(ranks)))
                     raise RendezvousTimeout(f"{self.roster.me}: {silent} did not answer "
                                             f"about shared memory within {timeout:g} s")
                 await self.inbox.unless_failed(asyncio.sleep(1e-3))
+
+    @contextlib.contextmanager
+    def expecting(self, ranks: list[int]) -> Iterator[None]:
+        """A start-up wait that needs words from every one of `ranks`: one that says BYE
+        meanwhile is lost (see Liveness), instead of being waited for to the timeout."""
+        self._expecting = set(ranks)
+        try:
+            yield
         finally:
-            self.expecting = set()
+            self._expecting = set()
 
     def links(self) -> dict[str, list[int]]:
         """The peers each kind of link beside ZeroMQ carries to, now: "shared", the ranks
@@ -203,8 +210,8 @@ class Endpoint:
             written = self._write_shared(to, header, payload, nbytes, writable)
             if written is not None:
                 return written[0]
-        elif header.kind in TOKENED:
-            header = frames.tokened(header, self.roster.token)
+        else:
+            header = self._stamped(header)
         if self._plain and nbytes <= self.direct_bytes and \
                 self.direct.send(to, encode(header), payload):
             return None
@@ -238,9 +245,7 @@ class Endpoint:
         is being lost anyway."""
         if self._closed:
             return
-        header = frames.sized(header, len(payload or b""))
-        if header.kind in TOKENED:
-            header = frames.tokened(header, self.roster.token)
+        header = self._stamped(frames.sized(header, len(payload or b"")))
         if not self.zmq.send_now(to, [encode(header)] if payload is None
                                  else [encode(header), payload]):
             log.info("rank %d: no room to tell rank %d %s", self.rank, to, header.kind.name)
@@ -338,6 +343,10 @@ class Endpoint:
         else:
             act(message)
 
+    def _stamped(self, header: Header) -> Header:
+        """`header` with this rank's token, if its kind carries one (frames.TOKENED)."""
+        return frames.tokened(header, self.roster.token) if header.kind in TOKENED else header
+
     def _deliver_direct(self, header: bytes, payload: Any) -> None:
         self._deliver(header, payload, plain_link=True)
 
@@ -351,7 +360,7 @@ class Endpoint:
     def _waits_on(self, rank: int) -> bool:
         """Whether a receive from `rank`, a send to it, or a start-up wait for its words
         waits now."""
-        return rank in self.expecting or self.inbox.waits_on(rank) or \
+        return rank in self._expecting or self.inbox.waits_on(rank) or \
             self.zmq.waits_for_room(rank)
 
     def _forget(self, rank: int, died: bool) -> None:
