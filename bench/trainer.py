@@ -69,14 +69,14 @@ def run_worker(args: argparse.Namespace) -> None:
                 future.result()
 
         kinds = {"compute": compute, "averaged": averaged, "comm": comm}
-        times = _take_turns(kinds, args.steps, ring.barrier)
+        times = take_turns(kinds, args.steps, ring.barrier)
         if ring.rank == 0:
             params = sum(p.numel() for p in model.parameters())
             print(json.dumps({"params": params, "buckets": len(averager.buckets),
                               **{k: statistics.median(v) for k, v in times.items()}}), flush=True)
 
 
-def _take_turns(kinds: dict[str, Callable[[], None]], steps: int,
+def take_turns(kinds: dict[str, Callable[[], None]], steps: int,
                 barrier: Callable[[], None]) -> dict[str, list[float]]:
     for step in kinds.values():  # warm-up
         step()

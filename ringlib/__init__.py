@@ -15,10 +15,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError, PeerLost,
-                     ProtocolError, RendezvousError, RendezvousTimeout, RingClosed, RingError,
-                     StageError, Unauthorized, UnsupportedBuffer, UnsupportedDtype, UnsupportedOp,
-                     UsageError)
+from .errors import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError,
+                     NotSupported, PeerLost, ProtocolError, RendezvousError, RendezvousTimeout,
+                     RingClosed, RingError, StageError, Unauthorized, UnsupportedBuffer,
+                     UnsupportedDtype, UnsupportedOp, UsageError)
 
 if TYPE_CHECKING:
     from .dtypes import DType
@@ -69,6 +69,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidBuffer",
     "MismatchError",
+    "NotSupported",
     "Op",
     "PeerLost",
     "ProtocolError",

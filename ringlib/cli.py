@@ -15,6 +15,7 @@ BENCHMARKS = {
     "allreduce": "sweep", "reduce_scatter": "sweep", "all_gather": "sweep",
     "broadcast": "sweep", "latency": "sweep",
     "trainer": "trainer",
+    "ddp": "ddp",
     "pipeline": "pipeline",
     "soak": "soak",
     "chaos": "chaos",

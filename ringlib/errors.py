@@ -72,6 +72,11 @@ class UsageError(RingError, RuntimeError):
     flight. The message states the rule."""
 
 
+class NotSupported(RingError, NotImplementedError):
+    """An operation ringlib does not offer, such as torch.distributed's alltoall; the
+    message names it."""
+
+
 class InvalidArgument(RingError, ValueError):
     """An argument out of range for this ring, such as a broadcast root that is no rank."""
 

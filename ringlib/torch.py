@@ -1,5 +1,14 @@
 """ringlib.torch: data-parallel training with torch over the ring, without a server.
 
+Importing it registers ringlib as a torch.distributed backend, so that torch's own
+trainers run on the ring unchanged:
+
+    import torch.distributed as dist, ringlib.torch
+    dist.init_process_group("ringlib")          # under torchrun, or with a store
+    model = torch.nn.parallel.DistributedDataParallel(model)
+
+or, without torch.distributed, average gradients with ringlib's own ring:
+
     import ringlib, ringlib.torch as rt
     ring = ringlib.init()
     rt.broadcast_parameters(model, ring, root=0)
@@ -9,6 +18,18 @@
 or wrap the optimizer: `optimizer = rt.DistributedOptimizer(optimizer, averager)`.
 """
 
-from ringlib.runtime.gradients import DistributedOptimizer, GradientAverager, broadcast_parameters
+import torch.distributed as dist
 
-__all__ = ["DistributedOptimizer", "GradientAverager", "broadcast_parameters"]
+from ringlib.runtime.gradients import DistributedOptimizer, GradientAverager, broadcast_parameters
+from ringlib.runtime.process_group import (RingProcessGroup, create_process_group,
+                                           refuse_builtin_comm_hooks)
+
+BACKEND = "ringlib"
+
+if not hasattr(dist.Backend, BACKEND.upper()):  # registered once per process
+    dist.Backend.register_backend(BACKEND, create_process_group, extended_api=True,
+                                  devices=["cpu"])
+    refuse_builtin_comm_hooks()
+
+__all__ = ["BACKEND", "DistributedOptimizer", "GradientAverager", "RingProcessGroup",
+           "broadcast_parameters"]

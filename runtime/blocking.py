@@ -31,7 +31,7 @@ T = TypeVar("T")
 _COUNTED = re.compile(r"[-_]\d+")  # the counters in default thread names: see _kind_of
 
 
-class _LoopThread:
+class LoopThread:
     """An asyncio event loop running forever in a daemon thread."""
 
     def __init__(self, name: str) -> None:
@@ -131,7 +131,7 @@ def _nowait(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., conc
 class BlockingRing:
     """A Ring for synchronous code; `ring.all_reduce(grad, op="mean")` blocks until done."""
 
-    def __init__(self, ring: Ring, thread: _LoopThread) -> None:
+    def __init__(self, ring: Ring, thread: LoopThread) -> None:
         self.ring = ring
         self._thread = thread
         self._callers = _Callers(lambda: self.ring.rank)
@@ -153,13 +153,20 @@ class BlockingRing:
     all_gather = _blocking(Ring.all_gather)
     broadcast = _blocking(Ring.broadcast)
     barrier = _blocking(Ring.barrier)
+    send = _blocking(Ring.send)
+    recv = _blocking(Ring.recv)
     reform = _blocking(Ring.reform)
     # Started at once, finished in the background: the calling thread keeps working (the
     # gradient averager overlaps backward this way). Issue order is collective order.
     all_reduce_async = _nowait(Ring.all_reduce)
+    reduce_scatter_async = _nowait(Ring.reduce_scatter)
+    all_gather_async = _nowait(Ring.all_gather)
     broadcast_async = _nowait(Ring.broadcast)
+    barrier_async = _nowait(Ring.barrier)
+    send_async = _nowait(Ring.send)
+    recv_async = _nowait(Ring.recv)
 
-    def _loop_thread(self) -> _LoopThread:
+    def _loop_thread(self) -> LoopThread:
         if self._thread is None:
             raise RingClosed(f"rank {self.rank}: the ring is closed")
         return self._thread
@@ -187,7 +194,7 @@ def init(rank: int | None = None, world_size: int | None = None,
          **settings: Any) -> BlockingRing:
     """Join the ring from synchronous code; the arguments are connect()'s."""
     where = connect(rank, world_size, peers, timeout=timeout, **settings)
-    thread = _LoopThread("ringlib-loop")
+    thread = LoopThread("ringlib-loop")
     try:
         ring = thread.run(_await(where))
     except BaseException:

@@ -51,12 +51,14 @@ class Placement:
 
 
 def placement(rank: int | None = None, world_size: int | None = None,
-              peers: list[str] | None = None, env: Mapping[str, str] = os.environ) -> Placement:
-    """This process's Placement: the arguments where given, the environment otherwise."""
+              peers: list[str] | None = None, env: Mapping[str, str] = os.environ,
+              seedless: bool = False) -> Placement:
+    """This process's Placement: the arguments where given, the environment otherwise;
+    `seedless` where the ranks learn each other's addresses another way (an AddressBook)."""
     source, env_rank, env_size, local = _from_launcher(env)
     rank = env_rank if rank is None else rank
     world_size = env_size if world_size is None else world_size
-    if peers is None and env.get("RINGLIB_PEERS"):
+    if peers is None and env.get("RINGLIB_PEERS") and not seedless:
         peers = env["RINGLIB_PEERS"].split(",")
     if world_size is None and peers is not None:
         world_size = len(peers)
@@ -66,7 +68,7 @@ def placement(rank: int | None = None, world_size: int | None = None,
     _check_rank(rank, world_size, source)
     if peers is not None:
         return Placement(rank, world_size, local, _checked_peers(peers, world_size), None, source)
-    seed = None if world_size == 1 else _seed(env, source)
+    seed = None if world_size == 1 or seedless else _seed(env, source)
     return Placement(rank, world_size, local, None, seed, source)
 
 

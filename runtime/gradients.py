@@ -2,7 +2,8 @@
 
 GradientAverager registers a post-accumulate-grad hook on every parameter. As a gradient
 is finished, the hook copies it into its bucket; a full bucket is all-reduced at once on
-the ring's loop thread (BlockingRing.all_reduce_async) while backward carries on, and
+the ring's loop thread (BlockingRing.all_reduce_async, or a ringlib process group's
+allreduce) while backward carries on, and
 buckets always start in plan order, so every rank issues the same collectives in the
 same order. synchronize() sends what is left (gradients that never came count as zeros),
 waits, and points each .grad at its mean inside the bucket, so no copy is made on the
@@ -17,17 +18,50 @@ import contextlib
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 
 from ringlib.errors import InvalidArgument, RingError
+from ringlib.ops import Op
 
 from .blocking import BlockingRing
+from .process_group import TORCH_OPS, RingProcessGroup
 from .buckets import BucketPlan, Slot, plan_buckets
 
 COMPRESSION = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def broadcast_parameters(model: torch.nn.Module, ring: BlockingRing, root: int = 0) -> None:
+class _OnGroup:
+    """A ringlib torch.distributed group, started on as a BlockingRing is: each call
+    returns what .result() waits on (a RingWork)."""
+
+    def __init__(self, group: RingProcessGroup) -> None:
+        self.group = group
+
+    def all_reduce_async(self, tensor: torch.Tensor, op: str) -> Any:
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = TORCH_OPS[Op.parse(op)]
+        return self.group.allreduce([tensor], opts)
+
+    def broadcast_async(self, tensor: torch.Tensor, root: int) -> Any:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = root
+        return self.group.broadcast([tensor], opts)
+
+
+def _ring_of(ring: BlockingRing | RingProcessGroup, who: str) -> BlockingRing | _OnGroup:
+    if isinstance(ring, BlockingRing):
+        return ring
+    if isinstance(ring, RingProcessGroup):
+        return _OnGroup(ring)
+    raise InvalidArgument(f"{who} needs the blocking ring from ringlib.init() or a ringlib "
+                          "torch.distributed group (dist.group.WORLD after "
+                          f"init_process_group('ringlib')), not {type(ring).__name__}")
+
+
+def broadcast_parameters(model: torch.nn.Module, ring: BlockingRing | RingProcessGroup,
+                         root: int = 0) -> None:
     """Overwrite every parameter and buffer of `model` with rank `root`'s, in place."""
+    ring = _ring_of(ring, "broadcast_parameters")
     with torch.no_grad():
         tensors = [t.detach() for t in [*model.parameters(), *model.buffers()]]
         for future in [ring.broadcast_async(t, root) for t in tensors]:
@@ -56,7 +90,9 @@ class _Bucket:
 
 
 class GradientAverager:
-    """Averages the gradients of `model` across `ring` (a BlockingRing, from ringlib.init()).
+    """Averages the gradients of `model` across `ring`: the BlockingRing from ringlib.init(),
+    or a ringlib torch.distributed group (both start their all-reduces on the ring's loop
+    thread, from the thread that runs backward).
 
     bucket_mb: megabytes of gradients per all-reduce; smaller buckets start sooner,
         larger ones pay fewer per-message costs.
@@ -64,11 +100,9 @@ class GradientAverager:
         precision, and each reduction step adds in float32 in the compiled core.
     """
 
-    def __init__(self, model: torch.nn.Module, ring: BlockingRing, bucket_mb: float = 25,
-                 compression: str | None = None) -> None:
-        if not isinstance(ring, BlockingRing):
-            raise InvalidArgument("GradientAverager needs the blocking ring from ringlib.init(): "
-                                  "its hooks run in the thread that runs backward")
+    def __init__(self, model: torch.nn.Module, ring: BlockingRing | RingProcessGroup,
+                 bucket_mb: float = 25, compression: str | None = None) -> None:
+        ring = _ring_of(ring, "GradientAverager")
         if compression not in COMPRESSION:
             raise InvalidArgument(f"compression must be None, 'fp16' or 'bf16', not {compression!r}")
         self.ring = ring

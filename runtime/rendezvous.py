@@ -6,11 +6,16 @@ interface that routes towards rank 0 (or on RINGLIB_HOST, where set), tells rank
 the peer it is; nothing passes through it afterwards. Then each rank greets every other
 (HELLO) and waits, up to the start-up timeout, to be greeted back. Words that another
 rank waits for are repeated until they are answered (greeting.py).
+
+Where the ranks share a key-value store already (torch.distributed's), an AddressBook
+trades the addresses through it instead, and no seed port is needed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+from typing import Protocol
 
 import msgpack
 
@@ -23,8 +28,23 @@ from .greeting import until_heard
 from .settings import SIDE_SHM_BYTES, Settings
 
 
-async def bind_and_exchange(endpoint: Endpoint, where: Placement, timeout: float) -> list[str]:
+class AddressBook(Protocol):
+    """Where the ranks trade their addresses, for rings that have such a place."""
+
+    host: str  # the interface this rank binds, which the other ranks reach
+
+    def trade(self, address: str, timeout: float) -> list[str]:
+        """Publish this rank's `address`; return every rank's, in rank order, once all are
+        there (blocking), or raise RendezvousTimeout naming the ranks still missing."""
+
+
+async def bind_and_exchange(endpoint: Endpoint, where: Placement, timeout: float,
+                            book: AddressBook | None = None) -> list[str]:
     """Bind this rank's socket and return every rank's address, in rank order."""
+    if book is not None:
+        endpoint.bind(_any_port(book.host))
+        return await asyncio.get_running_loop().run_in_executor(
+            None, book.trade, endpoint.address, timeout)
     if where.peers is not None:
         endpoint.bind(where.peers[where.rank])
         return where.peers
@@ -33,7 +53,7 @@ async def bind_and_exchange(endpoint: Endpoint, where: Placement, timeout: float
         return await _collect_joins(endpoint, where, timeout)
     host, _ = addresses.split_host_port(where.seed)
     own_host = os.environ.get("RINGLIB_HOST") or addresses.route_to(host)
-    endpoint.bind(f"tcp://[{own_host}]:0" if ":" in own_host else f"tcp://{own_host}:0")
+    endpoint.bind(_any_port(own_host))
     endpoint.connect(0, where.seed)
     join_word = frames.control(Kind.JOIN, where.rank)
     got, missing = await until_heard(
@@ -45,6 +65,10 @@ async def bind_and_exchange(endpoint: Endpoint, where: Placement, timeout: float
             f"rank {where.rank} ({endpoint.address}) got no address table from rank 0 at "
             f"{where.seed} within {timeout:g} s; is rank 0 running and reachable?")
     return [addresses.check(a) for a in msgpack.unpackb(got[0].payload.bytes)]
+
+
+def _any_port(host: str) -> str:
+    return f"tcp://[{host}]:0" if ":" in host else f"tcp://{host}:0"
 
 
 async def _collect_joins(endpoint: Endpoint, where: Placement, timeout: float) -> list[str]:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import collections.abc
+import contextlib
 import contextvars
 import dataclasses
 import itertools
 import numbers
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Coroutine, Generator, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Generator, TypeVar
 
 import numpy as np
 
@@ -17,15 +19,16 @@ from ringlib import collectives
 from ringlib.collectives import Plan, Sessions, signature, step_reducers
 from ringlib.collectives.choose import EMPTY_PLAN
 from ringlib.dtypes import BY_NAME, DType
-from ringlib.errors import InvalidArgument, RingClosed, UsageError
+from ringlib.errors import (CollectiveTimeout, InvalidArgument, MismatchError, RingClosed,
+                            UsageError)
 from ringlib.ops import Op
-from ringlib.transport import Endpoint, Stream
+from ringlib.transport import Endpoint, Stream, wait_sent
 from ringlib.transport.security import Keys
 
 from .buffers import empty_like, like, storage
 from .environment import Placement, placement
 from .reform import Attempt, reform
-from .rendezvous import bind_and_exchange, join
+from .rendezvous import AddressBook, bind_and_exchange, join
 from .settings import Settings, connect_timeout, seconds
 
 T = TypeVar("T")
@@ -33,6 +36,9 @@ T = TypeVar("T")
 # callers and the thread that made the ring), set by the facade (blocking.py); collectives
 # carry it in their signatures, so that two threads' collectives never pair up across ranks.
 CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("ringlib_caller", default="")
+# The stream point-to-point messages travel on (Ring.send, Ring.recv): one new_stream(),
+# which counts from 0, never reaches.
+POINT_TO_POINT = (1 << 31) - 1
 
 
 class _Tunable:
@@ -91,6 +97,9 @@ class Ring:
         self._endpoint = endpoint
         self._sessions = None if endpoint is None else \
             Sessions(endpoint, self.world_size, self._executor)
+        # point-to-point messages so far, by (peer, tag), which number the next
+        self._sent: collections.Counter[tuple[int, int]] = collections.Counter()
+        self._received: collections.Counter[tuple[int, int]] = collections.Counter()
 
     def __repr__(self) -> str:
         return f"<Ring rank {self.rank} of {self.world_size} at {self.address}>"
@@ -178,10 +187,7 @@ class Ring:
 
     async def broadcast(self, x: T, root: int = 0, *, timeout: float | None = None) -> T:
         """Overwrite x on every rank with root's x, in place; return x."""
-        if isinstance(root, bool) or not isinstance(root, numbers.Integral) or \
-                not 0 <= root < self.world_size:
-            raise InvalidArgument(f"broadcast root {root!r} is not a rank of this ring "
-                                  f"(an integer 0..{self.world_size - 1})")
+        self._check_rank("broadcast root", root)
         buf, dtype = storage(x, "x", writable=self.rank != root)
         if not self._alone(timeout):
             plan = self.plan("broadcast", buf.nbytes)
@@ -190,6 +196,74 @@ class Ring:
             await self._run(buf.size, plan, sig, dtype, timeout, collectives.broadcast, buf,
                             root, plan.algorithm)
         return x
+
+    async def send(self, x: Any, to: int, tag: int = 0, *, timeout: float | None = None) -> None:
+        """Send x to rank `to` alone, outside the collectives; return once x may change.
+
+        It arrives at `to`'s recv(..., frm=this rank, tag=tag): between two ranks, the
+        messages of one tag arrive in the order they were sent, whatever the other
+        tags and collectives do meanwhile. `tag` is a whole number, 0 or more.
+        """
+        self._check_peer("send to", to, tag)
+        src, dtype = storage(x, "x", writable=False)
+        if self._alone(timeout):
+            return
+        item = self._sent[to, tag]
+        self._sent[to, tag] += 1
+        stream = Stream(self._endpoint, POINT_TO_POINT)
+        async with self._point_to_point(f"send to rank {to}", to, timeout):
+            tracker = await stream.send(to, item, tag, src, dtype.name)
+            if tracker is not None:
+                await wait_sent([tracker], self._endpoint.inbox)
+
+    async def recv(self, x: T, frm: int, tag: int = 0, *, timeout: float | None = None) -> T:
+        """Receive into x, in place, what rank `frm` sent this rank with send(..., tag);
+        return x. A message of another dtype or size raises MismatchError."""
+        self._check_peer("receive from", frm, tag)
+        buf, dtype = storage(x, "x", writable=True)
+        if self._alone(timeout):
+            return x
+        item = self._received[frm, tag]
+        self._received[frm, tag] += 1
+        stream = Stream(self._endpoint, POINT_TO_POINT)
+        async with self._point_to_point(f"receive from rank {frm}", frm, timeout):
+            message = await stream.recv(frm, item, tag)
+        if message.header.sig != dtype.name or message.header.nbytes != buf.nbytes:
+            raise MismatchError(
+                f"rank {self.rank}: message {item} with tag {tag} from rank {frm} "
+                f"({self.peers[frm]}) holds {message.header.nbytes} bytes of "
+                f"{message.header.sig}, but recv was given {buf.nbytes} bytes of {dtype.name}")
+        if buf.nbytes:
+            buf[:] = np.frombuffer(message.payload.buffer, dtype=buf.dtype)
+        return x
+
+    @contextlib.asynccontextmanager
+    async def _point_to_point(self, what: str, peer: int,
+                              timeout: float | None) -> AsyncIterator[None]:
+        """Bound a send or receive by its deadline: CollectiveTimeout past it."""
+        limit = self._deadline(timeout)
+        try:
+            async with asyncio.timeout(limit):
+                yield
+        except TimeoutError:
+            raise CollectiveTimeout(f"rank {self.rank}: {what} ({self.peers[peer]}) did not "
+                                    f"finish within {limit:g} s") from None
+
+    def _check_peer(self, what: str, rank: Any, tag: Any) -> None:
+        self._check_rank(what, rank)
+        if rank == self.rank:
+            raise InvalidArgument(f"rank {self.rank}: cannot {what} itself")
+        if isinstance(tag, bool) or not isinstance(tag, numbers.Integral) or tag < 0:
+            raise InvalidArgument(f"tag {tag!r} must be a whole number, 0 or more")
+
+    def _check_rank(self, what: str, rank: Any) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or \
+                not 0 <= rank < self.world_size:
+            raise InvalidArgument(f"{what} {rank!r} is not a rank of this ring "
+                                  f"(an integer 0..{self.world_size - 1})")
+
+    def _deadline(self, timeout: float | None) -> float:
+        return self.settings.collective_timeout if timeout is None else timeout
 
     async def barrier(self, *, timeout: float | None = None) -> None:
         """Return once every rank has entered the barrier."""
@@ -221,7 +295,7 @@ class Ring:
             plan, algorithm, args = EMPTY_PLAN, collectives.barrier, ()
         settings = self.settings
         session = self._sessions.open(
-            sig, dtype.storage, settings.collective_timeout if timeout is None else timeout,
+            sig, dtype.storage, self._deadline(timeout),
             settings.spin_us * 1e-6 if plan.latency_bound else 0.0,
             max(1, settings.segment_bytes // dtype.itemsize))
         return session.run(algorithm, *args)
@@ -305,7 +379,7 @@ class Connecting(collections.abc.Coroutine):
 
 def connect(rank: int | None = None, world_size: int | None = None,
             peers: list[str] | None = None, *, timeout: float | None = None,
-            **settings: Any) -> Connecting:
+            address_book: AddressBook | None = None, **settings: Any) -> Connecting:
     """Join the ring: `ring = await connect(...)` or `async with connect(...) as ring`.
 
     rank, world_size, peers: this process's rank, the number of ranks, and every rank's
@@ -315,17 +389,20 @@ def connect(rank: int | None = None, world_size: int | None = None,
     timeout: seconds to wait for the peers at start-up before RendezvousTimeout, which
         names the ranks and addresses that were not reached (default
         RINGLIB_CONNECT_TIMEOUT, which `ringlib launch --timeout` sets, or 60).
+    address_book: where the ranks trade their addresses instead of meeting at a seed
+        (rendezvous.AddressBook; the torch backend passes c10d's store this way).
     settings: any of the ring's tunables, the fields of Settings (collective_timeout,
         segment_bytes, small_bytes, spin_us, direct_bytes, heartbeat_s, peer_timeout,
         curve_key, shm_bytes), each defaulting to its `RINGLIB_*` variable; see Settings.
     """
-    where = placement(rank, world_size, peers)
+    where = placement(rank, world_size, peers, seedless=address_book is not None)
     timeout = connect_timeout(timeout)
     tunables = Settings(**settings)
-    return Connecting(lambda: _open(where, timeout, tunables))
+    return Connecting(lambda: _open(where, timeout, tunables, address_book))
 
 
-async def _open(where: Placement, timeout: float, settings: Settings) -> Ring:
+async def _open(where: Placement, timeout: float, settings: Settings,
+                book: AddressBook | None) -> Ring:
     executor = ThreadPoolExecutor(1, thread_name_prefix=f"ringlib-rank{where.rank}")
     warm = asyncio.get_running_loop().run_in_executor(executor, _warm_kernels)
     if where.world_size == 1:
@@ -338,7 +415,7 @@ async def _open(where: Placement, timeout: float, settings: Settings) -> Ring:
         executor.shutdown(wait=False)
         raise
     try:
-        peers = await bind_and_exchange(endpoint, where, timeout)
+        peers = await bind_and_exchange(endpoint, where, timeout, book)
         await join(endpoint, peers, settings, timeout)
         await warm
     except BaseException as exc:

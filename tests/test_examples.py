@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ringlib.transport.addresses import free_tcp_ports
+
 pytestmark = pytest.mark.timeout(120)
 DIGITS = str(Path(__file__).parents[1] / "examples" / "train_digits.py")
 
@@ -32,6 +34,21 @@ def test_train_digits_on_2_peers_reaches_the_single_process_accuracy():
     (loss, accuracy), (alone_loss, alone_accuracy) = last_epoch(peers.stdout), last_epoch(alone.stdout)
     assert accuracy == alone_accuracy > 85
     assert abs(loss - alone_loss) <= 2e-4  # the same path, up to float rounding
+
+
+def test_train_digits_with_ddp_under_torchrun_on_the_ringlib_backend_matches_one_process():
+    alone = subprocess.run([sys.executable, DIGITS, "--epochs", "2"], capture_output=True,
+                           text=True, timeout=100)
+    port = free_tcp_ports(1)[0]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                            "--master-addr=127.0.0.1", f"--master-port={port}", DIGITS,
+                            "--epochs", "2", "--backend", "ringlib"],
+                           capture_output=True, text=True, timeout=100)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert "(2 peers)" in ranks.stdout
+    (loss, accuracy), (alone_loss, alone_accuracy) = last_epoch(ranks.stdout), last_epoch(alone.stdout)
+    assert accuracy == alone_accuracy > 85
+    assert abs(loss - alone_loss) <= 2e-4
 
 
 PIPELINE = str(Path(__file__).parents[1] / "examples" / "pipeline_inference.py")

@@ -1,0 +1,330 @@
+"""ringlib as a torch.distributed backend: a ProcessGroup whose ops run on a ring.
+
+c10d calls create_process_group() for every group this rank belongs to (the default
+group, each new_group) with the group's own store: the group's ranks trade their
+addresses there (store_book.py) and form a ring of their own, which a loop thread of its
+own runs. An op checks and stages its tensors in the calling thread (staging.py), starts
+its coroutine on that loop at once, so in call order, and returns a RingWork (works.py);
+a synchronous dist.* call is that Work, waited on. c10d's timeout is the ring's
+collective timeout. What the ring does not offer raises NotSupported, never hangs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+from typing import Any, Coroutine
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ReduceOp
+
+from ringlib.errors import InvalidArgument, NotSupported, RingClosed, UnsupportedOp
+from ringlib.ops import Op
+
+from .blocking import LoopThread
+from .ring import Ring, connect
+from .staging import Staged, by_dtype, write
+from .store_book import StoreBook
+from .works import RingWork
+
+TORCH_OPS = {Op.SUM: ReduceOp.SUM, Op.MEAN: ReduceOp.AVG, Op.MIN: ReduceOp.MIN,
+             Op.MAX: ReduceOp.MAX, Op.PROD: ReduceOp.PRODUCT}
+_REDUCTIONS = {**{torch_op: op for op, torch_op in TORCH_OPS.items()},
+               ReduceOp.PREMUL_SUM: Op.SUM}
+
+
+def _reduction(opts: Any) -> tuple[Op, float | None]:
+    """The ring's Op for c10d's reduceOp in `opts`, and PREMUL_SUM's factor (else None)."""
+    reduce_op = getattr(opts, "reduceOp", ReduceOp.SUM)
+    kind = reduce_op.op if isinstance(reduce_op, ReduceOp) else reduce_op
+    if kind not in _REDUCTIONS:
+        raise UnsupportedOp(f"the ringlib backend does not reduce with {kind.name}; it "
+                            "offers SUM, AVG, MIN, MAX, PRODUCT and PREMUL_SUM")
+    return _REDUCTIONS[kind], float(reduce_op.factor) if kind == ReduceOp.PREMUL_SUM else None
+
+
+def _timeout(opts: Any) -> float | None:
+    """An op's own timeout in seconds, where its options set one (else the ring's)."""
+    timeout = getattr(opts, "timeout", None)
+    return timeout.total_seconds() if timeout and timeout.total_seconds() > 0 else None
+
+
+def _not_supported(name: str) -> Any:
+    def op(self: RingProcessGroup, *args: Any, **kwargs: Any) -> Any:
+        raise NotSupported(f"rank {self.rank()}: the ringlib backend does not offer {name}")
+    op.__name__ = name
+    return op
+
+
+class RingProcessGroup(dist.ProcessGroup):
+    """A torch.distributed process group over `ring`, which `loop` runs."""
+
+    def __init__(self, ring: Ring, loop: LoopThread) -> None:
+        super().__init__(ring.rank, ring.world_size)
+        self.ring, self._loop = ring, loop
+        self._name = self._desc = ""
+        atexit.register(self.shutdown)
+
+    def __repr__(self) -> str:
+        return f"<RingProcessGroup {self._name!r} rank {self.ring.rank} of {self.ring.world_size}>"
+
+    def getBackendName(self) -> str:
+        return "ringlib"
+
+    # c10d and DeviceMesh name every group; C++ callers reach these too.
+    def setGroupName(self, name: str) -> None:
+        self._name = name
+
+    def getGroupName(self) -> str:
+        return self._name
+
+    def setGroupDesc(self, desc: str) -> None:
+        self._desc = desc
+
+    def getGroupDesc(self) -> str:
+        return self._desc
+
+    def _start(self, what: str, outputs: list[torch.Tensor],
+               op: Coroutine[Any, Any, None]) -> RingWork:
+        """Start `op` on the ring's loop now; its Work fills `outputs`."""
+        if self._loop is None:
+            op.close()
+            raise RingClosed(f"rank {self.rank()}: {what} on process group {self._name!r}, "
+                             "which was destroyed")
+        return RingWork(self._loop.submit(op), outputs, f"rank {self.rank()}: {what}")
+
+    def _one(self, tensors: list[torch.Tensor], what: str) -> torch.Tensor:
+        if len(tensors) != 1:
+            raise InvalidArgument(f"rank {self.rank()}: {what} takes one tensor per call on "
+                                  f"the ringlib backend, not {len(tensors)}")
+        return tensors[0]
+
+    # -- reductions ---------------------------------------------------------------------
+
+    def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
+        staged = Staged([self._one(tensors, "allreduce")], "allreduce")
+        return self._start("allreduce", tensors, self._all_reduce([staged], opts))
+
+    def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
+        return self._start("allreduce_coalesced", tensors,
+                           self._all_reduce(by_dtype(tensors, "allreduce_coalesced"), opts))
+
+    def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
+        """Every rank reduces (an all-reduce); only the root keeps the result."""
+        tensor = self._one(tensors, "reduce")
+        root = self.rank() == opts.rootRank
+        staged = Staged([tensor], "reduce", copy=not root)
+        return self._start("reduce", tensors, self._all_reduce([staged], opts, keep=root))
+
+    async def _all_reduce(self, staged: list[Staged], opts: Any, keep: bool = True) -> None:
+        op, factor = _reduction(opts)
+        for buffers in staged:
+            if factor is not None:
+                buffers.buffer.mul_(factor)
+            await self.ring.all_reduce(buffers.buffer, op, timeout=_timeout(opts))
+            if keep:
+                buffers.write_back()
+
+    def reduce_scatter(self, outputs: list[torch.Tensor],
+                       input_lists: list[list[torch.Tensor]], opts: Any = None) -> RingWork:
+        output, parts = self._one(outputs, "reduce_scatter"), self._one(input_lists,
+                                                                        "reduce_scatter")
+        self._per_rank(parts, "reduce_scatter")
+        staged = Staged(parts, "reduce_scatter", copy=True)
+        return self._start("reduce_scatter", outputs,
+                           self._reduce_scatter(output, staged, [p.numel() for p in parts], opts))
+
+    def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,
+                              opts: Any = None) -> RingWork:
+        self._sized(input, output, "reduce_scatter_tensor")
+        staged = Staged([input], "reduce_scatter_tensor", copy=True)
+        return self._start("reduce_scatter_tensor", [output],
+                           self._reduce_scatter(output, staged, [output.numel()] * self.size(),
+                                                opts))
+
+    def reduce_scatter_tensor_coalesced(self, outputs: list[torch.Tensor],
+                                        inputs: list[torch.Tensor], opts: Any = None) -> RingWork:
+        for output, input in zip(outputs, inputs, strict=True):
+            self._sized(input, output, "reduce_scatter_tensor_coalesced")
+        staged = [Staged([i], "reduce_scatter_tensor_coalesced", copy=True) for i in inputs]
+        return self._start("reduce_scatter_tensor_coalesced", outputs,
+                           self._each(self._reduce_scatter(o, s, [o.numel()] * self.size(), opts)
+                                      for o, s in zip(outputs, staged)))
+
+    async def _reduce_scatter(self, output: torch.Tensor, staged: Staged, sizes: list[int],
+                              opts: Any) -> None:
+        """Reduce the flat concatenation of every rank's `sizes`-long pieces, and write
+        piece `rank` into `output`: a reduce-scatter where the pieces are equal (the
+        ring's chunks), else an all-reduce of the whole."""
+        op, factor = _reduction(opts)
+        flat = staged.buffer.reshape(-1)
+        if factor is not None:
+            flat.mul_(factor)
+        if len(set(sizes)) == 1:
+            write(output, await self.ring.reduce_scatter(flat, op, timeout=_timeout(opts)))
+            return
+        await self.ring.all_reduce(flat, op, timeout=_timeout(opts))
+        start = sum(sizes[:self.rank()])
+        write(output, flat[start:start + sizes[self.rank()]])
+
+    # -- gathers and broadcasts ---------------------------------------------------------
+
+    def allgather(self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor],
+                  opts: Any = None) -> RingWork:
+        outputs, input = self._one(output_lists, "allgather"), self._one(inputs, "allgather")
+        self._per_rank(outputs, "allgather")
+        return self._start("allgather", outputs,
+                           self._all_gather(outputs, Staged([input], "allgather"), opts))
+
+    def allgather_coalesced(self, output_lists: list[list[torch.Tensor]],
+                            inputs: list[torch.Tensor], opts: Any = None) -> RingWork:
+        for outputs in output_lists:
+            self._per_rank(outputs, "allgather_coalesced")
+        staged = [Staged([i], "allgather_coalesced") for i in inputs]
+        return self._start("allgather_coalesced", [t for ts in output_lists for t in ts],
+                           self._each(self._all_gather(o, s, opts)
+                                      for o, s in zip(output_lists, staged, strict=True)))
+
+    def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,
+                          opts: Any = None) -> RingWork:
+        self._sized(output, input, "all_gather_into_tensor")
+        return self._start("all_gather_into_tensor", [output],
+                           self._all_gather([output], Staged([input], "allgather"), opts))
+
+    def allgather_into_tensor_coalesced(self, outputs: list[torch.Tensor],
+                                        inputs: list[torch.Tensor], opts: Any = None) -> RingWork:
+        for output, input in zip(outputs, inputs, strict=True):
+            self._sized(output, input, "allgather_into_tensor_coalesced")
+        staged = [Staged([i], "allgather_into_tensor_coalesced") for i in inputs]
+        return self._start("allgather_into_tensor_coalesced", outputs,
+                           self._each(self._all_gather([o], s, opts)
+                                      for o, s in zip(outputs, staged)))
+
+    async def _all_gather(self, outputs: list[torch.Tensor], staged: Staged, opts: Any) -> None:
+        """Gather every rank's buffer into `outputs`: one tensor per rank, or one for all."""
+        gathered = await self.ring.all_gather(staged.buffer, timeout=_timeout(opts))
+        if len(outputs) == 1:
+            write(outputs[0], gathered)
+        else:
+            for output, row in zip(outputs, gathered):
+                write(output, row)
+
+    def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
+        staged = Staged([self._one(tensors, "broadcast")], "broadcast")
+        return self._start("broadcast", tensors, self._broadcast(staged, opts))
+
+    async def _broadcast(self, staged: Staged, opts: Any) -> None:
+        await self.ring.broadcast(staged.buffer, opts.rootRank, timeout=_timeout(opts))
+        staged.write_back()
+
+    # -- barriers and point-to-point ----------------------------------------------------
+
+    def barrier(self, opts: Any = None) -> RingWork:
+        return self._start("barrier", [], self.ring.barrier(timeout=_timeout(opts)))
+
+    def monitored_barrier(self, timeout: datetime.timedelta | None = None,
+                          wait_all_ranks: bool = False) -> None:
+        """A barrier bounded by `timeout`; its CollectiveTimeout names who is missing."""
+        seconds = timeout.total_seconds() if timeout else None
+        self._start("monitored_barrier", [], self.ring.barrier(timeout=seconds)).wait()
+
+    def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> RingWork:
+        staged = Staged([self._one(tensors, "send")], "send")
+        return self._start(f"send to rank {dst}", tensors,
+                           self.ring.send(staged.buffer, dst, tag))
+
+    def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> RingWork:
+        staged = Staged([self._one(tensors, "recv")], "recv")
+        return self._start(f"recv from rank {src}", tensors, self._recv(staged, src, tag))
+
+    async def _recv(self, staged: Staged, src: int, tag: int) -> None:
+        await self.ring.recv(staged.buffer, src, tag)
+        staged.write_back()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    async def _each(self, ops: Any) -> None:
+        """Run the coroutines `ops` one after another (a _coalesced op's parts)."""
+        for op in ops:
+            await op
+
+    def _per_rank(self, tensors: list[torch.Tensor], what: str) -> None:
+        if len(tensors) != self.size():
+            raise InvalidArgument(f"rank {self.rank()}: {what} takes one tensor per rank of "
+                                  f"the group ({self.size()}), not {len(tensors)}")
+
+    def _sized(self, whole: torch.Tensor, piece: torch.Tensor, what: str) -> None:
+        if whole.numel() != piece.numel() * self.size():
+            raise InvalidArgument(
+                f"rank {self.rank()}: {what} needs a tensor of {self.size()} x "
+                f"{piece.numel()} elements, not {whole.numel()}")
+
+    # The C++ names of the same ops, which some torch versions call instead.
+    _allgather_base = all_gather_single
+    _reduce_scatter_base = reduce_scatter_single
+
+    alltoall = _not_supported("alltoall")
+    alltoall_base = _not_supported("alltoall_base (all_to_all_single)")
+    all_to_all_single = _not_supported("all_to_all_single")
+    gather = _not_supported("gather")
+    scatter = _not_supported("scatter")
+    recv_anysource = _not_supported("recv from any source (recv with src=None)")
+    split_group = _not_supported("split_group")
+    merge_remote_group = _not_supported("merge_remote_group")
+
+    def set_timeout(self, timeout: datetime.timedelta) -> None:
+        self.ring.configure(collective_timeout=timeout.total_seconds())
+
+    def shutdown(self) -> None:
+        """Close the ring and stop its loop thread (destroy_process_group calls this)."""
+        atexit.unregister(self.shutdown)
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            try:
+                loop.run(self.ring.close())
+            finally:
+                loop.stop()
+
+    abort = shutdown
+
+
+def refuse_builtin_comm_hooks() -> None:
+    """Make DDP's built-in C++ comm hooks (BuiltinCommHookType) raise NotSupported on a
+    ringlib group. They take the result of a Python group's allreduce for a C++ tensor
+    list, which it is not, and fail with an internal assert inside backward; torch's
+    Python hooks (default_hooks.fp16_compress_hook, ...) do the same work and run."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    builtin = DistributedDataParallel._register_builtin_comm_hook
+    if getattr(builtin, "ringlib_refuses", False):
+        return
+
+    def register(ddp: DistributedDataParallel, comm_hook_type: Any) -> None:
+        if isinstance(ddp.process_group, RingProcessGroup):
+            raise NotSupported(f"the ringlib backend does not run DDP's built-in C++ comm hook "
+                               f"{comm_hook_type}; register torch's Python hook instead, such "
+                               "as default_hooks.fp16_compress_hook")
+        builtin(ddp, comm_hook_type)
+
+    register.ringlib_refuses = True
+    register.__doc__ = builtin.__doc__
+    DistributedDataParallel._register_builtin_comm_hook = register
+
+
+def create_process_group(opts: Any, backend_options: Any = None) -> RingProcessGroup:
+    """c10d's creator (extended API): a ring of the group's ranks, met through its store."""
+    timeout = opts.timeout.total_seconds()
+    book = StoreBook(opts.store, opts.group_rank, opts.group_size)
+    loop = LoopThread(f"ringlib-group-{opts.group_id}")
+    try:
+        ring = loop.run(_form(opts.group_rank, opts.group_size, timeout, book))
+    except BaseException:
+        loop.stop()
+        raise
+    return RingProcessGroup(ring, loop)
+
+
+async def _form(rank: int, size: int, timeout: float, book: StoreBook) -> Ring:
+    return await connect(rank, size, timeout=timeout, address_book=book,
+                         collective_timeout=timeout)

@@ -1,0 +1,359 @@
+"""Every dist.* call the ringlib backend offers, on one rank under torchrun:
+`python torch_ops_peer.py SEED OUT`. Each check writes "ok" or what went wrong into
+OUT/rank{R}.json under its name; tests/test_torch_backend.py reads them.
+
+Every rank draws every rank's inputs from the seed, so each computes the float64
+reference of the whole group by itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import threading
+import traceback
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+import ringlib
+import ringlib.torch  # noqa: F401  (registers the backend)
+
+R = dist.ReduceOp
+FLOATS = ["float32", "float64", "float16", "bfloat16"]
+INTEGERS = ["int8", "uint8", "int32", "int64"]
+DTYPES = FLOATS + INTEGERS + ["bool"]
+TOLERANCE = {"float16": 2e-2, "bfloat16": 5e-2, "float32": 1e-5, "float64": 1e-12}
+
+
+def ops_for(dtype: str) -> list[str]:
+    if dtype == "bool":
+        return ["SUM", "MIN", "MAX", "PRODUCT"]
+    return ["SUM", "MIN", "MAX", "PRODUCT"] + (["AVG", "PREMUL_SUM"] if dtype in FLOATS else [])
+
+
+def check_names() -> list[str]:
+    """Every check, in the order every rank runs them."""
+    names = []
+    for dtype in DTYPES:
+        for mode in ("sync", "async"):
+            names += [f"all_reduce-{op}-{dtype}-{mode}" for op in ops_for(dtype)]
+            names += [f"{name}-{dtype}-{mode}" for name in
+                      ("broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
+                       "reduce_scatter_tensor", "reduce", "send_recv")]
+    return names + [
+        "non_contiguous", "coalesced", "functional", "objects", "barrier", "future_value",
+        "blocking_callback", "subgroup", "gloo_subgroup", "unsupported", "bitwise",
+        "integer_avg", "mismatch", "timeout", "destroy_and_reinit_beside_gloo"]
+
+
+class Checks:
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    # -- inputs and references -----------------------------------------------------------
+
+    def inputs(self, name: str, dtype: str, shape: tuple[int, ...]) -> list[torch.Tensor]:
+        """Every rank's input for check `name`: small values, so that no integer overflows."""
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}-{name}".encode()))
+        out = []
+        for _ in range(self.world):
+            if dtype == "bool":
+                out.append(torch.randint(0, 2, shape, generator=g).bool())
+            elif dtype in FLOATS:
+                out.append(torch.randn(shape, generator=g, dtype=torch.float64)
+                           .to(getattr(torch, dtype)))
+            else:
+                low = 0 if dtype == "uint8" else -3
+                out.append(torch.randint(low, 4, shape, generator=g).to(getattr(torch, dtype)))
+        return out
+
+    def reduced(self, values: list[torch.Tensor], op: str) -> torch.Tensor:
+        stack = torch.stack([v.double() for v in values])
+        if op == "PREMUL_SUM":
+            return (stack * 0.5).sum(0)
+        return {"SUM": stack.sum(0), "AVG": stack.mean(0), "MIN": stack.min(0).values,
+                "MAX": stack.max(0).values, "PRODUCT": stack.prod(0)}[op]
+
+    def same(self, got: torch.Tensor, want: torch.Tensor, dtype: str) -> None:
+        if dtype == "bool":
+            want = want != 0
+            assert got.dtype == torch.bool and torch.equal(got, want), f"{got} != {want}"
+            return
+        if dtype not in FLOATS:
+            want = want.to(getattr(torch, dtype))  # wraps as the dtype does
+            assert torch.equal(got, want), f"{got} != {want}"
+            return
+        tol = TOLERANCE[dtype]
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol), \
+            f"{got} != {want} (float64 reference)"
+
+    @staticmethod
+    def run(call: Callable[[bool], object], mode: str) -> None:
+        work = call(mode == "async")
+        if mode == "async":
+            assert isinstance(work, dist.Work), f"async_op=True returned {work!r}"
+            work.wait()
+            assert work.is_completed()
+
+    # -- per dtype -----------------------------------------------------------------------
+
+    def all_reduce(self, op: str, dtype: str, mode: str) -> None:
+        mine = self.inputs(f"ar-{op}-{dtype}", dtype, (7, 3))
+        t = mine[self.rank].clone()
+        reduce_op = dist._make_nccl_premul_sum(0.5) if op == "PREMUL_SUM" else getattr(R, op)
+        self.run(lambda a: dist.all_reduce(t, op=reduce_op, async_op=a), mode)
+        self.same(t, self.reduced(mine, op), dtype)
+
+    def broadcast(self, dtype: str, mode: str) -> None:
+        mine = self.inputs(f"bc-{dtype}", dtype, (5,))
+        t = mine[self.rank].clone()
+        root = self.world - 1
+        self.run(lambda a: dist.broadcast(t, root, async_op=a), mode)
+        self.same(t, mine[root].double(), dtype)
+
+    def all_gather(self, dtype: str, mode: str) -> None:
+        mine = self.inputs(f"ag-{dtype}", dtype, (2, 3))
+        out = [torch.empty_like(mine[0]) for _ in range(self.world)]
+        self.run(lambda a: dist.all_gather(out, mine[self.rank], async_op=a), mode)
+        for got, want in zip(out, mine):
+            self.same(got, want.double(), dtype)
+
+    def all_gather_into_tensor(self, dtype: str, mode: str) -> None:
+        mine = self.inputs(f"agt-{dtype}", dtype, (4,))
+        out = torch.empty(self.world * 4, dtype=mine[0].dtype)
+        self.run(lambda a: dist.all_gather_into_tensor(out, mine[self.rank], async_op=a), mode)
+        self.same(out, torch.cat(mine).double(), dtype)
+
+    def reduce_scatter(self, dtype: str, mode: str) -> None:
+        op = "AVG" if dtype in FLOATS else "SUM"
+        parts = [self.inputs(f"rs-{dtype}-{k}", dtype, (3,)) for k in range(self.world)]
+        out = torch.empty(3, dtype=parts[0][0].dtype)
+        self.run(lambda a: dist.reduce_scatter(out, [p[self.rank] for p in parts],
+                                               op=getattr(R, op), async_op=a), mode)
+        self.same(out, self.reduced(parts[self.rank], op), dtype)
+
+    def reduce_scatter_tensor(self, dtype: str, mode: str) -> None:
+        op = "PREMUL_SUM" if dtype in FLOATS else "MAX"
+        mine = self.inputs(f"rst-{dtype}", dtype, (self.world * 5,))
+        out = torch.empty(5, dtype=mine[0].dtype)
+        reduce_op = dist._make_nccl_premul_sum(0.5) if op == "PREMUL_SUM" else getattr(R, op)
+        self.run(lambda a: dist.reduce_scatter_tensor(out, mine[self.rank], op=reduce_op,
+                                                      async_op=a), mode)
+        self.same(out, self.reduced(mine, op)[self.rank * 5:(self.rank + 1) * 5], dtype)
+
+    def reduce(self, dtype: str, mode: str) -> None:
+        mine = self.inputs(f"rd-{dtype}", dtype, (6,))
+        t = mine[self.rank].clone()
+        self.run(lambda a: dist.reduce(t, dst=1, op=R.MAX, async_op=a), mode)
+        self.same(t, self.reduced(mine, "MAX") if self.rank == 1 else mine[self.rank].double(),
+                  dtype)
+
+    def send_recv(self, dtype: str, mode: str) -> None:
+        """Each rank sends to the next and the last; receives from the previous and rank 0."""
+        mine = self.inputs(f"p2p-{dtype}", dtype, (3, 2))
+        right, left = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+        got = torch.empty_like(mine[0])
+        if mode == "sync":
+            if self.rank % 2 == 0:
+                dist.send(mine[self.rank], right, tag=7)
+                dist.recv(got, left, tag=7)
+            else:
+                dist.recv(got, left, tag=7)
+                dist.send(mine[self.rank], right, tag=7)
+        else:
+            works = [dist.isend(mine[self.rank], right, tag=7), dist.irecv(got, left, tag=7)]
+            for work in works:
+                work.wait()
+        self.same(got, mine[left].double(), dtype)
+
+    # -- the rest ------------------------------------------------------------------------
+
+    def non_contiguous(self) -> None:
+        mine = self.inputs("nc", "float32", (4, 6))
+        t = mine[self.rank].clone().t()  # a transposed view
+        assert not t.is_contiguous()
+        dist.all_reduce(t)
+        self.same(t, self.reduced(mine, "SUM").t(), "float32")
+        parts = torch.zeros(6, 4)[:, ::2]  # every other column
+        dist.broadcast(parts if self.rank else parts.fill_(3.0), 0)
+        assert torch.equal(parts, torch.full((6, 2), 3.0))
+
+    def coalesced(self) -> None:
+        a, b = self.inputs("co-a", "float64", (5,)), self.inputs("co-b", "float64", (2, 3))
+        ta, tb = a[self.rank].clone(), b[self.rank].clone()
+        dist.all_reduce_coalesced([ta, tb], op=R.MIN)
+        self.same(ta, self.reduced(a, "MIN"), "float64")
+        self.same(tb, self.reduced(b, "MIN"), "float64")
+
+    def functional(self) -> None:
+        """The functional collectives DTensor and FSDP2 call, through the group's name."""
+        group = dist.group.WORLD
+        a = self.inputs("fc-a", "float32", (4,))
+        out = funcol.all_gather_tensor(a[self.rank], 0, group)
+        self.same(funcol.wait_tensor(out), torch.cat(a).double(), "float32")
+        rs = funcol.reduce_scatter_tensor(torch.cat(a), "sum", 0, group)
+        full = self.reduced([torch.cat(a)] * self.world, "SUM")
+        self.same(funcol.wait_tensor(rs), full[self.rank * 4:(self.rank + 1) * 4], "float32")
+        both = funcol.all_gather_into_tensor_coalesced([a[self.rank], a[self.rank] * 2], group)
+        self.same(funcol.wait_tensor(both[1]), torch.cat(a).double() * 2, "float32")
+        sc = funcol.reduce_scatter_tensor_coalesced([torch.cat(a)], "avg", [0], group)
+        self.same(funcol.wait_tensor(sc[0]), torch.cat(a).double()[self.rank * 4:][:4],
+                  "float32")
+        ar = funcol.all_reduce(a[self.rank], "max", group)
+        self.same(funcol.wait_tensor(ar), self.reduced(a, "MAX"), "float32")
+        pair = funcol.all_reduce_coalesced([a[self.rank], -a[self.rank]], "sum", group)
+        self.same(funcol.wait_tensor(pair[1]), -self.reduced(a, "SUM"), "float32")
+
+    def objects(self) -> None:
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, {"rank": self.rank, "text": "x" * self.rank})
+        assert everyone == [{"rank": r, "text": "x" * r} for r in range(self.world)], everyone
+        box = [f"from {self.rank}"]
+        dist.broadcast_object_list(box, src=self.world - 1)
+        assert box == [f"from {self.world - 1}"], box
+
+    def barrier(self) -> None:
+        dist.barrier()
+        work = dist.barrier(async_op=True)
+        work.wait()
+
+    def future_value(self) -> None:
+        t = torch.ones(3) * self.rank
+        work = dist.all_reduce(t, async_op=True)
+        value = work.get_future().wait()
+        assert isinstance(value, list) and len(value) == 1 and value[0] is t, value
+        chained = work.get_future().then(lambda f: f.value()[0] * 2).wait()
+        assert torch.equal(chained, torch.full((3,), 2.0 * sum(range(self.world))))
+
+    def blocking_callback(self) -> None:
+        """A .then() callback that blocks until a later collective finishes: it would never
+        finish if the callback ran on the ring's loop."""
+        release = threading.Event()
+        first = dist.all_reduce(torch.ones(1), async_op=True)
+        first.get_future().then(lambda f: release.wait(60))
+        first.wait()
+        later = dist.all_reduce(torch.ones(1), async_op=True)
+        later.wait(timeout=datetime.timedelta(seconds=30))
+        release.set()
+
+    def subgroup(self) -> None:
+        """A ringlib group of ranks 0 and 1 only; the others are never called."""
+        group = dist.new_group([0, 1], backend="ringlib")
+        t = torch.full((2,), float(self.rank + 1))
+        if self.rank < 2:
+            dist.all_reduce(t, group=group)
+            assert torch.equal(t, torch.full((2,), 3.0)), t
+            assert group.size() == 2 and group.name() == "ringlib"
+            dist.destroy_process_group(group)
+        else:
+            assert group == dist.GroupMember.NON_GROUP_MEMBER
+        dist.barrier()
+
+    def gloo_subgroup(self) -> None:
+        group = dist.new_group(backend="gloo")
+        t = torch.ones(2)
+        dist.all_reduce(t, group=group)
+        assert torch.equal(t, torch.full((2,), float(self.world)))
+
+    def unsupported(self) -> None:
+        calls = {"all_to_all_single": lambda: dist.all_to_all_single(torch.empty(self.world),
+                                                                     torch.empty(self.world)),
+                 "gather": lambda: dist.gather(torch.empty(1), None if self.rank else
+                                               [torch.empty(1)] * self.world, dst=0),
+                 "scatter": lambda: dist.scatter(torch.empty(1), None if self.rank else
+                                                 [torch.empty(1)] * self.world, src=0),
+                 "recv from any source": lambda: dist.recv(torch.empty(1))}
+        for name, call in calls.items():
+            try:
+                call()
+            except NotImplementedError as exc:
+                assert isinstance(exc, ringlib.NotSupported) and name in str(exc), exc
+            else:
+                raise AssertionError(f"{name} did not raise NotSupported")
+
+    def bitwise(self) -> None:
+        for op in (R.BAND, R.BOR, R.BXOR):
+            try:
+                dist.all_reduce(torch.ones(2, dtype=torch.int32), op=op)
+            except ringlib.UnsupportedOp as exc:
+                assert str(op).split(".")[-1] in str(exc), exc
+            else:
+                raise AssertionError(f"{op} did not raise UnsupportedOp")
+
+    def integer_avg(self) -> None:
+        try:
+            dist.all_reduce(torch.ones(2, dtype=torch.int64), op=R.AVG)
+        except ringlib.UnsupportedOp as exc:
+            assert "int64" in str(exc), exc
+        else:
+            raise AssertionError("an integer AVG did not raise UnsupportedOp")
+
+    def mismatch(self) -> None:
+        """Different shapes: MismatchError on every rank, and the group carries on."""
+        work = dist.all_reduce(torch.ones(2 + self.rank), async_op=True)
+        try:
+            work.wait()
+        except ringlib.MismatchError as exc:
+            assert "shape" in str(exc), exc
+        else:
+            raise AssertionError("different shapes did not raise MismatchError")
+        t = torch.ones(2)
+        dist.all_reduce(t)
+        assert torch.equal(t, torch.full((2,), float(self.world)))
+
+    def timeout(self) -> None:
+        """A group made with a 1.5 s timeout, whose rank 0 never joins a collective."""
+        group = dist.new_group(backend="ringlib", timeout=datetime.timedelta(seconds=1.5))
+        if self.rank:
+            try:
+                dist.all_reduce(torch.ones(2), group=group)
+            except ringlib.CollectiveTimeout as exc:
+                assert "1.5" in str(exc), exc
+            else:
+                raise AssertionError("no CollectiveTimeout")
+        dist.barrier()
+        dist.destroy_process_group(group)
+
+    def destroy_and_reinit_beside_gloo(self) -> None:
+        """Destroy everything, then a gloo default group with ringlib groups beside it."""
+        ring_group = dist.group.WORLD
+        dist.destroy_process_group()
+        try:
+            ring_group.allreduce([torch.ones(1)])
+        except ringlib.RingClosed:
+            pass
+        else:
+            raise AssertionError("a destroyed group still ran an allreduce")
+        dist.init_process_group("gloo")
+        group = dist.new_group(backend="ringlib")
+        t = torch.full((3,), float(self.rank))
+        dist.all_reduce(t, group=group)
+        assert torch.equal(t, torch.full((3,), float(sum(range(self.world)))))
+        assert dist.get_backend(group) == "ringlib" and dist.get_backend() == "gloo"
+
+
+def main() -> None:
+    seed, out = int(sys.argv[1]), Path(sys.argv[2])
+    dist.init_process_group("ringlib")
+    checks, results = Checks(seed), {}
+    for name in check_names():
+        print(name, file=sys.stderr, flush=True)  # where it stopped, should it hang
+        kind, *args = name.split("-")
+        try:
+            getattr(checks, kind)(*args)
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+    (out / f"rank{checks.rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
