@@ -9,8 +9,9 @@ kinds of step take turns, a few at a time, so that machine noise hits all of the
   gloo       forward, backward (DDP's bucket all-reduces on Gloo), optimizer step
   ringlib    the same on the ringlib group
   compute    the ringlib replica inside no_sync(): no communication at all
-Rank 0 reports medians, twice: with shared memory between the ranks (one host), and
-over tcp only (RINGLIB_SHM_BYTES=0). Targets: ringlib at most 0.75x Gloo's step and
+Rank 0 reports medians of wall time and of its CPU time (all its threads: the ring's and
+Gloo's included), twice: with shared memory between the ranks (one host), and over tcp
+only (RINGLIB_SHM_BYTES=0). Targets: ringlib at most 0.75x Gloo's step and
 1.15x compute alone on one host, at most 0.9x Gloo over tcp.
 """
 
@@ -65,13 +66,15 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> str:
     lines = [f"DDP, 9.4M float32 parameters, 25 MB buckets, {args.ranks} ranks, batch "
              f"{args.batch} per rank, torch threads {args.threads}; median step (ms)",
              f"  {'path':<22} {'Gloo':>8} {'ringlib':>8} {'compute':>8} {'vs Gloo':>8} "
-             f"{'vs compute':>10}   targets"]
+             f"{'vs compute':>10}   {'CPU ms: Gloo / ringlib / compute':<34} targets"]
     for path, result in results.items():
         gloo, ring, compute = result["gloo"], result["ringlib"], result["compute"]
         targets = ", ".join(f"<= {limit}x {anchor}" for anchor, limit in TARGETS[path].items())
         name = "one host (shm)" if path == "local" else "tcp only (shm off)"
+        cpu = " / ".join(f"{result[f'{kind} cpu'] * 1e3:.1f}"
+                         for kind in ("gloo", "ringlib", "compute"))
         lines.append(f"  {name:<22} {gloo * 1e3:>8.1f} {ring * 1e3:>8.1f} {compute * 1e3:>8.1f} "
-                     f"{ring / gloo:>7.2f}x {ring / compute:>9.2f}x   {targets}")
+                     f"{ring / gloo:>7.2f}x {ring / compute:>9.2f}x   {cpu:<34} {targets}")
     lines.append(f"command: ringlib bench ddp -n {args.ranks} --steps {args.steps} "
                  f"--batch {args.batch} --threads {args.threads}"
                  + (f" --only {args.only}" if args.only else ""))

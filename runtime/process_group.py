@@ -12,6 +12,7 @@ collective timeout. What the ring does not offer raises NotSupported, never hang
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime
 from typing import Any, Coroutine
 
@@ -34,9 +35,8 @@ _REDUCTIONS = {**{torch_op: op for op, torch_op in TORCH_OPS.items()},
                ReduceOp.PREMUL_SUM: Op.SUM}
 
 
-def _reduction(opts: Any) -> tuple[Op, float | None]:
-    """The ring's Op for c10d's reduceOp in `opts`, and PREMUL_SUM's factor (else None)."""
-    reduce_op = getattr(opts, "reduceOp", ReduceOp.SUM)
+def _reduction(reduce_op: Any) -> tuple[Op, float | None]:
+    """The ring's Op for c10d's `reduce_op`, and PREMUL_SUM's factor (else None)."""
     kind = reduce_op.op if isinstance(reduce_op, ReduceOp) else reduce_op
     if kind not in _REDUCTIONS:
         raise UnsupportedOp(f"the ringlib backend does not reduce with {kind.name}; it "
@@ -48,6 +48,21 @@ def _timeout(opts: Any) -> float | None:
     """An op's own timeout in seconds, where its options set one (else the ring's)."""
     timeout = getattr(opts, "timeout", None)
     return timeout.total_seconds() if timeout and timeout.total_seconds() > 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """What an op's c10d options ask for, read (and checked) when the op is called."""
+
+    op: Op = Op.SUM
+    factor: float | None = None   # PREMUL_SUM's
+    timeout: float | None = None  # the op's own deadline, else the ring's
+    root: int = 0
+
+    @classmethod
+    def of(cls, opts: Any) -> _Options:
+        op, factor = _reduction(opts.reduceOp) if hasattr(opts, "reduceOp") else (Op.SUM, None)
+        return cls(op, factor, _timeout(opts), getattr(opts, "rootRank", 0))
 
 
 def _not_supported(name: str) -> Any:
@@ -94,6 +109,9 @@ class RingProcessGroup(dist.ProcessGroup):
                              "which was destroyed")
         return RingWork(self._loop.submit(op), outputs, f"rank {self.rank()}: {what}")
 
+    def _stage(self, tensors: list[torch.Tensor], what: str, copy: bool = False) -> Staged:
+        return Staged(tensors, f"rank {self.rank()}: {what}", copy)
+
     def _one(self, tensors: list[torch.Tensor], what: str) -> torch.Tensor:
         if len(tensors) != 1:
             raise InvalidArgument(f"rank {self.rank()}: {what} takes one tensor per call on "
@@ -103,68 +121,73 @@ class RingProcessGroup(dist.ProcessGroup):
     # -- reductions ---------------------------------------------------------------------
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
-        staged = Staged([self._one(tensors, "allreduce")], "allreduce")
-        return self._start("allreduce", tensors, self._all_reduce([staged], opts))
+        how = _Options.of(opts)
+        staged = self._stage([self._one(tensors, "allreduce")], "allreduce")
+        return self._start("allreduce", tensors, self._all_reduce([staged], how))
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
-        return self._start("allreduce_coalesced", tensors,
-                           self._all_reduce(by_dtype(tensors, "allreduce_coalesced"), opts))
+        how = _Options.of(opts)
+        staged = [self._stage(group, "allreduce_coalesced") for group in by_dtype(tensors)]
+        return self._start("allreduce_coalesced", tensors, self._all_reduce(staged, how))
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
         """Every rank reduces (an all-reduce); only the root keeps the result."""
-        tensor = self._one(tensors, "reduce")
-        root = self.rank() == opts.rootRank
-        staged = Staged([tensor], "reduce", copy=not root)
-        return self._start("reduce", tensors, self._all_reduce([staged], opts, keep=root))
+        how = _Options.of(opts)
+        root = self.rank() == how.root
+        staged = self._stage([self._one(tensors, "reduce")], "reduce", copy=not root)
+        return self._start("reduce", tensors, self._all_reduce([staged], how, keep=root))
 
-    async def _all_reduce(self, staged: list[Staged], opts: Any, keep: bool = True) -> None:
-        op, factor = _reduction(opts)
+    async def _all_reduce(self, staged: list[Staged], how: _Options, keep: bool = True) -> None:
         for buffers in staged:
-            if factor is not None:
-                buffers.buffer.mul_(factor)
-            await self.ring.all_reduce(buffers.buffer, op, timeout=_timeout(opts))
+            if how.factor is not None:
+                buffers.buffer.mul_(how.factor)
+            await self.ring.all_reduce(buffers.buffer, how.op, timeout=how.timeout)
             if keep:
                 buffers.write_back()
 
     def reduce_scatter(self, outputs: list[torch.Tensor],
                        input_lists: list[list[torch.Tensor]], opts: Any = None) -> RingWork:
-        output, parts = self._one(outputs, "reduce_scatter"), self._one(input_lists,
-                                                                        "reduce_scatter")
+        how = _Options.of(opts)
+        output = self._one(outputs, "reduce_scatter")
+        parts = self._one(input_lists, "reduce_scatter")
         self._per_rank(parts, "reduce_scatter")
-        staged = Staged(parts, "reduce_scatter", copy=True)
+        staged = self._stage(parts, "reduce_scatter", copy=True)
+        sizes = [p.numel() for p in parts]
         return self._start("reduce_scatter", outputs,
-                           self._reduce_scatter(output, staged, [p.numel() for p in parts], opts))
+                           self._reduce_scatter(output, staged, sizes, how))
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,
                               opts: Any = None) -> RingWork:
-        self._sized(input, output, "reduce_scatter_tensor")
-        staged = Staged([input], "reduce_scatter_tensor", copy=True)
-        return self._start("reduce_scatter_tensor", [output],
-                           self._reduce_scatter(output, staged, [output.numel()] * self.size(),
-                                                opts))
+        return self._reduce_scatter_tensors([output], [input], opts, "reduce_scatter_tensor")
 
     def reduce_scatter_tensor_coalesced(self, outputs: list[torch.Tensor],
                                         inputs: list[torch.Tensor], opts: Any = None) -> RingWork:
+        return self._reduce_scatter_tensors(outputs, inputs, opts,
+                                            "reduce_scatter_tensor_coalesced")
+
+    def _reduce_scatter_tensors(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
+                                opts: Any, what: str) -> RingWork:
+        """Reduce-scatter each input (world_size x its output's elements) into its output."""
+        how = _Options.of(opts)
         for output, input in zip(outputs, inputs, strict=True):
-            self._sized(input, output, "reduce_scatter_tensor_coalesced")
-        staged = [Staged([i], "reduce_scatter_tensor_coalesced", copy=True) for i in inputs]
-        return self._start("reduce_scatter_tensor_coalesced", outputs,
-                           self._each(self._reduce_scatter(o, s, [o.numel()] * self.size(), opts)
-                                      for o, s in zip(outputs, staged)))
+            self._sized(input, output, what)
+        parts = [(o, self._stage([i], what, copy=True), [o.numel()] * self.size())
+                 for o, i in zip(outputs, inputs)]
+        return self._start(what, outputs,
+                           self._each([self._reduce_scatter(*part, how) for part in parts]))
 
     async def _reduce_scatter(self, output: torch.Tensor, staged: Staged, sizes: list[int],
-                              opts: Any) -> None:
+                              how: _Options) -> None:
         """Reduce the flat concatenation of every rank's `sizes`-long pieces, and write
         piece `rank` into `output`: a reduce-scatter where the pieces are equal (the
         ring's chunks), else an all-reduce of the whole."""
-        op, factor = _reduction(opts)
         flat = staged.buffer.reshape(-1)
-        if factor is not None:
-            flat.mul_(factor)
+        if how.factor is not None:
+            flat.mul_(how.factor)
         if len(set(sizes)) == 1:
-            write(output, await self.ring.reduce_scatter(flat, op, timeout=_timeout(opts)))
+            write(output, await self.ring.reduce_scatter(flat, how.op, timeout=how.timeout))
             return
-        await self.ring.all_reduce(flat, op, timeout=_timeout(opts))
+        await self.ring.all_reduce(flat, how.op, timeout=how.timeout)
         start = sum(sizes[:self.rank()])
         write(output, flat[start:start + sizes[self.rank()]])
 
@@ -172,38 +195,46 @@ class RingProcessGroup(dist.ProcessGroup):
 
     def allgather(self, output_lists: list[list[torch.Tensor]], inputs: list[torch.Tensor],
                   opts: Any = None) -> RingWork:
-        outputs, input = self._one(output_lists, "allgather"), self._one(inputs, "allgather")
-        self._per_rank(outputs, "allgather")
-        return self._start("allgather", outputs,
-                           self._all_gather(outputs, Staged([input], "allgather"), opts))
+        return self._all_gather_lists([self._one(output_lists, "allgather")],
+                                      [self._one(inputs, "allgather")], opts, "allgather")
 
     def allgather_coalesced(self, output_lists: list[list[torch.Tensor]],
                             inputs: list[torch.Tensor], opts: Any = None) -> RingWork:
+        return self._all_gather_lists(output_lists, inputs, opts, "allgather_coalesced")
+
+    def _all_gather_lists(self, output_lists: list[list[torch.Tensor]],
+                          inputs: list[torch.Tensor], opts: Any, what: str) -> RingWork:
+        """Gather each input into its list of one output per rank."""
+        how = _Options.of(opts)
         for outputs in output_lists:
-            self._per_rank(outputs, "allgather_coalesced")
-        staged = [Staged([i], "allgather_coalesced") for i in inputs]
-        return self._start("allgather_coalesced", [t for ts in output_lists for t in ts],
-                           self._each(self._all_gather(o, s, opts)
-                                      for o, s in zip(output_lists, staged, strict=True)))
+            self._per_rank(outputs, what)
+        parts = [(o, self._stage([i], what)) for o, i in zip(output_lists, inputs, strict=True)]
+        return self._start(what, [t for ts in output_lists for t in ts],
+                           self._each([self._all_gather(*part, how) for part in parts]))
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,
                           opts: Any = None) -> RingWork:
-        self._sized(output, input, "all_gather_into_tensor")
-        return self._start("all_gather_into_tensor", [output],
-                           self._all_gather([output], Staged([input], "allgather"), opts))
+        return self._all_gather_tensors([output], [input], opts, "all_gather_into_tensor")
 
     def allgather_into_tensor_coalesced(self, outputs: list[torch.Tensor],
                                         inputs: list[torch.Tensor], opts: Any = None) -> RingWork:
-        for output, input in zip(outputs, inputs, strict=True):
-            self._sized(output, input, "allgather_into_tensor_coalesced")
-        staged = [Staged([i], "allgather_into_tensor_coalesced") for i in inputs]
-        return self._start("allgather_into_tensor_coalesced", outputs,
-                           self._each(self._all_gather([o], s, opts)
-                                      for o, s in zip(outputs, staged)))
+        return self._all_gather_tensors(outputs, inputs, opts,
+                                        "allgather_into_tensor_coalesced")
 
-    async def _all_gather(self, outputs: list[torch.Tensor], staged: Staged, opts: Any) -> None:
+    def _all_gather_tensors(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
+                            opts: Any, what: str) -> RingWork:
+        """Gather each input into its output of world_size times its elements."""
+        how = _Options.of(opts)
+        for output, input in zip(outputs, inputs, strict=True):
+            self._sized(output, input, what)
+        parts = [([o], self._stage([i], what)) for o, i in zip(outputs, inputs)]
+        return self._start(what, outputs,
+                           self._each([self._all_gather(*part, how) for part in parts]))
+
+    async def _all_gather(self, outputs: list[torch.Tensor], staged: Staged,
+                          how: _Options) -> None:
         """Gather every rank's buffer into `outputs`: one tensor per rank, or one for all."""
-        gathered = await self.ring.all_gather(staged.buffer, timeout=_timeout(opts))
+        gathered = await self.ring.all_gather(staged.buffer, timeout=how.timeout)
         if len(outputs) == 1:
             write(outputs[0], gathered)
         else:
@@ -211,17 +242,19 @@ class RingProcessGroup(dist.ProcessGroup):
                 write(output, row)
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
-        staged = Staged([self._one(tensors, "broadcast")], "broadcast")
-        return self._start("broadcast", tensors, self._broadcast(staged, opts))
+        how = _Options.of(opts)
+        staged = self._stage([self._one(tensors, "broadcast")], "broadcast")
+        return self._start("broadcast", tensors, self._broadcast(staged, how))
 
-    async def _broadcast(self, staged: Staged, opts: Any) -> None:
-        await self.ring.broadcast(staged.buffer, opts.rootRank, timeout=_timeout(opts))
+    async def _broadcast(self, staged: Staged, how: _Options) -> None:
+        await self.ring.broadcast(staged.buffer, how.root, timeout=how.timeout)
         staged.write_back()
 
     # -- barriers and point-to-point ----------------------------------------------------
 
     def barrier(self, opts: Any = None) -> RingWork:
-        return self._start("barrier", [], self.ring.barrier(timeout=_timeout(opts)))
+        how = _Options.of(opts)
+        return self._start("barrier", [], self.ring.barrier(timeout=how.timeout))
 
     def monitored_barrier(self, timeout: datetime.timedelta | None = None,
                           wait_all_ranks: bool = False) -> None:
@@ -230,12 +263,12 @@ class RingProcessGroup(dist.ProcessGroup):
         self._start("monitored_barrier", [], self.ring.barrier(timeout=seconds)).wait()
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> RingWork:
-        staged = Staged([self._one(tensors, "send")], "send")
+        staged = self._stage([self._one(tensors, "send")], "send")
         return self._start(f"send to rank {dst}", tensors,
                            self.ring.send(staged.buffer, dst, tag))
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> RingWork:
-        staged = Staged([self._one(tensors, "recv")], "recv")
+        staged = self._stage([self._one(tensors, "recv")], "recv")
         return self._start(f"recv from rank {src}", tensors, self._recv(staged, src, tag))
 
     async def _recv(self, staged: Staged, src: int, tag: int) -> None:
@@ -244,7 +277,7 @@ class RingProcessGroup(dist.ProcessGroup):
 
     # -- helpers ------------------------------------------------------------------------
 
-    async def _each(self, ops: Any) -> None:
+    async def _each(self, ops: list[Coroutine[Any, Any, None]]) -> None:
         """Run the coroutines `ops` one after another (a _coalesced op's parts)."""
         for op in ops:
             await op

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ringlib.dtypes import lookup
-from ringlib.errors import InvalidBuffer
+from ringlib.errors import InvalidBuffer, UnsupportedDtype
 
 
 def wire(tensor: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,10 @@ def check(tensor: torch.Tensor, what: str) -> None:
     if tensor.device.type != "cpu":
         raise InvalidBuffer(f"{what}: a tensor on {tensor.device}; the ringlib backend "
                             "takes CPU tensors")
-    lookup(str(wire(tensor).dtype))  # UnsupportedDtype, naming the ones there are
+    try:
+        lookup(str(wire(tensor).dtype))
+    except UnsupportedDtype as exc:
+        raise UnsupportedDtype(f"{what}: {exc}") from None
 
 
 def write(out: torch.Tensor, data: torch.Tensor) -> None:
@@ -66,9 +69,9 @@ class Staged:
             offset += tensor.numel()
 
 
-def by_dtype(tensors: list[torch.Tensor], what: str) -> list[Staged]:
-    """One Staged per dtype among `tensors`, in order of first appearance."""
+def by_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """`tensors` grouped by dtype, in order of first appearance."""
     groups: dict[torch.dtype, list[torch.Tensor]] = {}
     for tensor in tensors:
         groups.setdefault(tensor.dtype, []).append(tensor)
-    return [Staged(group, what) for group in groups.values()]
+    return list(groups.values())

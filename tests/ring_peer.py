@@ -191,6 +191,18 @@ def blocking(seed: int) -> None:
         gathered = ring.all_gather(torch.tensor([ring.rank]))
         assert gathered.tolist() == [[r] for r in range(ring.world_size)]
         ring.barrier()
+        # Every collective started at once, finished in the background, in issue order.
+        n, right, left = ring.world_size, (ring.rank + 1) % ring.world_size, \
+            (ring.rank - 1) % ring.world_size
+        received = torch.empty(3)
+        futures = [ring.all_gather_async(torch.tensor([ring.rank * 10])),
+                   ring.reduce_scatter_async(torch.arange(2.0 * n)),
+                   ring.barrier_async(), ring.send_async(torch.full((3,), ring.rank * 1.0), right),
+                   ring.recv_async(received, left)]
+        results = [f.result(timeout=60) for f in futures]
+        assert results[0].tolist() == [[r * 10] for r in range(n)], results[0]
+        assert results[1].tolist() == [2.0 * n * ring.rank, 2.0 * n * ring.rank + n], results[1]
+        assert received.tolist() == [left * 1.0] * 3, received
         digest = Digest()
         digest.add(grads)
         print(f"rank {ring.rank} of {ring.world_size} ok {digest.hex()}")

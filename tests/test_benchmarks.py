@@ -158,6 +158,21 @@ def test_the_trainer_benchmark_reports_the_three_step_kinds_and_the_hidden_share
 
 
 @pytest.mark.timeout(120)
+def test_the_ddp_benchmark_compares_ddp_on_ringlib_with_gloo_and_compute_on_both_paths(tmp_path):
+    tag, env = tagged_env(tmp_path / "tmp")
+    run = subprocess.run([sys.executable, "-m", "ringlib", "bench", "ddp", "--steps", "3",
+                          "--batch", "8"], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=110)
+    assert run.returncode == 0, run.stderr
+    times, ratios, cpu = r"(?:[\d.]+ +){3}", r"[\d.]+x +[\d.]+x +", r"[\d.]+ / [\d.]+ / [\d.]+ "
+    for path in ("one host (shm)", "tcp only (shm off)"):
+        assert re.search(rf"^  {re.escape(path)} +{times}{ratios}{cpu}", run.stdout, re.M), \
+            run.stdout
+    assert "command: ringlib bench ddp -n 2 --steps 3 --batch 8" in run.stdout
+    assert_none_left(tag)
+
+
+@pytest.mark.timeout(120)
 def test_the_pipeline_benchmark_compares_the_pipeline_with_one_process(tmp_path):
     tag, env = tagged_env(tmp_path / "tmp")
     run = subprocess.run([sys.executable, "-m", "ringlib", "bench", "pipeline", "--width", "64",

@@ -505,3 +505,43 @@ async def test_a_failed_collective_leaves_no_messages_behind():
         x0, x1 = np.ones(3), np.ones(3)  # and the next collective works on both ranks
         await asyncio.gather(r0.all_reduce(x0, timeout=5), r1.all_reduce(x1, timeout=5))
         assert x0.tolist() == x1.tolist() == [2.0] * 3
+
+
+async def test_point_to_point_messages_arrive_in_order_per_pair_and_tag(rng):
+    """Every rank sends each other rank two tags' messages, interleaved; each receiver
+    takes them in another order of tags, and gets every one, in order within its tag."""
+    async with ring_of(3) as rings:
+        sent = {(a, b, tag, k): rng.standard_normal(5).astype(np.float32)
+                for a in range(3) for b in range(3) if a != b for tag in (0, 9) for k in range(2)}
+
+        async def rank(ring):
+            me = ring.rank
+            sends = [ring.send(x, b, tag) for (a, b, tag, k), x in sent.items() if a == me]
+            got = {}
+
+            async def receive(a, tag):
+                for k in range(2):
+                    got[a, tag, k] = await ring.recv(np.empty(5, np.float32), a, tag)
+            await asyncio.gather(*sends, *[receive(a, tag) for a in range(3) if a != me
+                                           for tag in (9, 0)])
+            for (a, tag, k), x in got.items():
+                np.testing.assert_array_equal(x, sent[a, me, tag, k])
+        await asyncio.gather(*[rank(r) for r in rings])
+
+
+async def test_point_to_point_errors_name_the_rank_and_the_peer():
+    async with ring_of(2, collective_timeout=0.5) as (a, b):
+        with pytest.raises(InvalidArgument, match="cannot send to itself"):
+            await a.send(np.ones(2), 0)
+        with pytest.raises(InvalidArgument, match="tag -1"):
+            await a.send(np.ones(2), 1, tag=-1)
+        with pytest.raises(InvalidArgument, match="receive from 2 is not a rank"):
+            await a.recv(np.ones(2), 2)
+        with pytest.raises(CollectiveTimeout, match=f"rank 0: receive from rank 1 .{b.address}"):
+            await a.recv(np.ones(2), 1, tag=3)
+        await b.send(np.ones(3, np.float32), 0, tag=4)
+        with pytest.raises(MismatchError, match="12 bytes of float32, but recv was given 16"):
+            await a.recv(np.ones(2, np.float64), 1, tag=4)
+        await b.close()
+        with pytest.raises(PeerLost, match="rank 1"):
+            await a.recv(np.ones(2), 1, tag=5, timeout=10)

@@ -352,7 +352,8 @@ def main() -> None:
         except Exception:
             results[name] = traceback.format_exc()
     (out / f"rank{checks.rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
+    if dist.is_initialized():  # unless the last check failed between destroy and init
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

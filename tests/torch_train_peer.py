@@ -111,7 +111,8 @@ def wrap(model: Net, variant: str) -> DDP:
 
 def train_ddp(seed: int, variant: str) -> list[torch.Tensor]:
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = new_model(seed + rank, SPARE.get(variant, ""))  # ranks start apart: DDP broadcasts rank 0's
+    # Ranks start apart: DDP broadcasts rank 0's parameters.
+    model = new_model(seed + rank, SPARE.get(variant, ""))
     ddp = wrap(model, variant)
     opt = optimizer(ddp.parameters())
     xs, ys = data(seed)
