@@ -21,8 +21,8 @@ or wrap the optimizer: `optimizer = rt.DistributedOptimizer(optimizer, averager)
 import torch.distributed as dist
 
 from ringlib.runtime.gradients import DistributedOptimizer, GradientAverager, broadcast_parameters
-from ringlib.runtime.process_group import (RingProcessGroup, create_process_group,
-                                           refuse_builtin_comm_hooks)
+from ringlib.runtime.ddp_hooks import refuse_builtin_comm_hooks
+from ringlib.runtime.process_group import RingProcessGroup, create_process_group
 
 BACKEND = "ringlib"
 

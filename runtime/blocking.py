@@ -29,6 +29,7 @@ from .ring import CALLER, Ring, connect
 
 T = TypeVar("T")
 _COUNTED = re.compile(r"[-_]\d+")  # the counters in default thread names: see _kind_of
+STOP_S = 10.0  # how long a stopping loop waits for its cancelled tasks
 
 
 class LoopThread:
@@ -51,9 +52,23 @@ class LoopThread:
             raise
 
     def stop(self) -> None:
+        """Cancel what still runs on the loop, let it clean up (for at most STOP_S), then
+        stop the loop and its thread."""
+        try:
+            self.submit(_cancel_the_rest()).result(STOP_S)
+        except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel every other task of this loop and wait until they have finished."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Callers:

@@ -4,9 +4,10 @@ c10d calls create_process_group() for every group this rank belongs to (the defa
 group, each new_group) with the group's own store: the group's ranks trade their
 addresses there (store_book.py) and form a ring of their own, which a loop thread of its
 own runs. An op checks and stages its tensors in the calling thread (staging.py), starts
-its coroutine on that loop at once, so in call order, and returns a RingWork (works.py);
-a synchronous dist.* call is that Work, waited on. c10d's timeout is the ring's
-collective timeout. What the ring does not offer raises NotSupported, never hangs.
+one task per ring collective on that loop at once, so in call order, and returns a
+RingWork (works.py); a synchronous dist.* call is that Work, waited on. c10d's timeout is
+the ring's collective timeout. What the ring does not offer raises NotSupported, never
+hangs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import datetime
+import threading
 from typing import Any, Coroutine
 
 import torch
@@ -27,7 +29,7 @@ from .blocking import LoopThread
 from .ring import Ring, connect
 from .staging import Staged, by_dtype, write
 from .store_book import StoreBook
-from .works import RingWork
+from .works import RingWork, joined
 
 TORCH_OPS = {Op.SUM: ReduceOp.SUM, Op.MEAN: ReduceOp.AVG, Op.MIN: ReduceOp.MIN,
              Op.MAX: ReduceOp.MAX, Op.PROD: ReduceOp.PRODUCT}
@@ -78,6 +80,7 @@ class RingProcessGroup(dist.ProcessGroup):
     def __init__(self, ring: Ring, loop: LoopThread) -> None:
         super().__init__(ring.rank, ring.world_size)
         self.ring, self._loop = ring, loop
+        self._lock = threading.Lock()  # between ops starting and shutdown()
         self._name = self._desc = ""
         atexit.register(self.shutdown)
 
@@ -101,18 +104,32 @@ class RingProcessGroup(dist.ProcessGroup):
         return self._desc
 
     def _start(self, what: str, outputs: list[torch.Tensor],
-               op: Coroutine[Any, Any, None]) -> RingWork:
-        """Start `op` on the ring's loop now; its Work fills `outputs`."""
-        if self._loop is None:
-            op.close()
-            raise RingClosed(f"rank {self.rank()}: {what} on process group {self._name!r}, "
-                             "which was destroyed")
-        return RingWork(self._loop.submit(op), outputs, f"rank {self.rank()}: {what}")
+               parts: list[Coroutine[Any, Any, None]]) -> RingWork:
+        """Start `parts` (one ring collective each) on the ring's loop now, one task each
+        in this order: each takes its number in call order, as a collective of one part
+        does, whatever else is in flight. The Work fills `outputs`."""
+        with self._lock:
+            if self._loop is None:
+                for part in parts:
+                    part.close()
+                raise RingClosed(f"rank {self.rank()}: {what} on process group "
+                                 f"{self._name!r}, which was destroyed")
+            running = [self._loop.submit(part) for part in parts]
+        return RingWork(joined(running), outputs, f"rank {self.rank()}: {what}")
 
-    def _stage(self, tensors: list[torch.Tensor], what: str, copy: bool = False) -> Staged:
-        return Staged(tensors, f"rank {self.rank()}: {what}", copy)
+    def _stage(self, tensors: list[torch.Tensor], what: str, how: _Options,
+               copy: bool = False) -> Staged:
+        """`tensors` staged for the ring (staging.py), premultiplied for PREMUL_SUM."""
+        staged = Staged(tensors, f"rank {self.rank()}: {what}", copy)
+        if how.factor is not None:
+            if not staged.buffer.is_floating_point():
+                raise UnsupportedOp(f"rank {self.rank()}: {what} with PREMUL_SUM needs "
+                                    f"floating-point tensors, not {tensors[0].dtype}")
+            staged.buffer.mul_(how.factor)
+        return staged
 
-    def _one(self, tensors: list[torch.Tensor], what: str) -> torch.Tensor:
+    def _one(self, tensors: list[Any], what: str) -> Any:
+        """The single tensor (or list) of `tensors`: c10d's lists hold one per device."""
         if len(tensors) != 1:
             raise InvalidArgument(f"rank {self.rank()}: {what} takes one tensor per call on "
                                   f"the ringlib backend, not {len(tensors)}")
@@ -122,39 +139,37 @@ class RingProcessGroup(dist.ProcessGroup):
 
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
         how = _Options.of(opts)
-        staged = self._stage([self._one(tensors, "allreduce")], "allreduce")
-        return self._start("allreduce", tensors, self._all_reduce([staged], how))
+        staged = self._stage([self._one(tensors, "allreduce")], "allreduce", how)
+        return self._start("allreduce", tensors, [self._all_reduce(staged, how)])
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
         how = _Options.of(opts)
-        staged = [self._stage(group, "allreduce_coalesced") for group in by_dtype(tensors)]
-        return self._start("allreduce_coalesced", tensors, self._all_reduce(staged, how))
+        staged = [self._stage(group, "allreduce_coalesced", how) for group in by_dtype(tensors)]
+        return self._start("allreduce_coalesced", tensors,
+                           [self._all_reduce(s, how) for s in staged])
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
         """Every rank reduces (an all-reduce); only the root keeps the result."""
         how = _Options.of(opts)
         root = self.rank() == how.root
-        staged = self._stage([self._one(tensors, "reduce")], "reduce", copy=not root)
-        return self._start("reduce", tensors, self._all_reduce([staged], how, keep=root))
+        staged = self._stage([self._one(tensors, "reduce")], "reduce", how, copy=not root)
+        return self._start("reduce", tensors, [self._all_reduce(staged, how, keep=root)])
 
-    async def _all_reduce(self, staged: list[Staged], how: _Options, keep: bool = True) -> None:
-        for buffers in staged:
-            if how.factor is not None:
-                buffers.buffer.mul_(how.factor)
-            await self.ring.all_reduce(buffers.buffer, how.op, timeout=how.timeout)
-            if keep:
-                buffers.write_back()
+    async def _all_reduce(self, staged: Staged, how: _Options, keep: bool = True) -> None:
+        await self.ring.all_reduce(staged.buffer, how.op, timeout=how.timeout)
+        if keep:
+            staged.write_back()
 
     def reduce_scatter(self, outputs: list[torch.Tensor],
                        input_lists: list[list[torch.Tensor]], opts: Any = None) -> RingWork:
         how = _Options.of(opts)
         output = self._one(outputs, "reduce_scatter")
         parts = self._one(input_lists, "reduce_scatter")
-        self._per_rank(parts, "reduce_scatter")
-        staged = self._stage(parts, "reduce_scatter", copy=True)
+        self._per_rank(parts, output, "reduce_scatter", same_sizes=False)
+        staged = self._stage(parts, "reduce_scatter", how, copy=True)
         sizes = [p.numel() for p in parts]
         return self._start("reduce_scatter", outputs,
-                           self._reduce_scatter(output, staged, sizes, how))
+                           [self._reduce_scatter(output, staged, sizes, how)])
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,
                               opts: Any = None) -> RingWork:
@@ -167,14 +182,13 @@ class RingProcessGroup(dist.ProcessGroup):
 
     def _reduce_scatter_tensors(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
                                 opts: Any, what: str) -> RingWork:
-        """Reduce-scatter each input (world_size x its output's elements) into its output."""
+        """Reduce-scatter each input (world_size times its output's elements) into its
+        output."""
         how = _Options.of(opts)
-        for output, input in zip(outputs, inputs, strict=True):
-            self._sized(input, output, what)
-        parts = [(o, self._stage([i], what, copy=True), [o.numel()] * self.size())
-                 for o, i in zip(outputs, inputs)]
-        return self._start(what, outputs,
-                           self._each([self._reduce_scatter(*part, how) for part in parts]))
+        parts = [self._reduce_scatter(o, self._stage([i], what, how, copy=True),
+                                      [o.numel()] * self.size(), how)
+                 for o, i in self._pairs(outputs, inputs, what, gather=False)]
+        return self._start(what, outputs, parts)
 
     async def _reduce_scatter(self, output: torch.Tensor, staged: Staged, sizes: list[int],
                               how: _Options) -> None:
@@ -182,8 +196,6 @@ class RingProcessGroup(dist.ProcessGroup):
         piece `rank` into `output`: a reduce-scatter where the pieces are equal (the
         ring's chunks), else an all-reduce of the whole."""
         flat = staged.buffer.reshape(-1)
-        if how.factor is not None:
-            flat.mul_(how.factor)
         if len(set(sizes)) == 1:
             write(output, await self.ring.reduce_scatter(flat, how.op, timeout=how.timeout))
             return
@@ -206,11 +218,11 @@ class RingProcessGroup(dist.ProcessGroup):
                           inputs: list[torch.Tensor], opts: Any, what: str) -> RingWork:
         """Gather each input into its list of one output per rank."""
         how = _Options.of(opts)
-        for outputs in output_lists:
-            self._per_rank(outputs, what)
-        parts = [(o, self._stage([i], what)) for o, i in zip(output_lists, inputs, strict=True)]
-        return self._start(what, [t for ts in output_lists for t in ts],
-                           self._each([self._all_gather(*part, how) for part in parts]))
+        parts = []
+        for outputs, input in zip(output_lists, inputs, strict=True):
+            self._per_rank(outputs, input, what)
+            parts.append(self._all_gather(outputs, self._stage([input], what, how), how))
+        return self._start(what, [t for ts in output_lists for t in ts], parts)
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,
                           opts: Any = None) -> RingWork:
@@ -225,11 +237,9 @@ class RingProcessGroup(dist.ProcessGroup):
                             opts: Any, what: str) -> RingWork:
         """Gather each input into its output of world_size times its elements."""
         how = _Options.of(opts)
-        for output, input in zip(outputs, inputs, strict=True):
-            self._sized(output, input, what)
-        parts = [([o], self._stage([i], what)) for o, i in zip(outputs, inputs)]
-        return self._start(what, outputs,
-                           self._each([self._all_gather(*part, how) for part in parts]))
+        parts = [self._all_gather([o], self._stage([i], what, how), how)
+                 for o, i in self._pairs(outputs, inputs, what, gather=True)]
+        return self._start(what, outputs, parts)
 
     async def _all_gather(self, outputs: list[torch.Tensor], staged: Staged,
                           how: _Options) -> None:
@@ -243,55 +253,66 @@ class RingProcessGroup(dist.ProcessGroup):
 
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> RingWork:
         how = _Options.of(opts)
-        staged = self._stage([self._one(tensors, "broadcast")], "broadcast")
-        return self._start("broadcast", tensors, self._broadcast(staged, how))
+        staged = self._stage([self._one(tensors, "broadcast")], "broadcast", how)
+        return self._start("broadcast", tensors, [self._broadcast(staged, how)])
 
     async def _broadcast(self, staged: Staged, how: _Options) -> None:
         await self.ring.broadcast(staged.buffer, how.root, timeout=how.timeout)
         staged.write_back()
 
-    # -- barriers and point-to-point ----------------------------------------------------
+    # -- barrier and point-to-point -----------------------------------------------------
 
     def barrier(self, opts: Any = None) -> RingWork:
         how = _Options.of(opts)
-        return self._start("barrier", [], self.ring.barrier(timeout=how.timeout))
-
-    def monitored_barrier(self, timeout: datetime.timedelta | None = None,
-                          wait_all_ranks: bool = False) -> None:
-        """A barrier bounded by `timeout`; its CollectiveTimeout names who is missing."""
-        seconds = timeout.total_seconds() if timeout else None
-        self._start("monitored_barrier", [], self.ring.barrier(timeout=seconds)).wait()
+        return self._start("barrier", [], [self.ring.barrier(timeout=how.timeout)])
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> RingWork:
-        staged = self._stage([self._one(tensors, "send")], "send")
+        staged = self._stage([self._one(tensors, "send")], "send", _Options())
         return self._start(f"send to rank {dst}", tensors,
-                           self.ring.send(staged.buffer, dst, tag))
+                           [self.ring.send(staged.buffer, dst, tag)])
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> RingWork:
-        staged = self._stage([self._one(tensors, "recv")], "recv")
-        return self._start(f"recv from rank {src}", tensors, self._recv(staged, src, tag))
+        staged = self._stage([self._one(tensors, "recv")], "recv", _Options())
+        return self._start(f"recv from rank {src}", tensors, [self._recv(staged, src, tag)])
 
     async def _recv(self, staged: Staged, src: int, tag: int) -> None:
         await self.ring.recv(staged.buffer, src, tag)
         staged.write_back()
 
-    # -- helpers ------------------------------------------------------------------------
+    # -- checks -------------------------------------------------------------------------
 
-    async def _each(self, ops: list[Coroutine[Any, Any, None]]) -> None:
-        """Run the coroutines `ops` one after another (a _coalesced op's parts)."""
-        for op in ops:
-            await op
-
-    def _per_rank(self, tensors: list[torch.Tensor], what: str) -> None:
+    def _per_rank(self, tensors: list[torch.Tensor], like: torch.Tensor, what: str,
+                  same_sizes: bool = True) -> None:
+        """One tensor per rank, each of `like`'s dtype (and size, if `same_sizes`; else
+        this rank's own is)."""
         if len(tensors) != self.size():
             raise InvalidArgument(f"rank {self.rank()}: {what} takes one tensor per rank of "
                                   f"the group ({self.size()}), not {len(tensors)}")
+        for tensor in tensors:
+            self._alike(tensor, like, what)
+        sized = tensors if same_sizes else [tensors[self.rank()]]
+        if any(t.numel() != like.numel() for t in sized):
+            raise InvalidArgument(f"rank {self.rank()}: {what} needs tensors of "
+                                  f"{like.numel()} elements, not {[t.numel() for t in sized]}")
 
-    def _sized(self, whole: torch.Tensor, piece: torch.Tensor, what: str) -> None:
-        if whole.numel() != piece.numel() * self.size():
-            raise InvalidArgument(
-                f"rank {self.rank()}: {what} needs a tensor of {self.size()} x "
-                f"{piece.numel()} elements, not {whole.numel()}")
+    def _pairs(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], what: str,
+               gather: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(output, input) pairs, checked: a gather's output holds world_size times its
+        input's elements, a reduce-scatter's input world_size times its output's."""
+        pairs = list(zip(outputs, inputs, strict=True))
+        for output, input in pairs:
+            whole, piece = (output, input) if gather else (input, output)
+            self._alike(output, input, what)
+            if whole.numel() != piece.numel() * self.size():
+                raise InvalidArgument(
+                    f"rank {self.rank()}: {what} needs a tensor of {self.size()} x "
+                    f"{piece.numel()} elements, not {whole.numel()}")
+        return pairs
+
+    def _alike(self, tensor: torch.Tensor, like: torch.Tensor, what: str) -> None:
+        if tensor.dtype != like.dtype:
+            raise InvalidArgument(f"rank {self.rank()}: {what} got a {tensor.dtype} tensor "
+                                  f"beside a {like.dtype} one; all must be of one dtype")
 
     # The C++ names of the same ops, which some torch versions call instead.
     _allgather_base = all_gather_single
@@ -310,9 +331,11 @@ class RingProcessGroup(dist.ProcessGroup):
         self.ring.configure(collective_timeout=timeout.total_seconds())
 
     def shutdown(self) -> None:
-        """Close the ring and stop its loop thread (destroy_process_group calls this)."""
+        """Close the ring and stop its loop thread (destroy_process_group calls this);
+        ops still in flight raise RingClosed."""
         atexit.unregister(self.shutdown)
-        loop, self._loop = self._loop, None
+        with self._lock:
+            loop, self._loop = self._loop, None
         if loop is not None:
             try:
                 loop.run(self.ring.close())
@@ -320,29 +343,6 @@ class RingProcessGroup(dist.ProcessGroup):
                 loop.stop()
 
     abort = shutdown
-
-
-def refuse_builtin_comm_hooks() -> None:
-    """Make DDP's built-in C++ comm hooks (BuiltinCommHookType) raise NotSupported on a
-    ringlib group. They take the result of a Python group's allreduce for a C++ tensor
-    list, which it is not, and fail with an internal assert inside backward; torch's
-    Python hooks (default_hooks.fp16_compress_hook, ...) do the same work and run."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    builtin = DistributedDataParallel._register_builtin_comm_hook
-    if getattr(builtin, "ringlib_refuses", False):
-        return
-
-    def register(ddp: DistributedDataParallel, comm_hook_type: Any) -> None:
-        if isinstance(ddp.process_group, RingProcessGroup):
-            raise NotSupported(f"the ringlib backend does not run DDP's built-in C++ comm hook "
-                               f"{comm_hook_type}; register torch's Python hook instead, such "
-                               "as default_hooks.fp16_compress_hook")
-        builtin(ddp, comm_hook_type)
-
-    register.ringlib_refuses = True
-    register.__doc__ = builtin.__doc__
-    DistributedDataParallel._register_builtin_comm_hook = register
 
 
 def create_process_group(opts: Any, backend_options: Any = None) -> RingProcessGroup:
@@ -353,11 +353,13 @@ def create_process_group(opts: Any, backend_options: Any = None) -> RingProcessG
     try:
         ring = loop.run(_form(opts.group_rank, opts.group_size, timeout, book))
     except BaseException:
+        book.abandon()  # a Ctrl-C: the wait in the store stops too
         loop.stop()
         raise
     return RingProcessGroup(ring, loop)
 
 
 async def _form(rank: int, size: int, timeout: float, book: StoreBook) -> Ring:
+    """A ring of the group, whose collectives' deadline is c10d's timeout."""
     return await connect(rank, size, timeout=timeout, address_book=book,
                          collective_timeout=timeout)

@@ -226,8 +226,13 @@ class Ring:
         item = self._received[frm, tag]
         self._received[frm, tag] += 1
         stream = Stream(self._endpoint, POINT_TO_POINT)
-        async with self._point_to_point(f"receive from rank {frm}", frm, timeout):
-            message = await stream.recv(frm, item, tag)
+        try:
+            async with self._point_to_point(f"receive from rank {frm}", frm, timeout):
+                message = await stream.recv(frm, item, tag)
+        except BaseException:
+            if self._received[frm, tag] == item + 1:  # no later recv took a number
+                self._received[frm, tag] = item       # the next one waits for this message
+            raise
         if message.header.sig != dtype.name or message.header.nbytes != buf.nbytes:
             raise MismatchError(
                 f"rank {self.rank}: message {item} with tag {tag} from rank {frm} "
@@ -254,13 +259,14 @@ class Ring:
         if rank == self.rank:
             raise InvalidArgument(f"rank {self.rank}: cannot {what} itself")
         if isinstance(tag, bool) or not isinstance(tag, numbers.Integral) or tag < 0:
-            raise InvalidArgument(f"tag {tag!r} must be a whole number, 0 or more")
+            raise InvalidArgument(f"rank {self.rank}: {what} rank {rank}: tag {tag!r} must "
+                                  "be a whole number, 0 or more")
 
     def _check_rank(self, what: str, rank: Any) -> None:
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or \
                 not 0 <= rank < self.world_size:
-            raise InvalidArgument(f"{what} {rank!r} is not a rank of this ring "
-                                  f"(an integer 0..{self.world_size - 1})")
+            raise InvalidArgument(f"rank {self.rank}: {what} {rank!r} is not a rank of this "
+                                  f"ring (an integer 0..{self.world_size - 1})")
 
     def _deadline(self, timeout: float | None) -> float:
         return self.settings.collective_timeout if timeout is None else timeout

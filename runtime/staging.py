@@ -36,8 +36,14 @@ def write(out: torch.Tensor, data: torch.Tensor) -> None:
     """Copy `data` (as it travelled) into `out`, of the same number of elements."""
     target = wire(out)
     target.copy_(data.reshape(out.shape))
-    if out.dtype == torch.bool:
-        target.clamp_(max=1)  # a sum of trues is true
+    _as_bool(out, target)
+
+
+def _as_bool(tensor: torch.Tensor, travelled: torch.Tensor) -> None:
+    """Make `travelled`, the uint8 view of a bool `tensor`, hold 0 or 1: a sum of trues
+    is true."""
+    if tensor.dtype == torch.bool:
+        travelled.clamp_(max=1)
 
 
 class Staged:
@@ -60,8 +66,7 @@ class Staged:
     def write_back(self) -> None:
         """Put the result in the buffer back into the tensors."""
         if not self._own:
-            if self.tensors[0].dtype == torch.bool:
-                self.buffer.clamp_(max=1)
+            _as_bool(self.tensors[0], self.buffer)
             return
         offset = 0
         for tensor in self.tensors:

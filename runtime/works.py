@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ringlib.errors import CollectiveTimeout
+from ringlib.errors import CollectiveTimeout, RingClosed
 
 _completer: concurrent.futures.ThreadPoolExecutor | None = None
 _completer_lock = threading.Lock()
@@ -39,17 +39,52 @@ def _completing() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _unwrap(settled: torch.futures.Future) -> Any:
+    """A then() callback: the op's outputs, or raise its error. Python's set_exception
+    only stores the exception as the future's value, which C++ callers (DDP) would take
+    for the outputs; an error raised in a then() callback is one that C++ sees."""
     value = settled.value()
     if isinstance(value, BaseException):
         raise value
     return value
 
 
+def joined(futures: list[concurrent.futures.Future]) -> concurrent.futures.Future:
+    """A future done when all of `futures` are, with the first one's error, if any."""
+    if len(futures) == 1:
+        return futures[0]
+    whole: concurrent.futures.Future = concurrent.futures.Future()
+    left, lock = [len(futures)], threading.Lock()
+
+    def one_done(_: concurrent.futures.Future) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        failed = [f for f in futures if f.cancelled() or f.exception() is not None]
+        if not failed:
+            whole.set_result(None)
+        elif failed[0].cancelled():
+            whole.cancel()
+            whole.set_running_or_notify_cancel()
+        else:
+            whole.set_exception(failed[0].exception())
+
+    for future in futures:
+        future.add_done_callback(one_done)
+    if not futures:
+        whole.set_result(None)
+    return whole
+
+
 class _Backwards:
     """The ops started inside each running backward pass (by autograd graph task), and
-    the check at its end, which waits for them and raises the first one's error. That
-    check may run before the trainer's own (DDP queues its own once the last bucket is
-    ready): so it waits, rather than looking only at those done already."""
+    the check at its end, which waits for them and raises the first error that nobody
+    has seen through wait() yet. That check may run before the trainer's own (DDP queues
+    its own once the last bucket is ready): so it waits, rather than looking only at
+    those done already. A pass that fails never runs its check: its ops are dropped here
+    once all are done and none failed, or else once they are more than KEPT passes old."""
+
+    KEPT = 64
 
     def __init__(self) -> None:
         self._works: dict[int, list[RingWork]] = {}
@@ -61,6 +96,7 @@ class _Backwards:
             return False
         works = self._works.get(task)
         if works is None:
+            self._forget_finished()
             works = self._works[task] = []
             torch.autograd.Variable._execution_engine.queue_callback(
                 functools.partial(self._check, task))
@@ -69,23 +105,56 @@ class _Backwards:
 
     def _check(self, task: int) -> None:
         for work in self._works.pop(task, ()):
-            work.wait()
+            work.raise_unseen()
+
+    def _forget_finished(self) -> None:
+        """Drop the passes whose ops all succeeded, and all but the newest KEPT."""
+        for task in list(self._works)[:-self.KEPT]:
+            del self._works[task]
+        for task, works in list(self._works.items()):
+            if all(work.is_success() for work in works):
+                del self._works[task]
 
 
 _backwards = _Backwards()
 
 
 class RingWork(dist.Work):
-    """An op running as `running` (the loop's future), which fills `outputs`."""
+    """An op running as `running` (the loop's future), which fills `outputs`.
+
+    Its torch future is made on the first get_future() (a synchronous dist.* call only
+    waits, and a small op then costs no future and no thread hop) and completed on the
+    completing thread once it exists and the op is done: whichever of the two comes
+    second settles it, decided under the lock."""
 
     def __init__(self, running: concurrent.futures.Future, outputs: list[torch.Tensor],
                  what: str) -> None:
         super().__init__()
         self._running, self._outputs, self._what = running, outputs, what
-        self._settled = torch.futures.Future()
-        self._future = self._settled.then(_unwrap)
+        self._lock = threading.Lock()
+        self._settled: torch.futures.Future | None = None
+        self._future: torch.futures.Future | None = None
+        self._done = False
+        self._seen = False  # whether wait() has raised the error
         self._in_backward = _backwards.watch(self)
-        running.add_done_callback(lambda _: _completing().submit(self._settle))
+        running.add_done_callback(self._finished)
+
+    def _finished(self, _: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._done = True
+            settle = self._settled is not None
+        if settle:
+            _completing().submit(self._settle)
+
+    def get_future(self) -> torch.futures.Future:
+        with self._lock:
+            settle = self._future is None and self._done
+            if self._future is None:
+                self._settled = torch.futures.Future()
+                self._future = self._settled.then(_unwrap)
+        if settle:
+            _completing().submit(self._settle)
+        return self._future
 
     def _settle(self) -> None:
         error = self.error()
@@ -97,7 +166,7 @@ class RingWork(dist.Work):
         if not self._running.done():
             return None
         if self._running.cancelled():
-            return concurrent.futures.CancelledError(f"{self._what} was cancelled")
+            return RingClosed(f"{self._what}: its group was destroyed before it finished")
         return self._running.exception()
 
     def wait(self, timeout: datetime.timedelta | None = None) -> bool:
@@ -108,13 +177,19 @@ class RingWork(dist.Work):
         if not done:
             raise CollectiveTimeout(f"{self._what} did not finish within wait()'s "
                                     f"timeout of {limit:g} s")
-        error = self.error()
-        if error is not None:
-            raise error
+        self._raise(seen_too=True)
         return True
 
-    def get_future(self) -> torch.futures.Future:
-        return self._future
+    def raise_unseen(self) -> None:
+        """Wait for the op, and raise its error unless a wait() raised it already."""
+        concurrent.futures.wait([self._running])
+        self._raise(seen_too=False)
+
+    def _raise(self, seen_too: bool) -> None:
+        error = self.error()
+        if error is not None and (seen_too or not self._seen):
+            self._seen = True
+            raise error
 
     def is_completed(self) -> bool:
         return self._running.done()

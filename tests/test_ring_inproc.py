@@ -539,6 +539,8 @@ async def test_point_to_point_errors_name_the_rank_and_the_peer():
             await a.recv(np.ones(2), 2)
         with pytest.raises(CollectiveTimeout, match=f"rank 0: receive from rank 1 .{b.address}"):
             await a.recv(np.ones(2), 1, tag=3)
+        await b.send(np.full(2, 7.0), 0, tag=3)  # late: the next recv of tag 3 gets it
+        np.testing.assert_array_equal(await a.recv(np.ones(2), 1, tag=3), [7.0, 7.0])
         await b.send(np.ones(3, np.float32), 0, tag=4)
         with pytest.raises(MismatchError, match="12 bytes of float32, but recv was given 16"):
             await a.recv(np.ones(2, np.float64), 1, tag=4)

@@ -86,3 +86,62 @@ def test_a_rank_killed_mid_backward_raises_peer_lost_in_every_survivor(tmp_path_
         assert seen["raised"] == "PeerLost" and seen["step"] == 2, (rank, seen)
         assert "rank 2" in seen["message"], seen["message"]
         assert seen["seconds"] < 15, seen
+
+
+def test_a_group_that_failed_to_form_forms_on_the_next_try():
+    """Rank 0 of 2 tries alone and times out; then both try and meet: the one that gave
+    up took its count back. A trade abandoned from another thread stops at once."""
+    import concurrent.futures
+    import time
+
+    import torch.distributed as dist
+
+    from ringlib import RendezvousError, RendezvousTimeout
+    from ringlib.runtime.store_book import StoreBook
+
+    store = dist.PrefixStore("group/", dist.HashStore())
+    with pytest.raises(RendezvousTimeout, match=r"rank 0 \(tcp://a:1\) .* ranks \[1\]"):
+        StoreBook(store, 0, 2).trade("tcp://a:1", 0.3)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        both = [pool.submit(StoreBook(store, r, 2).trade, f"tcp://h{r}:1", 10) for r in (0, 1)]
+        assert [f.result() for f in both] == [["tcp://h0:1", "tcp://h1:1"]] * 2
+        book = StoreBook(store, 0, 2)
+        alone = pool.submit(book.trade, "tcp://a:1", 60)
+        time.sleep(0.2)
+        start = time.monotonic()
+        book.abandon()
+        with pytest.raises(RendezvousError, match="gave up"):
+            alone.result(timeout=10)
+        assert time.monotonic() - start < 5
+
+
+def test_ctrl_c_while_a_group_forms_ends_the_process_at_once(tmp_path):
+    """Rank 0 of 2 waits in init_process_group (60 s timeout) for a rank that never
+    comes; a SIGINT ends it within seconds, not at the timeout, leaving nothing behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from leftovers import assert_none_left, tagged_env
+    from ringlib.runtime import processes
+
+    script = ("import datetime, torch.distributed as dist, ringlib.torch\n"
+              f"dist.init_process_group('ringlib', init_method='file://{tmp_path}/store', "
+              "rank=0, world_size=2, timeout=datetime.timedelta(seconds=60))\n")
+    tag, env = tagged_env(tmp_path / "tmp")
+    proc = processes.start([sys.executable, "-c", script], env, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "store").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # torch's import, then init_process_group makes the store
+        time.sleep(1.5)      # and the ring's creator waits in it
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - start < 15, err
+        assert "KeyboardInterrupt" in err, err
+    finally:
+        processes.stop([proc], grace=0)
+    assert_none_left(tag)

@@ -12,6 +12,7 @@ import datetime
 import json
 import sys
 import threading
+import time
 import traceback
 import zlib
 from pathlib import Path
@@ -47,7 +48,8 @@ def check_names() -> list[str]:
                       ("broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter",
                        "reduce_scatter_tensor", "reduce", "send_recv")]
     return names + [
-        "non_contiguous", "coalesced", "functional", "objects", "barrier", "future_value",
+        "non_contiguous", "coalesced", "parts_in_call_order", "unequal_pieces",
+        "checked_up_front", "functional", "objects", "barrier", "future_value",
         "blocking_callback", "subgroup", "gloo_subgroup", "unsupported", "bitwise",
         "integer_avg", "mismatch", "timeout", "destroy_and_reinit_beside_gloo"]
 
@@ -156,7 +158,8 @@ class Checks:
                   dtype)
 
     def send_recv(self, dtype: str, mode: str) -> None:
-        """Each rank sends to the next and the last; receives from the previous and rank 0."""
+        """Each rank sends to the next and receives from the previous; even ranks send
+        first, odd ones receive first."""
         mine = self.inputs(f"p2p-{dtype}", dtype, (3, 2))
         right, left = (self.rank + 1) % self.world, (self.rank - 1) % self.world
         got = torch.empty_like(mine[0])
@@ -191,6 +194,55 @@ class Checks:
         dist.all_reduce_coalesced([ta, tb], op=R.MIN)
         self.same(ta, self.reduced(a, "MIN"), "float64")
         self.same(tb, self.reduced(b, "MIN"), "float64")
+
+    def parts_in_call_order(self) -> None:
+        """An op of several parts, then another op, both in flight, one rank late: every
+        part pairs up with the same part on every rank."""
+        if self.rank == 1:
+            time.sleep(0.5)
+        group = dist.group.WORLD
+        a, b = torch.full((2,), 10.0 + self.rank), torch.full((2,), 100.0 + self.rank)
+        both = [torch.empty(2 * self.world), torch.empty(2 * self.world)]
+        first = group.allgather_into_tensor_coalesced(both, [a, b])
+        later = torch.empty(2 * self.world)
+        second = dist.all_gather_into_tensor(later, a * 2, async_op=True)
+        sums = [torch.ones(3, dtype=torch.float64), torch.full((3,), 2, dtype=torch.int64)]
+        third = group.allreduce_coalesced(sums)
+        fourth = dist.all_reduce(torch.ones(3, dtype=torch.int64), async_op=True)
+        for work in (first, second, third, fourth):
+            work.wait()
+        ranks = torch.arange(self.world).repeat_interleave(2).double()
+        self.same(both[0], 10 + ranks, "float32")
+        self.same(both[1], 100 + ranks, "float32")
+        self.same(later, 2 * (10 + ranks), "float32")
+        self.same(sums[1], torch.full((3,), 2.0 * self.world), "int64")
+
+    def unequal_pieces(self) -> None:
+        """reduce_scatter whose pieces differ in size: piece i has i + 1 elements."""
+        parts = [self.inputs(f"uneq-{k}", "float32", (k + 1,)) for k in range(self.world)]
+        out = torch.empty(self.rank + 1)
+        dist.reduce_scatter(out, [p[self.rank] for p in parts])
+        self.same(out, self.reduced(parts[self.rank], "SUM"), "float32")
+
+    def checked_up_front(self) -> None:
+        """Outputs of the wrong dtype or size, and PREMUL_SUM on integers, raise at the
+        call, naming the rank, before anything is sent."""
+        calls = {
+            "dtype": lambda: dist.all_gather_into_tensor(
+                torch.empty(self.world * 2, dtype=torch.float64), torch.ones(2)),
+            "elements": lambda: dist.all_gather([torch.empty(3)] * self.world, torch.ones(2)),
+            "PREMUL_SUM": lambda: dist.all_reduce(torch.ones(2, dtype=torch.int32),
+                                                  op=dist._make_nccl_premul_sum(0.5))}
+        for name, call in calls.items():
+            try:
+                call()
+            except ringlib.RingError as exc:
+                assert f"rank {self.rank}:" in str(exc), exc
+            else:
+                raise AssertionError(f"a wrong {name} was taken")
+        t = torch.ones(2)
+        dist.all_reduce(t)  # and nothing was sent: the next op pairs up
+        assert torch.equal(t, torch.full((2,), float(self.world)))
 
     def functional(self) -> None:
         """The functional collectives DTensor and FSDP2 call, through the group's name."""
@@ -234,14 +286,22 @@ class Checks:
 
     def blocking_callback(self) -> None:
         """A .then() callback that blocks until a later collective finishes: it would never
-        finish if the callback ran on the ring's loop."""
-        release = threading.Event()
+        finish if the callback ran on the ring's loop. The last rank comes late, so that
+        the others' op is still running when they attach theirs (a future completed
+        already runs a callback at once, in the attaching thread, as torch's do)."""
+        last = self.rank == self.world - 1
+        release, ran_on = threading.Event(), []
+        if last:
+            time.sleep(0.5)
         first = dist.all_reduce(torch.ones(1), async_op=True)
-        first.get_future().then(lambda f: release.wait(60))
+        if not last:
+            first.get_future().then(
+                lambda f: (ran_on.append(threading.current_thread().name), release.wait(60)))
         first.wait()
         later = dist.all_reduce(torch.ones(1), async_op=True)
         later.wait(timeout=datetime.timedelta(seconds=30))
         release.set()
+        assert last or ran_on[0].startswith("ringlib-futures"), ran_on
 
     def subgroup(self) -> None:
         """A ringlib group of ranks 0 and 1 only; the others are never called."""
