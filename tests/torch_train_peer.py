@@ -13,6 +13,7 @@ backward raised and how long it took.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -109,60 +111,46 @@ def wrap(model: Net, variant: str) -> DDP:
     return ddp
 
 
-def train_ddp(seed: int, variant: str) -> list[torch.Tensor]:
+def train(model: torch.nn.Module, opt: Any, seed: int, micro: int = 1,
+          no_sync: Callable[[], Any] = contextlib.nullcontext) -> list[torch.Tensor]:
+    """Train on this rank's shard of every step's batch, in `micro` micro-batches, all
+    but the last inside `no_sync()`; return the parameters."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    # Ranks start apart: DDP broadcasts rank 0's parameters.
-    model = new_model(seed + rank, SPARE.get(variant, ""))
-    ddp = wrap(model, variant)
-    opt = optimizer(ddp.parameters())
     xs, ys = data(seed)
     for step in range(STEPS):
-        micro = micro_batches(variant)
         for m in range(micro):
             x, y = shard(xs[step, m], rank, world), shard(ys[step, m], rank, world)
-            if m < micro - 1:
-                with ddp.no_sync():
-                    ((ddp(x, step) - y) ** 2).mean().backward()
-            else:
-                ((ddp(x, step) - y) ** 2).mean().backward()
+            with no_sync() if m < micro - 1 else contextlib.nullcontext():
+                ((model(x, step) - y) ** 2).mean().backward()
         opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()]
+
+
+def train_ddp(seed: int, variant: str) -> list[torch.Tensor]:
+    # Ranks start apart: DDP broadcasts rank 0's parameters.
+    ddp = wrap(new_model(seed + dist.get_rank(), SPARE.get(variant, "")), variant)
+    return train(ddp, optimizer(ddp.parameters()), seed, micro_batches(variant), ddp.no_sync)
 
 
 def train_averaged(seed: int) -> list[torch.Tensor]:
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model = new_model(seed + rank)
+    model = new_model(seed + dist.get_rank())
     rt.broadcast_parameters(model, dist.group.WORLD, root=0)
     averager = rt.GradientAverager(model, dist.group.WORLD, bucket_mb=0.001)
-    opt = rt.DistributedOptimizer(optimizer(model.parameters()), averager)
-    xs, ys = data(seed)
-    for step in range(STEPS):
-        x, y = shard(xs[step, 0], rank, world), shard(ys[step, 0], rank, world)
-        ((model(x, step) - y) ** 2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-    return [p.detach().clone() for p in model.parameters()]
+    return train(model, rt.DistributedOptimizer(optimizer(model.parameters()), averager), seed)
 
 
 def train_fsdp(seed: int) -> list[torch.Tensor]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model = new_model(seed)
     for layer in model.body:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    opt = optimizer(model.parameters())
-    xs, ys = data(seed)
-    for step in range(STEPS):
-        x, y = shard(xs[step, 0], rank, world), shard(ys[step, 0], rank, world)
-        ((model(x, step) - y) ** 2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    train(model, optimizer(model.parameters()), seed)
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
