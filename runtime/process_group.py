@@ -173,22 +173,12 @@ class RingProcessGroup(dist.ProcessGroup):
 
     def reduce_scatter_single(self, output: torch.Tensor, input: torch.Tensor,
                               opts: Any = None) -> RingWork:
-        return self._reduce_scatter_tensors([output], [input], opts, "reduce_scatter_tensor")
+        return self._per_pair([output], [input], opts, "reduce_scatter_tensor", gather=False)
 
     def reduce_scatter_tensor_coalesced(self, outputs: list[torch.Tensor],
                                         inputs: list[torch.Tensor], opts: Any = None) -> RingWork:
-        return self._reduce_scatter_tensors(outputs, inputs, opts,
-                                            "reduce_scatter_tensor_coalesced")
-
-    def _reduce_scatter_tensors(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
-                                opts: Any, what: str) -> RingWork:
-        """Reduce-scatter each input (world_size times its output's elements) into its
-        output."""
-        how = _Options.of(opts)
-        parts = [self._reduce_scatter(o, self._stage([i], what, how, copy=True),
-                                      [o.numel()] * self.size(), how)
-                 for o, i in self._pairs(outputs, inputs, what, gather=False)]
-        return self._start(what, outputs, parts)
+        return self._per_pair(outputs, inputs, opts, "reduce_scatter_tensor_coalesced",
+                              gather=False)
 
     async def _reduce_scatter(self, output: torch.Tensor, staged: Staged, sizes: list[int],
                               how: _Options) -> None:
@@ -226,20 +216,12 @@ class RingProcessGroup(dist.ProcessGroup):
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,
                           opts: Any = None) -> RingWork:
-        return self._all_gather_tensors([output], [input], opts, "all_gather_into_tensor")
+        return self._per_pair([output], [input], opts, "all_gather_into_tensor", gather=True)
 
     def allgather_into_tensor_coalesced(self, outputs: list[torch.Tensor],
                                         inputs: list[torch.Tensor], opts: Any = None) -> RingWork:
-        return self._all_gather_tensors(outputs, inputs, opts,
-                                        "allgather_into_tensor_coalesced")
-
-    def _all_gather_tensors(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor],
-                            opts: Any, what: str) -> RingWork:
-        """Gather each input into its output of world_size times its elements."""
-        how = _Options.of(opts)
-        parts = [self._all_gather([o], self._stage([i], what, how), how)
-                 for o, i in self._pairs(outputs, inputs, what, gather=True)]
-        return self._start(what, outputs, parts)
+        return self._per_pair(outputs, inputs, opts, "allgather_into_tensor_coalesced",
+                              gather=True)
 
     async def _all_gather(self, outputs: list[torch.Tensor], staged: Staged,
                           how: _Options) -> None:
@@ -279,7 +261,21 @@ class RingProcessGroup(dist.ProcessGroup):
         await self.ring.recv(staged.buffer, src, tag)
         staged.write_back()
 
-    # -- checks -------------------------------------------------------------------------
+    # -- parts and checks ---------------------------------------------------------------
+
+    def _per_pair(self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any,
+                  what: str, gather: bool) -> RingWork:
+        """One collective per (output, input) pair: gather each input into its output of
+        world_size times its elements, or reduce-scatter each input of world_size times
+        its output's elements into it."""
+        how = _Options.of(opts)
+        parts = []
+        for output, input in self._pairs(outputs, inputs, what, gather):
+            staged = self._stage([input], what, how, copy=not gather)
+            parts.append(self._all_gather([output], staged, how) if gather else
+                         self._reduce_scatter(output, staged, [output.numel()] * self.size(),
+                                              how))
+        return self._start(what, outputs, parts)
 
     def _per_rank(self, tensors: list[torch.Tensor], like: torch.Tensor, what: str,
                   same_sizes: bool = True) -> None:

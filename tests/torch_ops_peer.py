@@ -54,6 +54,15 @@ def check_names() -> list[str]:
         "integer_avg", "mismatch", "timeout", "destroy_and_reinit_beside_gloo"]
 
 
+def raised(error: type[BaseException], call: Callable[[], object], what: object) -> BaseException:
+    """The `error` that call() raises; AssertionError naming `what` if it raises none."""
+    try:
+        call()
+    except error as exc:
+        return exc
+    raise AssertionError(f"{what} did not raise {error.__name__}")
+
+
 class Checks:
     def __init__(self, seed: int) -> None:
         self.seed = seed
@@ -234,12 +243,8 @@ class Checks:
             "PREMUL_SUM": lambda: dist.all_reduce(torch.ones(2, dtype=torch.int32),
                                                   op=dist._make_nccl_premul_sum(0.5))}
         for name, call in calls.items():
-            try:
-                call()
-            except ringlib.RingError as exc:
-                assert f"rank {self.rank}:" in str(exc), exc
-            else:
-                raise AssertionError(f"a wrong {name} was taken")
+            exc = raised(ringlib.RingError, call, f"a wrong {name}")
+            assert f"rank {self.rank}:" in str(exc), exc
         t = torch.ones(2)
         dist.all_reduce(t)  # and nothing was sent: the next op pairs up
         assert torch.equal(t, torch.full((2,), float(self.world)))
@@ -331,39 +336,26 @@ class Checks:
                                                  [torch.empty(1)] * self.world, src=0),
                  "recv from any source": lambda: dist.recv(torch.empty(1))}
         for name, call in calls.items():
-            try:
-                call()
-            except NotImplementedError as exc:
-                assert isinstance(exc, ringlib.NotSupported) and name in str(exc), exc
-            else:
-                raise AssertionError(f"{name} did not raise NotSupported")
+            exc = raised(NotImplementedError, call, name)
+            assert isinstance(exc, ringlib.NotSupported) and name in str(exc), exc
 
     def bitwise(self) -> None:
         for op in (R.BAND, R.BOR, R.BXOR):
-            try:
-                dist.all_reduce(torch.ones(2, dtype=torch.int32), op=op)
-            except ringlib.UnsupportedOp as exc:
-                assert str(op).split(".")[-1] in str(exc), exc
-            else:
-                raise AssertionError(f"{op} did not raise UnsupportedOp")
+            exc = raised(ringlib.UnsupportedOp,
+                         lambda: dist.all_reduce(torch.ones(2, dtype=torch.int32), op=op), op)
+            assert str(op).split(".")[-1] in str(exc), exc
 
     def integer_avg(self) -> None:
-        try:
-            dist.all_reduce(torch.ones(2, dtype=torch.int64), op=R.AVG)
-        except ringlib.UnsupportedOp as exc:
-            assert "int64" in str(exc), exc
-        else:
-            raise AssertionError("an integer AVG did not raise UnsupportedOp")
+        exc = raised(ringlib.UnsupportedOp,
+                     lambda: dist.all_reduce(torch.ones(2, dtype=torch.int64), op=R.AVG),
+                     "an integer AVG")
+        assert "int64" in str(exc), exc
 
     def mismatch(self) -> None:
         """Different shapes: MismatchError on every rank, and the group carries on."""
         work = dist.all_reduce(torch.ones(2 + self.rank), async_op=True)
-        try:
-            work.wait()
-        except ringlib.MismatchError as exc:
-            assert "shape" in str(exc), exc
-        else:
-            raise AssertionError("different shapes did not raise MismatchError")
+        exc = raised(ringlib.MismatchError, work.wait, "different shapes")
+        assert "shape" in str(exc), exc
         t = torch.ones(2)
         dist.all_reduce(t)
         assert torch.equal(t, torch.full((2,), float(self.world)))
@@ -372,12 +364,9 @@ class Checks:
         """A group made with a 1.5 s timeout, whose rank 0 never joins a collective."""
         group = dist.new_group(backend="ringlib", timeout=datetime.timedelta(seconds=1.5))
         if self.rank:
-            try:
-                dist.all_reduce(torch.ones(2), group=group)
-            except ringlib.CollectiveTimeout as exc:
-                assert "1.5" in str(exc), exc
-            else:
-                raise AssertionError("no CollectiveTimeout")
+            exc = raised(ringlib.CollectiveTimeout,
+                         lambda: dist.all_reduce(torch.ones(2), group=group), "a lone rank")
+            assert "1.5" in str(exc), exc
         dist.barrier()
         dist.destroy_process_group(group)
 
@@ -385,12 +374,8 @@ class Checks:
         """Destroy everything, then a gloo default group with ringlib groups beside it."""
         ring_group = dist.group.WORLD
         dist.destroy_process_group()
-        try:
-            ring_group.allreduce([torch.ones(1)])
-        except ringlib.RingClosed:
-            pass
-        else:
-            raise AssertionError("a destroyed group still ran an allreduce")
+        raised(ringlib.RingClosed, lambda: ring_group.allreduce([torch.ones(1)]),
+               "an allreduce on a destroyed group")
         dist.init_process_group("gloo")
         group = dist.new_group(backend="ringlib")
         t = torch.full((3,), float(self.rank))
