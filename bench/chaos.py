@@ -10,7 +10,8 @@ hears of it, and that nothing hangs, no result is wrong and nothing is left behi
 Trial K is drawn from (seed, K) alone (--trial K replays it): the victim rank, the fault
 (kill: SIGKILL; stop: SIGSTOP, held to the end of the trial, then SIGKILL), the moment
 (start-up: 0 to --startup-window seconds after the victim's process started; running:
-once the victim has finished 0 to --collectives-1 collectives of its stream), the
+once every rank's connect() has returned and the victim has finished 0 to
+--collectives-1 collectives of its stream), the
 transport, and the collectives (see chaos_rank.py: every result checked against the
 float64 reference). --cases cycles given faults and moments instead of drawing them.
 The table sorts each trial by what its fault hit: "before connect" (the victim was still

@@ -208,11 +208,12 @@ class Trial:
         if self.fault_t is not None:
             return
         victim, p = self.ranks[self.plan.victim], self.plan
+        everyone_ready = all(s.ready is not None for s in self.ranks)
         due = (time.monotonic() >= victim.started + p.delay if p.moment == "start-up"
-               else victim.ready is not None and victim.done >= p.after)
+               else everyone_ready and victim.done >= p.after)
         early = any(s.failure or s.proc.poll() is not None for s in self.ranks)
         if due or early:
-            self.startup_fault = any(s.ready is None for s in self.ranks)
+            self.startup_fault = not everyone_ready
             self.fault_t = time.monotonic()
             processes.signal_group(victim.proc.pid, FAULTS[p.fault])
 

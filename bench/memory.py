@@ -8,10 +8,11 @@ calls then need beyond the resident size they start from shows in the mark.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -41,12 +42,20 @@ def supported() -> bool:
         return False
 
 
-async def peak_growth(call: Callable[[], Awaitable[None]], times: int = 2) -> int:
-    """Bytes by which `times` awaits of call() raise the peak resident size of this process
-    above what it holds before them (threads and ZeroMQ's buffers included)."""
+@contextlib.contextmanager
+def peak_above_now() -> Iterator[Callable[[], int]]:
+    """Yields a function that says by how many bytes the peak resident size of this
+    process has risen, since the block began, above what it held then (threads and
+    ZeroMQ's buffers included)."""
     _trim()
     base = _status_bytes("VmRSS")
     _CLEAR_REFS.write_text("5")
-    for _ in range(times):
-        await call()
-    return max(0, _status_bytes("VmHWM") - base)
+    yield lambda: max(0, _status_bytes("VmHWM") - base)
+
+
+async def peak_growth(call: Callable[[], Awaitable[None]], times: int = 2) -> int:
+    """Bytes by which `times` awaits of call() raise the peak resident size (above)."""
+    with peak_above_now() as grown:
+        for _ in range(times):
+            await call()
+        return grown()

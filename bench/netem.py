@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from ringlib.runtime import processes
+
 from .netem_hosts import LINKS, Faults, Hosts, HostsError, signals_deferred, unsupported
 from .results import write_json
 from .systems import BUS_FACTOR
@@ -307,10 +309,6 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
                 "namespaces": [hosts.hub, *hosts.names], "rows": rows}
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     problem = unsupported()
@@ -318,17 +316,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"netem benchmark: {problem}", file=sys.stderr)
         return 2
     args.seed = random.randrange(2**31) if args.seed is None else args.seed
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        document = run(args, sys.stdout)
+        with processes.sigterm_as_interrupt():
+            document = run(args, sys.stdout)
     except (RankFailed, HostsError) as exc:
         print(f"netem benchmark failed (seed {args.seed}): {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("netem benchmark interrupted; ranks stopped, namespaces deleted", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if args.json:
         write_json(args.json, document)
     return 0

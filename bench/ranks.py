@@ -91,23 +91,16 @@ def run_ranks(module: str, argv: list[str], ranks: int, transport: str,
     With `mpirun` the ranks are started by mpirun. Every process is killed and reaped
     whatever happens (error, Ctrl-C, SIGTERM)."""
     procs: list[subprocess.Popen] = []
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        with tempfile.TemporaryDirectory(prefix="rl-") as tmp:  # short: ipc paths cap at 107
-            try:
-                peers = local_addresses(ranks, transport, tmp)
-                start = _start_mpirun if mpirun else _start_each
-                procs, logs, names = start(module, argv, {**without_placement(os.environ),
-                                                          **(env or {})}, peers, tmp)
-                _follow(procs, logs, names, on_line)
-            finally:
-                processes.stop(procs, STOP_S)  # mpirun stops its ranks on SIGTERM
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    with processes.sigterm_as_interrupt(), \
+            tempfile.TemporaryDirectory(prefix="rl-") as tmp:  # short: ipc paths cap at 107
+        try:
+            peers = local_addresses(ranks, transport, tmp)
+            start = _start_mpirun if mpirun else _start_each
+            procs, logs, names = start(module, argv, {**without_placement(os.environ),
+                                                      **(env or {})}, peers, tmp)
+            _follow(procs, logs, names, on_line)
+        finally:
+            processes.stop(procs, STOP_S)  # mpirun stops its ranks on SIGTERM
 
 
 def _follow(procs: list[subprocess.Popen], logs: list[Path], names: list[str],

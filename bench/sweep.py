@@ -4,6 +4,7 @@ MPI timed side by side in the same run (nccl-tests style).
     ringlib bench allreduce|reduce_scatter|all_gather|broadcast|latency [-n 2] [--sizes 8B:64MiB:4]
         [--dtype float32] [--op sum] [--transport tcp|ipc] [--iters N] [--compare gloo,mpi]
         [--json out.json] [--plot out.png] [--segment 1MiB[,4MiB...]] [--crossover]
+        [--api async|blocking|both]
 
 The parent starts -n ranks (this module with --worker, wired by RINGLIB_* variables on
 free 127.0.0.1 ports or ipc paths in a private temporary directory; under mpirun when
@@ -14,6 +15,10 @@ the timed loop, and its peak memory growth over two calls is taken; then the sys
 turns, size by size (see sweep_rank.py). Times are rank 0's medians per call; for
 latency, a ping-pong between ranks 0 and 1, half the round trip (one-way latency, as the
 OSU micro-benchmarks report it).
+
+--api says which of ringlib's APIs are timed: the asyncio Ring ("ringlib") and the
+blocking facade a training loop calls ("blocking", ringlib.init() on a second ring of the
+same ranks), by default both, side by side.
 
 --crossover times recursive doubling (small_bytes huge) against the ring (small_bytes 0);
 several --segment sizes take turns likewise, one column each.
@@ -38,14 +43,15 @@ from ringlib.transport.security import generate
 from .ranks import WorkerFailed, exit_with_parent, mpirun_missing, run_ranks
 from .results import plot, write_json
 from .sweep_rank import SETTINGS, TURN_CALLS, run_worker
-from .systems import (COLLECTIVES, CURVE_KEY_VARIABLE, CURVE_PEERS_VARIABLE, SPLIT,
-                      STORE_VARIABLE)
-from .table import Row, Table, crossover_summary, ratio_summary
+from .systems import (BLOCKING_PEERS_VARIABLE, COLLECTIVES, CURVE_KEY_VARIABLE,
+                      CURVE_PEERS_VARIABLE, SPLIT, STORE_VARIABLE)
+from .table import Row, Table, crossover_summary, ratio_summary, slower_summary
 from .timing import format_size, parse_int_list, parse_size_list, parse_sizes
 
 DEFAULT_SIZES = "8B:64MiB:4"
 CROSSOVER_SIZES = "256B:1MiB:2"
 SYSTEMS = ("gloo", "mpi", "curve")
+APIS = {"async": ["async"], "blocking": ["blocking"], "both": ["async", "blocking"]}
 
 
 class Report:
@@ -123,6 +129,7 @@ class Report:
                              f"calls; {self.table.labels[0]}/X = {self.table.labels[0]}'s p50 "
                              f"over X's (<1: {self.table.labels[0]} is faster)")
                 lines += ratio_summary(self.rows, self.table.labels)
+                lines += slower_summary(self.rows, self.table.labels)
         if a.crossover and self.rows:
             lines.append(crossover_summary(self.rows))
         lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
@@ -215,6 +222,9 @@ def parser(collective: str = "allreduce") -> argparse.ArgumentParser:
                    help="ringlib's spin_us; several: timed side by side")
     p.add_argument("--direct", type=parse_size_list, default=None,
                    help="ringlib's direct_bytes (0: off); several: timed side by side")
+    p.add_argument("--api", choices=list(APIS), default="both",
+                   help="ringlib's asyncio API, its blocking facade, or both side by side "
+                        "(default: both)")
     p.add_argument("--crossover", action="store_true",
                    help="time recursive doubling against the ring, side by side")
     p.add_argument("--collective", choices=COLLECTIVES, default=collective,
@@ -226,6 +236,7 @@ def parser(collective: str = "allreduce") -> argparse.ArgumentParser:
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.sizes is None:
         args.sizes = parse_sizes(CROSSOVER_SIZES if args.crossover else DEFAULT_SIZES)
+    args.api = APIS[args.api]
     itemsize = BY_NAME[args.dtype].itemsize
     unit = itemsize * args.ranks if args.collective in SPLIT else itemsize
     bad = [s for s in args.sizes if s < unit or s % unit]
@@ -274,9 +285,12 @@ def main(argv: list[str] | None = None, collective: str = "allreduce") -> None:
                    "--compare", ",".join(args.compare)]
     try:
         with contextlib.ExitStack() as stack:
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="rl-"))
             if "curve" in args.compare:
-                env.update(_curve_ring(args, stack.enter_context(
-                    tempfile.TemporaryDirectory(prefix="rl-"))))
+                env.update(_curve_ring(args, directory))
+            if "blocking" in args.api:
+                env[BLOCKING_PEERS_VARIABLE] = ",".join(
+                    local_addresses(args.ranks, args.transport, f"{directory}/blocking"))
             run_ranks(__spec__.name, worker_argv, args.ranks, args.transport, report, env,
                       mpirun)
     except WorkerFailed as exc:

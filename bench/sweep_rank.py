@@ -12,6 +12,8 @@ TURN_CALLS calls timed together. Rank 0 prints one JSON line per size.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import functools
 import gc
 import json
 import os
@@ -24,8 +26,9 @@ import ringlib
 from ringlib.dtypes import BY_NAME
 
 from . import memory
-from .systems import (CURVE_KEY_VARIABLE, CURVE_PEERS_VARIABLE, Case, GlooSystem, MpiSystem,
-                      RinglibSystem, System, Unavailable, check)
+from .systems import (BLOCKING_PEERS_VARIABLE, CURVE_KEY_VARIABLE, CURVE_PEERS_VARIABLE,
+                      BlockingSystem, Case, GlooSystem, MpiSystem, RinglibSystem, System,
+                      Unavailable, check)
 from .timing import format_size
 
 ALWAYS = 1 << 62           # a small_bytes no buffer reaches: recursive doubling for all
@@ -43,11 +46,18 @@ SETTINGS = {"segment": ("segment_bytes", lambda v: f"seg {format_size(v)}"),
             "direct": ("direct_bytes", lambda v: f"direct {format_size(v) if v else 'off'}")}
 
 
+def _fixed(args: argparse.Namespace) -> dict[str, int]:
+    """The settings given one value, which apply to every ringlib column."""
+    return {attr: getattr(args, option)[0] for option, (attr, _) in SETTINGS.items()
+            if getattr(args, option) and len(getattr(args, option)) == 1}
+
+
 def ringlib_systems(ring: ringlib.Ring, args: argparse.Namespace) -> list[RinglibSystem]:
-    """ringlib's columns: doubling vs ring (--crossover), several values of one setting
-    (one column each), or one column; a setting given one value applies to every column."""
-    fixed = {attr: getattr(args, option)[0] for option, (attr, _) in SETTINGS.items()
-             if getattr(args, option) and len(getattr(args, option)) == 1}
+    """ringlib's asyncio columns: doubling vs ring (--crossover), several values of one
+    setting (one column each), or one column; none without async in --api."""
+    fixed = _fixed(args)
+    if "async" not in args.api:
+        return []
     if args.crossover:
         return [RinglibSystem(ring, "doubling", **{**fixed, "small_bytes": ALWAYS}),
                 RinglibSystem(ring, "ring", **{**fixed, "small_bytes": 0})]
@@ -159,13 +169,27 @@ async def secure_ring(ring: ringlib.Ring) -> ringlib.Ring:
                                  shm_bytes=ring.settings.shm_bytes)
 
 
+async def blocking_system(ring: ringlib.Ring, args: argparse.Namespace) -> BlockingSystem:
+    """The blocking facade's column (--api blocking): ringlib.init() on a second ring of
+    the same ranks and settings, made in a worker thread so that this loop keeps beating."""
+    made = functools.partial(
+        ringlib.init, ring.rank, ring.world_size, os.environ[BLOCKING_PEERS_VARIABLE].split(","),
+        timeout=CONNECT_TIMEOUT, collective_timeout=COLLECTIVE_TIMEOUT,
+        shm_bytes=ring.settings.shm_bytes, compiled_bytes=ring.settings.compiled_bytes)
+    blocking = await asyncio.get_running_loop().run_in_executor(None, made)
+    return BlockingSystem(blocking, **_fixed(args))
+
+
 async def run_worker(args: argparse.Namespace) -> None:
     """This rank's part: join the ring from the environment; rank 0 prints JSON lines."""
     async with ringlib.connect(timeout=CONNECT_TIMEOUT,
                                collective_timeout=COLLECTIVE_TIMEOUT) as ring:
         say = _printer(ring.rank)
         skipped: dict[str, str] = {}
-        compared = compared_systems(ring, args.compare, skipped)
+        compared: list[System] = []
+        if "blocking" in args.api:
+            compared.append(await blocking_system(ring, args))
+        compared += compared_systems(ring, args.compare, skipped)
         secure = await secure_ring(ring) if "curve" in args.compare else None
         if secure is not None:
             compared.append(RinglibSystem(secure, "curve"))
@@ -176,7 +200,8 @@ async def run_worker(args: argparse.Namespace) -> None:
              "segment_bytes": ring.segment_bytes, "spin_us": ring.spin_us,
              "direct_bytes": ring.direct_bytes, "skipped": dict(skipped),
              "links": ring.endpoint.links() if ring.endpoint is not None else {},
-             "versions": {s.label: s.version for s in compared}})
+             "versions": {s.label: s.version for s in compared
+                          if not isinstance(s, BlockingSystem)}})
         try:
             for nbytes in args.sizes:
                 case = Case(args.collective, nbytes // BY_NAME[args.dtype].itemsize,

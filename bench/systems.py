@@ -39,6 +39,7 @@ BUS_FACTOR = {  # busbw = algbw x this (nccl-tests' PERFORMANCE.md), n ranks
 STORE_VARIABLE = "RINGLIB_BENCH_STORE"  # host:port of the Gloo comparison's TCPStore
 # The CurveZMQ comparison's ring: its secret key file, and its ranks' addresses.
 CURVE_KEY_VARIABLE, CURVE_PEERS_VARIABLE = "RINGLIB_BENCH_CURVE_KEY", "RINGLIB_BENCH_CURVE_PEERS"
+BLOCKING_PEERS_VARIABLE = "RINGLIB_BENCH_BLOCKING_PEERS"  # the blocking facade's ring
 EPS = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23,
        "float64": 2.0 ** -52}
 
@@ -192,17 +193,20 @@ class RinglibSystem(System):
 
     async def call(self) -> None:
         self._apply()
-        c, ring = self.case, self.ring
+        c = self.case
         if c.collective == "allreduce":
-            await ring.all_reduce(self.inp, c.op)
+            await self._do("all_reduce", self.inp, c.op)
         elif c.collective == "reduce_scatter":
-            self.out = await ring.reduce_scatter(self.inp, c.op)
+            self.out = await self._do("reduce_scatter", self.inp, c.op)
         elif c.collective == "all_gather":
-            self.out = (await ring.all_gather(self.inp)).reshape(-1)
+            self.out = (await self._do("all_gather", self.inp)).reshape(-1)
         elif c.collective == "broadcast":
-            await ring.broadcast(self.inp, 0)
+            await self._do("broadcast", self.inp, 0)
         else:
             await self._pingpong()
+
+    async def _do(self, collective: str, *args: Any) -> Any:
+        return await getattr(self.ring, collective)(*args)
 
     async def _pingpong(self) -> None:
         """Rank 0 sends its input to rank 1 and waits for it to come back, on ringlib's
@@ -223,6 +227,32 @@ class RinglibSystem(System):
             tracker = await self._stream.send(peer, i, 0, out)
             if tracker is not None:  # ZeroMQ shares `out` until it has sent it
                 await wait_sent([tracker])
+
+
+class BlockingSystem(RinglibSystem):
+    """ringlib's blocking facade (ringlib.init), as a training loop calls it, on a ring of
+    its own: its loop runs in its own thread, and this one calls from the sweep's."""
+
+    def __init__(self, blocking: ringlib.BlockingRing, label: str = "blocking",
+                 **settings: int) -> None:
+        super().__init__(blocking.ring, label, **settings)
+        self.blocking = blocking
+
+    async def _do(self, collective: str, *args: Any) -> Any:
+        return getattr(self.blocking, collective)(*args)
+
+    async def _pingpong(self) -> None:
+        """Rank 0 sends to rank 1 and receives it back (Ring.send and recv)."""
+        rank, ring = self.ring.rank, self.blocking
+        if rank == 0:
+            ring.send(self.inp, 1)
+            ring.recv(self.out, 1)
+        elif rank == 1:
+            ring.recv(self.out, 0)
+            ring.send(self.out, 0)
+
+    def close(self) -> None:
+        self.blocking.close()
 
 
 class GlooSystem(System):

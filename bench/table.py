@@ -61,7 +61,7 @@ class Table:
         first = self.labels[0]
         cols = [("size", 9), ("count", 10), ("type", 8), ("iters", 6), ("p50 us", 10),
                 ("p99 us", 10), ("algbw GB/s", 10), ("busbw GB/s", 10), ("+mem MiB", 8),
-                ("algo", 8)]
+                ("algo", 14)]
         for label in self.labels[1:]:
             cols += [(f"{label} us", max(10, len(label) + 3)),
                      (f"{first}/{label}", max(8, len(first) + len(label) + 1))]
@@ -106,4 +106,21 @@ def ratio_summary(rows: list[Row], labels: list[str]) -> list[str]:
         if ratios:
             lines.append(f"{labels[0]}/{label} time ratio: median {ratios[len(ratios) // 2]:.2f} "
                          f"over {len(ratios)} sizes ({ratios[0]:.2f}..{ratios[-1]:.2f})")
+    return lines
+
+
+def slower_summary(rows: list[Row], labels: list[str]) -> list[str]:
+    """Where both of ringlib's APIs were timed ("ringlib" and "blocking"): per other
+    system, the slower API's time over that system's, size by size."""
+    if not {"ringlib", "blocking"} <= set(labels):
+        return []
+    lines = []
+    for label in labels:
+        if label in ("ringlib", "blocking"):
+            continue
+        ratios = [f"{format_size(r.nbytes)} {max(a.p50, b.p50) / o.p50:.2f}" for r in rows
+                  if (a := r.result("ringlib")) and (b := r.result("blocking"))
+                  and (o := r.result(label))]
+        if ratios:
+            lines.append(f"slower of ringlib and blocking / {label}: " + ", ".join(ratios))
     return lines

@@ -7,9 +7,10 @@ algorithm; one algorithm per file, each opening with its cost.
 """
 
 from .channel import Channel, signature
-from .choose import (SMALL_BYTES, Plan, all_gather, all_reduce, barrier, broadcast, plan,
-                     reduce_scatter, step_reducers)
+from .choose import (COMPILED_BYTES, SMALL_BYTES, Plan, all_gather, all_reduce, barrier,
+                     broadcast, plan, reduce_scatter, step_reducers)
 from .session import Session, Sessions
 
-__all__ = ["Channel", "Plan", "SMALL_BYTES", "Session", "Sessions", "all_gather", "all_reduce",
-           "barrier", "broadcast", "plan", "reduce_scatter", "signature", "step_reducers"]
+__all__ = ["COMPILED_BYTES", "Channel", "Plan", "SMALL_BYTES", "Session", "Sessions",
+           "all_gather", "all_reduce", "barrier", "broadcast", "plan", "reduce_scatter",
+           "signature", "step_reducers"]

@@ -19,11 +19,11 @@ import functools
 from collections import defaultdict
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ringlib.errors import ProtocolError
+from ringlib.errors import PeerLost, ProtocolError
 from ringlib.partition import sub_chunks
 from ringlib.transport import Endpoint, Released, RemotePayload, discard, frames, held, wait_sent
 
@@ -141,7 +141,8 @@ class Channel:
         is there so that ZeroMQ's thread can move bytes meanwhile, and here none move but
         these, which the kernel copies (measured: docs/benchmark-notes.md)."""
         if isinstance(src, RemotePayload):
-            _reduce_remote(fn, out, src)
+            with self._reading_remote():
+                _reduce_remote(fn, out, src)
         else:
             await self._work(out.nbytes, fn, out, src)
 
@@ -150,7 +151,8 @@ class Channel:
         write each reduced block back into it while it is in cache; return whether it was
         written back (else the sender needs the result some other way)."""
         if isinstance(src, RemotePayload) and src.writable:
-            _reduce_remote(fn, out, src, back=True)
+            with self._reading_remote():
+                _reduce_remote(fn, out, src, back=True)
             return True
         await self.run(fn, out, src)
         return False
@@ -159,9 +161,21 @@ class Channel:
         """Copy a received piece into `out`: straight out of its sender's memory if it is
         still there."""
         if isinstance(src, RemotePayload):
-            src.read_into(out)
+            with self._reading_remote():
+                src.read_into(out)
         else:
             await self._work(out.nbytes, np.copyto, out, src)
+
+    @contextlib.contextmanager
+    def _reading_remote(self) -> Iterator[None]:
+        """A read of a payload in its sender's memory. A sender whose memory cannot be read
+        is lost to the whole ring, every rank told, as when the watchdog finds one silent:
+        a rank that waits on it elsewhere, and never watches it, learns at once."""
+        try:
+            yield
+        except PeerLost as exc:
+            self.endpoint.lose(exc.rank, "died: its memory can no longer be read")
+            raise
 
     async def forward(self, to: int, step: int, chunk: int, frame: Any, copied: np.ndarray,
                       region: Any) -> None:

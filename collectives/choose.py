@@ -25,6 +25,7 @@ from ringlib.reduce import storage_reducer
 from .barrier import dissemination_barrier
 from .channel import Channel
 from .flat_broadcast import flat_broadcast
+from .hierarchical_allreduce import Hosts, hierarchical_allreduce
 from .pairwise_allreduce import pairwise_allreduce
 from .recursive_doubling import recursive_doubling
 from .ring_all_gather import all_gather_phase
@@ -36,12 +37,19 @@ from .ring_reduce_scatter import Reducer, reduce_scatter_phase
 # broadcast); larger ones the ring. Measured with `ringlib bench allreduce --crossover`:
 # see docs/benchmark-notes.md.
 SMALL_BYTES = 128 << 10
+# Collectives up to this size run compiled over the shared arena where the ring has one
+# (compiled.py), and all-reduces above SPLIT_BYTES of them split the reduction among the
+# ranks. Measured: see docs/benchmark-notes.md.
+COMPILED_BYTES = 8 << 20
+SPLIT_BYTES = 64 << 10
 
 
 class Plan(NamedTuple):
     """How a collective runs on this ring."""
 
-    algorithm: str       # "doubling", "pairwise", "ring", "flat" or "dissemination"
+    algorithm: str       # "doubling", "pairwise", "ring", "hierarchical", "flat",
+                         # "dissemination", or, over the shared arena, "compiled" or
+                         # "compiled-split"
     latency_bound: bool  # its receives poll for their messages before they yield
     tag: str             # what its signature carries of the choice ("" if the size says it)
 
@@ -50,19 +58,32 @@ class Plan(NamedTuple):
 _RING, _DOUBLING = Plan("ring", False, ""), Plan("doubling", True, "")
 _PAIRWISE, _FLAT = Plan("pairwise", False, "pairwise"), Plan("flat", True, "")
 _DISSEMINATION = Plan("dissemination", True, "")
+_HIERARCHICAL = Plan("hierarchical", False, "hierarchical")
+_COMPILED = Plan("compiled", True, "compiled")
+_SPLIT = Plan("compiled-split", True, "compiled-split")
 EMPTY_PLAN = _DISSEMINATION  # an empty collective: its ranks meet as a barrier's do
 
 
 def plan(collective: str, nbytes: int, world_size: int, small_bytes: int,
-         reaches_peer: Callable[[], bool]) -> Plan:
+         reaches_peer: Callable[[], bool], compiled_bytes: int = 0,
+         hosts: Hosts | None = None) -> Plan:
     """The plan of `collective` ("all_reduce", "reduce_scatter", "all_gather",
     "broadcast" or "barrier") over `nbytes`. reaches_peer(), asked only where the choice
     depends on it: whether the 2 ranks of a ring of two can read and write each other's
     memory (Endpoint.reaches), which ranks know alike once start-up is over, but which no
-    size tells: it is in the tag."""
+    size tells: it is in the tag. compiled_bytes: the largest buffer the ring's shared
+    arena takes (0: it has none); the tag says so too, as ranks' settings may differ.
+    hosts: the ranks of each host where a hierarchical all-reduce may run (several
+    hosts of several ranks each: hierarchical_allreduce.host_groups), else None; in the
+    tag as well, for the same reason."""
+    slot = nbytes // world_size if collective == "all_gather" else nbytes
+    if compiled_bytes and slot <= compiled_bytes:
+        return _SPLIT if collective == "all_reduce" and nbytes > SPLIT_BYTES else _COMPILED
     if collective == "all_reduce":
         if nbytes <= small_bytes:
             return _DOUBLING
+        if hosts is not None:
+            return _HIERARCHICAL
         return _PAIRWISE if world_size == 2 and reaches_peer() else _RING
     if collective == "barrier":
         return _DISSEMINATION
@@ -80,9 +101,11 @@ def step_reducers(dtype: DType, op: Op, world_size: int) -> tuple[Reducer, Reduc
 
 
 async def all_reduce(ch: Channel, buf: np.ndarray, dtype: DType, op: Op,
-                     algorithm: str) -> None:
+                     algorithm: str, hosts: Hosts | None = None) -> None:
     partial, final = step_reducers(dtype, op, ch.world_size)
-    if algorithm == "doubling":
+    if algorithm == "hierarchical":
+        await hierarchical_allreduce(ch, buf, hosts, partial, final)
+    elif algorithm == "doubling":
         await recursive_doubling(ch, buf, partial, final)
     elif algorithm == "pairwise":
         await pairwise_allreduce(ch, buf, final)

@@ -60,6 +60,7 @@ class Sessions:
         self._done: dict[int, str] = {}  # seq -> signature, of collectives finished here
         self._asked: dict[int, Header] = {}  # seq -> WAITING for one not opened here yet
         self._opened = 0  # the last sequence number taken
+        self._loop = asyncio.get_running_loop()
         endpoint.inbox.filter = self
         endpoint.on(Kind.MISMATCH, self._reported)
         endpoint.on(Kind.WAITING, self._asked_about)
@@ -85,6 +86,31 @@ class Sessions:
                 break
         return session
 
+    @property
+    def running(self) -> bool:
+        """Whether a collective with messages is in flight."""
+        return bool(self._running)
+
+    def take(self, sig: str) -> int:
+        """Number a collective that runs without messages (compiled.py), in call order
+        with the others, and remember its signature for the messages and WAITING questions
+        of ranks that ran it with messages. Safe from a blocking ring's caller's thread:
+        what it must tell other ranks, the loop does."""
+        seq = self._opened = next(self._seq)
+        self._done[seq] = sig
+        self._done.pop(seq - HISTORY, None)
+        if self._failed or self._notices:
+            self._failed.pop(seq - HISTORY, None)
+            self._notices.pop(seq - HISTORY, None)
+        asked = self._asked.pop(seq, None)
+        if asked is not None and asked.sig != sig:
+            self._loop.call_soon_threadsafe(self._mismatched_after, asked, sig)
+        return seq
+
+    def fate(self, seq: int) -> MismatchError | None:
+        """Another rank's word that collective `seq` was called differently, if one came."""
+        return self._notices.pop(seq, None)
+
     def abandon(self, seq: int, exc: BaseException | None = None) -> None:
         """Collective `seq` failed: drop what is kept for it and what still comes. With
         `exc` (another rank found it failed), its current and later waits raise exc."""
@@ -105,6 +131,11 @@ class Sessions:
         if session is not None and header.sig != session.channel.sig:
             discard(message.payload)
             self.abandon(header.seq, session.mismatch(header))
+            return False
+        done = self._done.get(header.seq) if session is None else None
+        if done is not None and header.sig != done:  # one it ran otherwise, or compiled
+            discard(message.payload)
+            self._mismatched_after(header, done)
             return False
         return True
 

@@ -63,16 +63,47 @@ def ddp_trainer(seed: int, backend: str) -> Iterator[Trainer]:
     """The same with torch's DistributedDataParallel, on a torch.distributed backend."""
     dist.init_process_group(backend)
     try:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        model = torch.nn.parallel.DistributedDataParallel(new_model(seed + rank))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-
-        def mean(t: torch.Tensor) -> torch.Tensor:
-            dist.all_reduce(t)  # Gloo has no AVG
-            return t / world
-        yield rank, world, model, optimizer, mean
+        yield ddp_parts(seed)
     finally:
         dist.destroy_process_group()
+
+
+def ddp_parts(seed: int) -> Trainer:
+    """DistributedDataParallel's trainer in a process group that is already up (under
+    torchrun after init_process_group, or as Ray Train starts its workers)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = torch.nn.parallel.DistributedDataParallel(new_model(seed + rank))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def mean(t: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(t)  # Gloo has no AVG
+        return t / world
+    return rank, world, model, optimizer, mean
+
+
+def fit(trainer: Trainer, epochs: int, batch: int, seed: int) -> float:
+    """Train for `epochs`, each rank on its share of every global batch; rank 0 prints
+    the loss and test accuracy after each epoch. Returns the last test accuracy."""
+    rank, world, model, optimizer, mean = trainer
+    x, y, x_test, y_test = dataset(seed)
+    share = batch // world
+    accuracy = 0.0
+    for epoch in range(1, epochs + 1):
+        losses = []
+        for start in range(0, len(x) - batch + 1, batch):
+            mine = slice(start + rank * share, start + (rank + 1) * share)
+            loss = torch.nn.functional.cross_entropy(model(x[mine]), y[mine])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+        mean_loss = mean(torch.stack(losses).mean().reshape(1))
+        with torch.no_grad():
+            accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+        if rank == 0:
+            print(f"epoch {epoch}: loss {mean_loss.item():.4f}, test accuracy "
+                  f"{accuracy:.2%} ({world} peer{'s' * (world > 1)})", flush=True)
+    return accuracy
 
 
 def main() -> None:
@@ -85,24 +116,8 @@ def main() -> None:
     args = parser.parse_args()
 
     trainer = ddp_trainer(args.seed, args.backend) if args.backend else ringlib_trainer(args.seed)
-    with trainer as (rank, world, model, optimizer, mean):
-        x, y, x_test, y_test = dataset(args.seed)
-        share = args.batch // world
-        for epoch in range(1, args.epochs + 1):
-            losses = []
-            for start in range(0, len(x) - args.batch + 1, args.batch):
-                mine = slice(start + rank * share, start + (rank + 1) * share)
-                loss = torch.nn.functional.cross_entropy(model(x[mine]), y[mine])
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                losses.append(loss.detach())
-            mean_loss = mean(torch.stack(losses).mean().reshape(1))
-            with torch.no_grad():
-                accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-            if rank == 0:
-                print(f"epoch {epoch}: loss {mean_loss.item():.4f}, test accuracy "
-                      f"{accuracy:.2%} ({world} peer{'s' * (world > 1)})", flush=True)
+    with trainer as parts:
+        fit(parts, args.epochs, args.batch, args.seed)
 
 
 if __name__ == "__main__":

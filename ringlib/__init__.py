@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (CollectiveTimeout, InvalidArgument, InvalidBuffer, MismatchError,
                      NotSupported, PeerLost, ProtocolError, RendezvousError, RendezvousTimeout,
                      RingClosed, RingError, StageError, Unauthorized, UnsupportedBuffer,
-                     UnsupportedDtype, UnsupportedOp, UsageError)
+                     UnsupportedDtype, UnsupportedOp, UsageError, WorkerLost)
 
 if TYPE_CHECKING:
     from .dtypes import DType
@@ -84,6 +84,7 @@ __all__ = [
     "UnsupportedDtype",
     "UnsupportedOp",
     "UsageError",
+    "WorkerLost",
     "chunk",
     "chunk_bounds",
     "connect",

@@ -21,6 +21,7 @@ BENCHMARKS = {
     "chaos": "chaos",
     "netem": "netem",
     "loopback": "loopback",
+    "hosts": "hosts",
 }
 
 

@@ -88,3 +88,8 @@ class StageError(RingError):
     def __init__(self, message: str, rank: int, batch: int) -> None:
         super().__init__(message)
         self.rank, self.batch = rank, batch
+
+
+class WorkerLost(PeerLost):
+    """The engine's worker process that ran a rank died mid-run (ringlib.dask.run);
+    `rank` is that rank and `address` the worker's address."""

@@ -26,10 +26,18 @@ from ringlib.runtime.process_group import RingProcessGroup, create_process_group
 
 BACKEND = "ringlib"
 
-if not hasattr(dist.Backend, BACKEND.upper()):  # registered once per process
-    dist.Backend.register_backend(BACKEND, create_process_group, extended_api=True,
-                                  devices=["cpu"])
-    refuse_builtin_comm_hooks()
+
+def register() -> None:
+    """Register the "ringlib" backend in this process, once; importing this module does it
+    already. For engines that take a setup hook to run in each worker process before
+    torch.distributed starts there (Ray's `worker_process_setup_hook`)."""
+    if not hasattr(dist.Backend, BACKEND.upper()):
+        dist.Backend.register_backend(BACKEND, create_process_group, extended_api=True,
+                                      devices=["cpu"])
+        refuse_builtin_comm_hooks()
+
+
+register()
 
 __all__ = ["BACKEND", "DistributedOptimizer", "GradientAverager", "RingProcessGroup",
-           "broadcast_parameters"]
+           "broadcast_parameters", "register"]

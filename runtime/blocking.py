@@ -25,6 +25,8 @@ from typing import Any, Callable, Coroutine, TypeVar
 
 from ringlib.errors import RingClosed, UsageError
 
+from ringlib.collectives.compiled import Pending
+
 from .ring import CALLER, Ring, connect
 
 T = TypeVar("T")
@@ -76,29 +78,36 @@ class _Callers:
 
     def __init__(self, rank: Callable[[], int]) -> None:
         self._rank = rank
-        self._owner = threading.current_thread()  # the thread that made the ring
+        self._owner = threading.get_ident()  # the thread that made the ring
         self._lock = threading.Lock()
         self._busy: threading.Thread | None = None
+        self._busy_id = 0
         self._count = 0
 
     def enter(self, what: str) -> str:
         """Count in a collective of the calling thread, or raise UsageError if another
         thread's are in flight; return what its signature carries of the caller."""
-        me = threading.current_thread()
+        me = threading.get_ident()  # a microsecond of every call is at stake: no Thread
         with self._lock:
-            if self._count and self._busy is not me:
+            if self._count and self._busy_id != me:
                 raise UsageError(
-                    f"rank {self._rank()}: thread {me.name!r} called {what} while a collective "
-                    f"of thread {self._busy.name!r} is in flight; collectives are numbered in "
-                    "call order, the same on every rank, so one blocking ring takes them from "
-                    "one thread at a time (hand the calls to one thread, or give each thread a "
-                    "ring of its own)")
-            self._busy, self._count = me, self._count + 1
-        return "" if me is self._owner else _kind_of(me.name)
+                    f"rank {self._rank()}: thread {threading.current_thread().name!r} called "
+                    f"{what} while a collective of thread {self._busy.name!r} is in flight; "
+                    "collectives are numbered in call order, the same on every rank, so one "
+                    "blocking ring takes them from one thread at a time (hand the calls to "
+                    "one thread, or give each thread a ring of its own)")
+            if self._busy_id != me:
+                self._busy, self._busy_id = threading.current_thread(), me
+            self._count += 1
+        return "" if me == self._owner else _kind_of(self._busy.name)
 
     def leave(self, *_: object) -> None:
         with self._lock:
             self._count -= 1
+
+    def alone(self) -> bool:
+        """Whether the one collective counted in is the only one in flight."""
+        return self._count == 1
 
 
 def _kind_of(name: str) -> str:
@@ -114,15 +123,27 @@ async def _as(caller: str, call: Coroutine[Any, Any, T]) -> T:
     return await call
 
 
-def _blocking(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+def _blocking(method: Callable[..., Coroutine[Any, Any, T]],
+              start: Callable[..., Pending | None] | None = None) -> Callable[..., T]:
+    """The blocking form of a Ring coroutine method. With `start` (the Ring's _start_*
+    of a collective the compiled path runs), a call made while nothing else is in flight
+    on the ring starts it on the calling thread, and only a wait past the spin budget
+    goes to the loop thread."""
+    name = method.__name__
+
     @functools.wraps(method)
     def call(self: BlockingRing, *args: Any, **kwargs: Any) -> T:
-        thread = self._loop_thread()
-        caller = self._callers.enter(method.__name__)
+        thread, callers = self._loop_thread(), self._callers
+        caller = callers.enter(name)
         try:
-            return thread.run(_as(caller, method(self.ring, *args, **kwargs)))
+            ring = self.ring
+            if start is not None and callers.alone() and ring.idle:
+                pending = start(ring, *args, caller=caller, **kwargs)
+                if pending is not None:
+                    return pending.value() if pending.done else thread.run(pending.finish())
+            return thread.run(_as(caller, method(ring, *args, **kwargs)))
         finally:
-            self._callers.leave()
+            callers.leave()
     return call
 
 
@@ -157,17 +178,19 @@ class BlockingRing:
     rank = property(lambda self: self.ring.rank, doc="This rank's number in the ring.")
     world_size = property(lambda self: self.ring.world_size, doc="How many ranks the ring has.")
     peers = property(lambda self: self.ring.peers, doc="Every rank's address, in rank order.")
+    address = property(lambda self: self.ring.address,
+                       doc="The address this rank receives at (None in a ring of one).")
     generation = property(lambda self: self.ring.generation,
                           doc="How many times reform() rebuilt this ring.")
 
     def __repr__(self) -> str:
         return f"<BlockingRing rank {self.rank} of {self.world_size} at {self.ring.address}>"
 
-    all_reduce = _blocking(Ring.all_reduce)
-    reduce_scatter = _blocking(Ring.reduce_scatter)
-    all_gather = _blocking(Ring.all_gather)
-    broadcast = _blocking(Ring.broadcast)
-    barrier = _blocking(Ring.barrier)
+    all_reduce = _blocking(Ring.all_reduce, Ring._start_all_reduce)
+    reduce_scatter = _blocking(Ring.reduce_scatter, Ring._start_reduce_scatter)
+    all_gather = _blocking(Ring.all_gather, Ring._start_all_gather)
+    broadcast = _blocking(Ring.broadcast, Ring._start_broadcast)
+    barrier = _blocking(Ring.barrier, Ring._start_barrier)
     send = _blocking(Ring.send)
     recv = _blocking(Ring.recv)
     reform = _blocking(Ring.reform)

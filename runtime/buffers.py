@@ -37,3 +37,13 @@ def like(x: Any, view: np.ndarray) -> Any:
     if is_tensor(x):
         return sys.modules["torch"].from_numpy(data).view(x.dtype)
     return data.view(x.dtype)
+
+
+def flat_view(x: Any, as_type: np.dtype, writable: bool) -> np.ndarray:
+    """x's flat storage seen as `as_type`, for a buffer whose dtype was checked before
+    (the compiled path's later calls of one signature): a numpy array costs a reshape."""
+    flags = x.flags if type(x) is np.ndarray else None
+    if flags is not None and flags.c_contiguous and (flags.writeable or not writable):
+        flat = x.reshape(-1)
+        return flat if flat.dtype == as_type else flat.view(as_type)
+    return storage(x, "x", writable)[0].view(as_type)

@@ -9,18 +9,21 @@ Conventions, first match wins:
 Without RINGLIB_PEERS the ranks meet at a seed address, where rank 0 listens: RINGLIB_SEED,
 else MASTER_ADDR with port RINGLIB_PORT or MASTER_PORT + 1 (MASTER_PORT itself is left to
 torch.distributed's store, which torchrun may already run there). Under Slurm the host
-defaults to the step's first node and the port to one derived from the job id; under
-mpirun on a single host, to 127.0.0.1 and a port derived from the job id. With none of
-these variables the process is a ring of one.
+defaults to the step's first node and the port to one derived from the job and step
+ids; under mpirun on a single host, to 127.0.0.1 and a port derived from the job id.
+Where the engine has a place to trade addresses (MPI under mpirun with mpi4py, torch's
+stores), connect() uses that instead (rendezvous.engine_book). With none of these
+variables the process is a ring of one.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Mapping
+
+import hostlist
 
 from ringlib.errors import RendezvousError
 from ringlib.transport import addresses
@@ -33,10 +36,13 @@ CONVENTIONS = [
     ("srun", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 ]
 JOB_PORTS = (20000, 30000)  # the range of ports derived from a job id
+# Variables by which a user chooses how the ranks meet: where one is set, ringlib uses no
+# engine's own place to trade addresses (MPI, torch's stores).
+CHOSEN_MEETING = ("RINGLIB_PEERS", "RINGLIB_SEED", "RINGLIB_PORT")
 # Every variable above that says where a process sits, so that a parent starting ranks
 # of its own can drop what it inherited: names, and prefixes of whole families.
 PLACEMENT_NAMES = frozenset({name for convention in CONVENTIONS for name in convention[1:]}
-                            | {"RINGLIB_PEERS", "RINGLIB_SEED", "RINGLIB_PORT", "RINGLIB_HOST"})
+                            | {*CHOSEN_MEETING, "RINGLIB_HOST"})
 PLACEMENT_PREFIXES = ("OMPI_", "SLURM_", "MASTER_", "PMIX_")
 
 
@@ -138,16 +144,33 @@ def _seed_port(env: Mapping[str, str]) -> int | None:
         return _integer(env, "RINGLIB_PORT")
     if "MASTER_PORT" in env:
         return _integer(env, "MASTER_PORT") + 1
-    job = env.get("SLURM_JOB_ID") or env.get("OMPI_MCA_ess_base_jobid") or env.get("PMIX_NAMESPACE")
+    job = _job(env)
     if job:
         low, high = JOB_PORTS
         return low + zlib.crc32(job.encode()) % (high - low)
     return None
 
 
+def _job(env: Mapping[str, str]) -> str | None:
+    """What names this launch among others: under Slurm the job and its step (two steps
+    of one allocation, run side by side, must not meet at one port)."""
+    if "SLURM_JOB_ID" in env:
+        return f"{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}"
+    return env.get("OMPI_MCA_ess_base_jobid") or env.get("PMIX_NAMESPACE")
+
+
+def slurm_nodes(nodelist: str) -> list[str]:
+    """Every host of a Slurm node list, in order: 'node[01-02,07],cpu1' -> ['node01',
+    'node02', 'node07', 'cpu1'] (python-hostlist reads Slurm's compressed ranges)."""
+    try:
+        nodes = hostlist.expand_hostlist(nodelist.strip())
+    except hostlist.BadHostlist as exc:
+        raise RendezvousError(f"cannot read the Slurm node list {nodelist!r}: {exc}") from None
+    if not nodes:
+        raise RendezvousError(f"the Slurm node list {nodelist!r} names no host")
+    return nodes
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a Slurm node list: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
-    match = re.match(r"([^,\[]+)(?:\[([^-,\]]+))?", nodelist.strip())
-    if not match:
-        raise RendezvousError(f"cannot read the Slurm node list {nodelist!r}")
-    return match.group(1) + (match.group(2) or "")
+    return slurm_nodes(nodelist)[0]

@@ -3,7 +3,9 @@
 --hosts takes `name[@address][:slots]` entries separated by commas; a hostfile holds one
 entry per line, in that form or MPI's `name slots=N`, with `#` comments. `name` is what
 the rsh template's {host} becomes; `address` is what peers connect to (by default the name
-itself, which must then resolve). Ranks fill the hosts in order, `slots` at a time.
+itself, which must then resolve). Ranks fill the hosts in order, `slots` at a time; a
+host named twice counts once, with the slots of both, so that each host's ranks are
+contiguous (what a hierarchical collective groups by).
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ def _entry(text: str, where: str) -> Host:
 
 
 def seat(ranks: int | None, hosts: list[Host]) -> list[Seat]:
-    """Place `ranks` ranks (default: every slot) on the hosts in order."""
+    """Place `ranks` ranks (default: every slot) on the hosts in order, each host's
+    contiguously."""
+    hosts = grouped(hosts)
     capacity = sum(h.slots for h in hosts)
     ranks = capacity if ranks is None else ranks
     if ranks < 1 or ranks > capacity:
@@ -78,6 +82,20 @@ def seat(ranks: int | None, hosts: list[Host]) -> list[Seat]:
         for local_rank in range(min(host.slots, ranks - len(seats))):
             seats.append(Seat(len(seats), host, local_rank))
     return seats
+
+
+def grouped(hosts: list[Host]) -> list[Host]:
+    """`hosts` with each host named once, where it first appears, with all its slots; the
+    same name at two addresses is a RendezvousError."""
+    merged: dict[str, Host] = {}
+    for host in hosts:
+        seen = merged.get(host.name)
+        if seen is not None and seen.address != host.address:
+            raise RendezvousError(f"host {host.name!r} is listed at two addresses, "
+                                  f"{seen.address} and {host.address}")
+        merged[host.name] = host if seen is None else \
+            Host(host.name, host.address, seen.slots + host.slots)
+    return list(merged.values())
 
 
 class PortReservation:

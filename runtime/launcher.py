@@ -1,13 +1,15 @@
 """`ringlib launch`: start the ranks of a ring, relay their output, and stop them together.
 
     ringlib launch -n N [--hosts h1:2,h2:2 | --hostfile FILE] [--rsh 'ssh {host}']
-                   [--transport tcp|ipc] [--port P] [--timeout S] [--keys FILE]
-                   -- COMMAND ARGS...
+                   [--transport tcp|ipc] [--port P] [--ifname NAME] [--timeout S]
+                   [--keys FILE] -- COMMAND ARGS...
 
 Every rank gets RINGLIB_RANK, RINGLIB_LOCAL_RANK, RINGLIB_WORLD_SIZE and RINGLIB_PEERS,
 so that ringlib.connect() and ringlib.init() need no arguments; with --keys, also
 RINGLIB_CURVE_KEY (the ring's secret key file, which must exist at that path on every
-host), so that every link is authenticated and encrypted. Each output line comes
+host), so that every link is authenticated and encrypted; with --ifname, RINGLIB_IFNAME
+and, instead of the table, RINGLIB_SEED (rank 0's address), so that each rank binds and
+advertises the named interface's address on its host. Each output line comes
 out whole, prefixed with its rank, on the stream it was written to. When a rank fails,
 the others get SIGTERM, then SIGKILL after a grace period, and the launcher exits with
 the failed rank's code (128 + N for signal N). SIGINT and SIGTERM to the launcher are
@@ -34,8 +36,8 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
-from ringlib.errors import RendezvousError, Unauthorized
-from ringlib.transport import segment_names
+from ringlib.errors import InvalidArgument, RendezvousError, Unauthorized
+from ringlib.transport import interfaces, segment_names
 from ringlib.transport.security import Keys
 
 from .hosts import Host, PortReservation, Seat, parse_hosts, read_hostfile, seat
@@ -65,12 +67,15 @@ class Rank:
 
 def plan(seats: list[Seat], command: list[str], transport: str, port: int | None,
          rsh: str, workdir: str, timeout: float | None,
-         keys: str | None = None) -> tuple[list[Rank], PortReservation | None]:
+         keys: str | None = None,
+         ifname: str | None = None) -> tuple[list[Rank], PortReservation | None]:
     """The ranks to start, and the ports held for them on this host (close it at the end)."""
     if not command:
         raise RendezvousError("no command to launch: put it after --, as in "
                               "`ringlib launch -n 2 -- python train.py`")
     remote = any(not s.host.local for s in seats)
+    if ifname is not None and transport == "ipc":
+        raise RendezvousError("--ifname picks a network interface: it takes --transport tcp")
     reservation = None
     if transport == "ipc":
         if remote:
@@ -87,6 +92,9 @@ def plan(seats: list[Seat], command: list[str], transport: str, port: int | None
         env = {"RINGLIB_RANK": str(s.rank), "RINGLIB_LOCAL_RANK": str(s.local_rank),
                "RINGLIB_WORLD_SIZE": str(len(seats)), "RINGLIB_PEERS": ",".join(peers),
                segment_names.JOB_VARIABLE: job_name(workdir), "PYTHONUNBUFFERED": "1"}
+        if ifname is not None:
+            del env["RINGLIB_PEERS"]
+            env.update(RINGLIB_SEED=peers[0], RINGLIB_IFNAME=ifname)
         if timeout is not None:
             env["RINGLIB_CONNECT_TIMEOUT"] = str(timeout)
         if keys is not None:
@@ -239,6 +247,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None,
                    help=f"first tcp port of each host's ranks (default: free ports here, "
                         f"{DEFAULT_PORT} on other hosts)")
+    p.add_argument("--ifname", default=os.environ.get("RINGLIB_IFNAME") or None, metavar="NAME",
+                   help="the network interface each rank binds and advertises (eth1, ib0; "
+                        "default: the one that routes to rank 0); sets RINGLIB_IFNAME")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds the ranks wait for each other at start-up (default: 60)")
     p.add_argument("--keys", default=None, metavar="FILE",
@@ -263,7 +274,8 @@ def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 def launch(seats: list[Seat], command: list[str], transport: str = "tcp",
            port: int | None = None, rsh: str = "ssh {host}", timeout: float | None = None,
-           keys: str | None = None, grace: float = GRACE_S) -> int:
+           keys: str | None = None, grace: float = GRACE_S,
+           ifname: str | None = None) -> int:
     """Run `command` as the ranks on `seats` (see plan()) to the end; return the exit
     code. What the job made on this host goes with it: its private directory, and the
     shared-memory segments of ranks killed midway. Raises RendezvousError for a plan that
@@ -272,7 +284,8 @@ def launch(seats: list[Seat], command: list[str], transport: str = "tcp",
     janitor = _janitor(workdir)
     reservation = None
     try:
-        ranks, reservation = plan(seats, command, transport, port, rsh, workdir, timeout, keys)
+        ranks, reservation = plan(seats, command, transport, port, rsh, workdir, timeout, keys,
+                                  ifname)
         return asyncio.run(Supervisor(ranks, grace, lambda pid: _tell(janitor, pid),
                                       lambda pid: _tell(janitor, -pid)).run())
     finally:
@@ -315,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         keys = os.path.abspath(args.keys) if args.keys else None
         if keys:
             Keys.load(keys)  # a bad path fails here, not in every rank
+        if args.ifname and all(h.local for h in hosts):
+            interfaces.address_of(args.ifname)  # a wrong name fails here, not in every rank
         return launch(seat(args.ranks, hosts), command, args.transport, args.port, args.rsh,
-                      args.timeout, keys, args.grace)
-    except (RendezvousError, Unauthorized) as exc:
+                      args.timeout, keys, args.grace, args.ifname)
+    except (RendezvousError, Unauthorized, InvalidArgument) as exc:
         print(f"ringlib launch: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ stops whatever it started too, and asks the kernel for a signal when its parent 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 _PR_SET_PDEATHSIG = 1
 
@@ -74,6 +75,22 @@ def stop(procs: list[subprocess.Popen], grace: float) -> None:
             signal_group(p.pid, signal.SIGKILL)
     for p in procs:
         p.wait()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so that the
+    cleanup a Ctrl-C runs (finally blocks: stopping ranks, deleting namespaces) runs for
+    it too; the previous handler comes back after."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def processes_with(tag: str) -> list[int]:

@@ -1,11 +1,11 @@
 """Start-up without a server: learn every rank's address, then meet every rank.
 
 When only rank 0's seed address is known, every other rank binds a free port on the
-interface that routes towards rank 0 (or on RINGLIB_HOST, where set), tells rank 0
-(JOIN), and gets the whole table back (TABLE). Rank 0 does this in its own runtime, as
-the peer it is; nothing passes through it afterwards. Then each rank greets every other
-(HELLO) and waits, up to the start-up timeout, to be greeted back. Words that another
-rank waits for are repeated until they are answered (greeting.py).
+interface that routes towards rank 0 (or on RINGLIB_IFNAME's or RINGLIB_HOST's, where
+set), tells rank 0 (JOIN), and gets the whole table back (TABLE). Rank 0 does this in its
+own runtime, as the peer it is; nothing passes through it afterwards. Then each rank
+greets every other (HELLO) and waits, up to the start-up timeout, to be greeted back.
+Words that another rank waits for are repeated until they are answered (greeting.py).
 
 Where the ranks share a key-value store already (torch.distributed's), an AddressBook
 trades the addresses through it instead, and no seed port is needed.
@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import msgpack
 
 from ringlib.collectives.ring_schedule import neighbours
-from ringlib.errors import RendezvousTimeout
-from ringlib.transport import Endpoint, Kind, addresses, frames
+from ringlib.errors import InvalidArgument, RendezvousTimeout
+from ringlib.transport import Endpoint, Kind, addresses, frames, interfaces
 
+from . import mpi_book, store_book
 from .environment import Placement
 from .greeting import until_heard
 from .settings import SIDE_SHM_BYTES, Settings
@@ -32,27 +33,49 @@ class AddressBook(Protocol):
     """Where the ranks trade their addresses, for rings that have such a place."""
 
     host: str  # the interface this rank binds, which the other ranks reach
+    rank: int
+    size: int
 
     def trade(self, address: str, timeout: float) -> list[str]:
         """Publish this rank's `address`; return every rank's, in rank order, once all are
         there (blocking), or raise RendezvousTimeout naming the ranks still missing."""
 
+    def abandon(self) -> None:
+        """Make a trade() waiting in another thread give up soon (a Ctrl-C, a cancel)."""
+
+
+def engine_may_have_book(env: Mapping[str, str]) -> bool:
+    """Whether the engine that started this process may have its own place to trade
+    addresses (engine_book), told from `env` alone, without starting anything."""
+    return mpi_book.may_apply(env) or store_book.may_apply(env)
+
+
+def engine_book(env: Mapping[str, str], timeout: float) -> AddressBook | None:
+    """That place, where there is one: MPI itself under mpirun (mpi_book.py), or a store
+    torch has (store_book.py). Blocking: it may start MPI or connect to a store."""
+    return mpi_book.for_mpirun(env, timeout) or store_book.for_torch(env, timeout)
+
 
 async def bind_and_exchange(endpoint: Endpoint, where: Placement, timeout: float,
-                            book: AddressBook | None = None) -> list[str]:
-    """Bind this rank's socket and return every rank's address, in rank order."""
+                            book: AddressBook | None = None,
+                            ifname: str | None = None) -> list[str]:
+    """Bind this rank's socket and return every rank's address, in rank order. With
+    `ifname`, this rank binds and advertises that interface's address (interfaces.py)."""
+    own = interfaces.address_of(ifname) if ifname else None
     if book is not None:
-        endpoint.bind(_any_port(book.host))
+        endpoint.bind(_any_port(own or book.host))
         return await asyncio.get_running_loop().run_in_executor(
             None, book.trade, endpoint.address, timeout)
     if where.peers is not None:
+        if own is not None:
+            _check_on(where.peers[where.rank], own, ifname, where.rank)
         endpoint.bind(where.peers[where.rank])
         return where.peers
     if where.rank == 0:
-        endpoint.bind(where.seed)
+        _bind_seed(endpoint, where.seed, own)
         return await _collect_joins(endpoint, where, timeout)
     host, _ = addresses.split_host_port(where.seed)
-    own_host = os.environ.get("RINGLIB_HOST") or addresses.route_to(host)
+    own_host = own or os.environ.get("RINGLIB_HOST") or addresses.route_to(host)
     endpoint.bind(_any_port(own_host))
     endpoint.connect(0, where.seed)
     join_word = frames.control(Kind.JOIN, where.rank)
@@ -64,7 +87,30 @@ async def bind_and_exchange(endpoint: Endpoint, where: Placement, timeout: float
         raise RendezvousTimeout(
             f"rank {where.rank} ({endpoint.address}) got no address table from rank 0 at "
             f"{where.seed} within {timeout:g} s; is rank 0 running and reachable?")
-    return [addresses.check(a) for a in msgpack.unpackb(got[0].payload.bytes)]
+    table = [addresses.check(a) for a in msgpack.unpackb(got[0].payload.bytes)]
+    endpoint.connect(0, table[0])  # rank 0 may advertise another interface than its seed's
+    return table
+
+
+def _bind_seed(endpoint: Endpoint, seed: str, own: str | None) -> None:
+    """Rank 0 binds the seed, where the others join. With an interface's address `own`
+    that the seed is not on, it binds that too and advertises it: the seed serves the
+    joins alone."""
+    if own is None or _ip(seed) == own:
+        endpoint.bind(seed)
+    else:
+        endpoint.bind(_any_port(own), also=seed)
+
+
+def _check_on(address: str, own: str, ifname: str, rank: int) -> None:
+    """A rank given its address in the table must find it on the interface it was told."""
+    if address.startswith("tcp://") and _ip(address) != own:
+        raise InvalidArgument(f"rank {rank}'s address {address} is not on interface "
+                              f"{ifname!r} ({own})")
+
+
+def _ip(address: str) -> str:
+    return addresses.split_host_port(addresses.bind_address(address), bind=True)[0]
 
 
 def _any_port(host: str) -> str:

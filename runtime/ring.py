@@ -10,6 +10,8 @@ import contextvars
 import dataclasses
 import itertools
 import numbers
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Generator, TypeVar
 
@@ -18,6 +20,9 @@ import numpy as np
 from ringlib import collectives
 from ringlib.collectives import Plan, Sessions, signature, step_reducers
 from ringlib.collectives.choose import EMPTY_PLAN
+from ringlib.collectives.compiled import CompiledPath, Pending, Prepared, warm_compiled
+from ringlib.collectives.hierarchical_allreduce import host_groups
+from ringlib.partition import chunk
 from ringlib.dtypes import BY_NAME, DType
 from ringlib.errors import (CollectiveTimeout, InvalidArgument, MismatchError, RingClosed,
                             UsageError)
@@ -25,10 +30,12 @@ from ringlib.ops import Op
 from ringlib.transport import Endpoint, Stream, wait_sent
 from ringlib.transport.security import Keys
 
-from .buffers import empty_like, like, storage
+from .arena_meeting import meet
+from .buffers import empty_like, flat_view, like, storage
 from .environment import Placement, placement
 from .reform import Attempt, reform
-from .rendezvous import AddressBook, bind_and_exchange, join
+from .rendezvous import (AddressBook, bind_and_exchange, engine_book, engine_may_have_book,
+                         join)
 from .settings import Settings, connect_timeout, seconds
 
 T = TypeVar("T")
@@ -39,6 +46,11 @@ CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("ringlib_caller", d
 # The stream point-to-point messages travel on (Ring.send, Ring.recv): one new_stream(),
 # which counts from 0, never reaches.
 POINT_TO_POINT = (1 << 31) - 1
+# A run of compiled collectives that never waits gives the event loop a turn this often,
+# so that heartbeats still go out (collectives/compiled.py).
+BREATH_S = 0.01
+PREPARED_KEPT = 256  # signatures whose compiled preparation a ring keeps
+_NOTHING = np.zeros(0, np.uint8)  # a barrier's buffer
 
 
 class _Tunable:
@@ -76,6 +88,7 @@ class Ring:
     small_bytes = _Tunable()
     spin_us = _Tunable()
     direct_bytes = _Tunable()
+    compiled_bytes = _Tunable()
 
     def __init__(self, where: Placement, endpoint: Endpoint | None, peers: list[str],
                  executor: ThreadPoolExecutor, settings: Settings) -> None:
@@ -83,6 +96,7 @@ class Ring:
         self.world_size = where.world_size
         self.local_rank = where.local_rank
         self.peers = peers
+        self._hosts = host_groups(peers)  # the ranks of each host, for hierarchical_allreduce
         self.generation = 0  # how many times this ring was re-formed
         self.settings = settings
         self._executor = executor
@@ -97,6 +111,9 @@ class Ring:
         self._endpoint = endpoint
         self._sessions = None if endpoint is None else \
             Sessions(endpoint, self.world_size, self._executor)
+        self._compiled: CompiledPath | None = None  # see _meet()
+        self._prepared: dict[tuple, Prepared | None] = {}
+        self._breath = time.monotonic()
         # point-to-point messages so far, by (peer, tag), which number the next
         self._sent: collections.Counter[tuple[int, int]] = collections.Counter()
         self._received: collections.Counter[tuple[int, int]] = collections.Counter()
@@ -113,6 +130,7 @@ class Ring:
         if all(getattr(self.settings, k) == v for k, v in changes.items()):
             return  # the benchmarks set the same values before every call: keep that cheap
         self.settings = dataclasses.replace(self.settings, **changes)
+        self._prepared.clear()
         if self._endpoint is not None:
             self._endpoint.direct_bytes = self.settings.direct_bytes
 
@@ -136,8 +154,11 @@ class Ring:
     def plan(self, collective: str, nbytes: int) -> Plan:
         """How `collective` ("all_reduce", "broadcast", ...) over `nbytes` runs on this ring
         now: its algorithm, and whether it is latency-bound (collectives.plan)."""
+        compiled = self._compiled
+        limit = 0 if compiled is None else min(self.settings.compiled_bytes, compiled.capacity)
+        hosts = self._hosts if self.settings.hierarchical else None
         return collectives.plan(collective, nbytes, self.world_size, self.settings.small_bytes,
-                                self._reaches_peer)
+                                self._reaches_peer, limit, hosts)
 
     def _reaches_peer(self) -> bool:
         """Whether this rank and the other of a ring of two reach each other's memory."""
@@ -145,6 +166,11 @@ class Ring:
 
     async def all_reduce(self, x: T, op: Op | str = Op.SUM, *, timeout: float | None = None) -> T:
         """Reduce x element-wise across all ranks, in place; return x."""
+        pending = self._on_loop() and self._start_all_reduce(x, op, timeout=timeout,
+                                                                 caller=CALLER.get())
+        if pending:
+            return pending.value() if self._done_now(pending) else \
+                await self._compiled_result(pending)
         op = Op.parse(op)
         buf, dtype = storage(x, "x", writable=True)
         step_reducers(dtype, op, self.world_size)  # an integer mean fails here, before sending
@@ -153,13 +179,18 @@ class Ring:
             sig = signature("all_reduce", dtype.name, tuple(x.shape), op.value,
                             algorithm=plan.tag, caller=CALLER.get())
             await self._run(buf.size, plan, sig, dtype, timeout, collectives.all_reduce, buf,
-                            dtype, op, plan.algorithm)
+                            dtype, op, plan.algorithm, self._hosts)
         return x
 
     async def reduce_scatter(self, x: Any, op: Op | str = Op.SUM, *,
                              timeout: float | None = None) -> Any:
         """This rank's chunk of the reduction of flattened x (chunk sizes differ by at most
         one element; see ringlib.chunk_bounds). x itself is left unchanged."""
+        pending = self._on_loop() and self._start_reduce_scatter(
+            x, op, timeout=timeout, caller=CALLER.get())
+        if pending:
+            return pending.value() if self._done_now(pending) else \
+                await self._compiled_result(pending)
         op = Op.parse(op)
         src, dtype = storage(x, "x", writable=False)
         step_reducers(dtype, op, self.world_size)
@@ -176,6 +207,11 @@ class Ring:
 
     async def all_gather(self, x: Any, *, timeout: float | None = None) -> Any:
         """A new array or tensor of shape (world_size, *x.shape): row i is rank i's x."""
+        pending = self._on_loop() and self._start_all_gather(x, timeout=timeout,
+                                                                 caller=CALLER.get())
+        if pending:
+            return pending.value() if self._done_now(pending) else \
+                await self._compiled_result(pending)
         src, dtype = storage(x, "x", writable=False)
         out, out_buf = empty_like(x, (self.world_size, *x.shape))
         out_buf[self.rank * src.size:(self.rank + 1) * src.size] = src
@@ -187,6 +223,11 @@ class Ring:
 
     async def broadcast(self, x: T, root: int = 0, *, timeout: float | None = None) -> T:
         """Overwrite x on every rank with root's x, in place; return x."""
+        pending = self._on_loop() and self._start_broadcast(x, root, timeout=timeout,
+                                                                caller=CALLER.get())
+        if pending:
+            return pending.value() if self._done_now(pending) else \
+                await self._compiled_result(pending)
         self._check_rank("broadcast root", root)
         buf, dtype = storage(x, "x", writable=self.rank != root)
         if not self._alone(timeout):
@@ -196,6 +237,137 @@ class Ring:
             await self._run(buf.size, plan, sig, dtype, timeout, collectives.broadcast, buf,
                             root, plan.algorithm)
         return x
+
+    # --- the compiled path (collectives/compiled.py) -------------------------------------
+    # Each _start_* starts its collective over the shared arena and returns its Pending,
+    # or None where it takes messages (no arena, too large, a ring of one); it is
+    # synchronous, so the blocking facade calls it on its caller's thread.
+
+    def _start_all_reduce(self, x: Any, op: Op | str = Op.SUM, *, timeout: float | None = None,
+                          caller: str = "") -> Pending | None:
+        prepared = self._prepared_for("all_reduce", x, op, 0, caller)
+        return prepared and self._launch(prepared, flat_view(x, prepared.storage, True),
+                                         timeout, lambda: x)
+
+    def _start_broadcast(self, x: Any, root: int = 0, *, timeout: float | None = None,
+                         caller: str = "") -> Pending | None:
+        prepared = self._prepared_for("broadcast", x, Op.SUM, root, caller)
+        writable = self.rank != root
+        return prepared and self._launch(prepared, flat_view(x, prepared.storage, writable),
+                                         timeout, lambda: x)
+
+    def _start_all_gather(self, x: Any, *, timeout: float | None = None,
+                          caller: str = "") -> Pending | None:
+        prepared = self._prepared_for("all_gather", x, Op.SUM, 0, caller)
+        if not prepared:
+            return None
+        src = flat_view(x, prepared.storage, False)
+        out, out_buf = empty_like(x, (self.world_size, *x.shape))
+        out_buf[self.rank * src.size:(self.rank + 1) * src.size] = src
+        return self._launch(prepared, out_buf, timeout, lambda: out)
+
+    def _start_reduce_scatter(self, x: Any, op: Op | str = Op.SUM, *,
+                              timeout: float | None = None, caller: str = "") -> Pending | None:
+        prepared = self._prepared_for("reduce_scatter", x, op, 0, caller)
+        if not prepared:
+            return None
+        work = flat_view(x, prepared.storage, False).copy()
+        start, stop = chunk(work.size, self.world_size, self.rank)
+        return self._launch(prepared, work, timeout, lambda: like(x, work[start:stop]))
+
+    def _start_barrier(self, *, timeout: float | None = None,
+                       caller: str = "") -> Pending | None:
+        prepared = self._prepared_for("barrier", None, Op.SUM, 0, caller)
+        return prepared and self._launch(prepared, _NOTHING, timeout, lambda: None)
+
+    @property
+    def idle(self) -> bool:
+        """Whether no collective is in flight on this ring."""
+        return (self._sessions is None or not self._sessions.running) and \
+            (self._compiled is None or self._compiled.idle)
+
+    def _prepared_for(self, collective: str, x: Any, op: Any, root: Any,
+                      caller: str) -> Prepared | None:
+        """The compiled preparation of this call's signature, made on its first call and
+        kept (None: it takes messages); the first call also checks what the message path
+        checks, so that both raise alike."""
+        if self._compiled is None:
+            return None
+        key = (collective, getattr(x, "dtype", None), getattr(x, "shape", None), op, root,
+               caller)
+        try:
+            return self._prepared[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable op; checked below
+            pass
+        prepared = self._prepare(collective, x, Op.parse(op), root, caller)
+        if len(self._prepared) >= PREPARED_KEPT:
+            self._prepared.clear()
+        self._prepared[key] = prepared
+        return prepared
+
+    def _prepare(self, collective: str, x: Any, op: Op, root: Any,
+                 caller: str) -> Prepared | None:
+        if collective == "barrier":
+            plan = self.plan("barrier", 0)
+            return self._compiled.prepare(signature("barrier", algorithm=plan.tag,
+                                                    caller=caller), "barrier", _NOTHING.dtype) \
+                if plan.tag else None
+        if collective == "broadcast":
+            self._check_rank("broadcast root", root)
+        buf, dtype = storage(x, "x", writable=False)
+        step_reducers(dtype, op, self.world_size)  # an integer mean fails here
+        plan = self.plan(collective, buf.nbytes * (self.world_size if collective ==
+                                                   "all_gather" else 1))
+        if not plan.tag.startswith("compiled"):
+            return None
+        reduces = collective in ("all_reduce", "reduce_scatter")
+        sig = signature(collective, dtype.name, tuple(x.shape), op.value if reduces else "",
+                        root=root if collective == "broadcast" else None,
+                        algorithm=plan.tag, caller=caller)
+        kind = "split_all_reduce" if plan.algorithm == "compiled-split" else collective
+        paired = collective == "all_reduce" and dtype.pair_storage is not None and \
+            buf.size % 2 == 0
+        count = dtype.arith(self.world_size) if dtype.is_float else 0
+        return self._compiled.prepare(sig, kind, dtype.pair_storage if paired else dtype.storage,
+                                      op.value, root, count)
+
+    def _launch(self, prepared: Prepared, buf: np.ndarray, timeout: float | None,
+                then: Callable[[], Any]) -> Pending:
+        if timeout is not None:
+            seconds("timeout", timeout)
+        return self._compiled.start(prepared, buf, self._deadline(timeout),
+                                    self.settings.spin_us, then)
+
+    def _on_loop(self) -> bool:
+        """True, or UsageError where a collective is called from another event loop."""
+        if asyncio.get_running_loop() is not self._loop:
+            self._alone(None)  # raises
+        return True
+
+    def _done_now(self, pending: Pending) -> bool:
+        """Whether a compiled collective finished in its first call and the event loop
+        had a turn within BREATH_S: then its result is returned with no turn at all."""
+        return pending.done and time.monotonic() - self._breath < BREATH_S
+
+    async def _compiled_result(self, pending: Pending) -> Any:
+        """The result of a compiled collective after a turn of the event loop: a wait on
+        it, or a turn given to the loop (see BREATH_S)."""
+        if pending.done:
+            await asyncio.sleep(0)
+        else:
+            await pending.finish()
+        self._breath = time.monotonic()
+        return pending.value()
+
+    async def _meet(self) -> None:
+        """Every rank, once the ring is up (and after reform): map the shared arena with
+        the others where all can (meet), which the compiled path then runs over."""
+        if self._endpoint is None:
+            return
+        arena = await meet(self, self.settings)
+        if arena is not None:
+            self._compiled = CompiledPath(arena, self._sessions, self._endpoint)
+            self._prepared.clear()
 
     async def send(self, x: Any, to: int, tag: int = 0, *, timeout: float | None = None) -> None:
         """Send x to rank `to` alone, outside the collectives; return once x may change.
@@ -273,6 +445,11 @@ class Ring:
 
     async def barrier(self, *, timeout: float | None = None) -> None:
         """Return once every rank has entered the barrier."""
+        pending = self._on_loop() and self._start_barrier(timeout=timeout,
+                                                              caller=CALLER.get())
+        if pending:
+            return pending.value() if self._done_now(pending) else \
+                await self._compiled_result(pending)
         if not self._alone(timeout):
             await self._run(1, self.plan("barrier", 0), signature("barrier", caller=CALLER.get()),
                             BY_NAME["uint8"], timeout, collectives.barrier)
@@ -327,9 +504,12 @@ class Ring:
                                        self.settings, limit)
         self._attempt = None
         self.world_size, self.peers = len(peers), peers
+        self._hosts = host_groups(peers)
         self.rank = endpoint.rank if endpoint is not None else 0
+        self._drop_compiled()
         self._use(endpoint)
         self.generation += 1
+        await self._meet()
 
     async def close(self) -> None:
         """Leave the ring: close the sockets (queued messages are still delivered) and the
@@ -337,9 +517,16 @@ class Ring:
         if self._closed:
             return
         self._closed = True
+        self._drop_compiled()
         if self._endpoint is not None:
             await self._endpoint.close()
         self._executor.shutdown(wait=False)
+
+    def _drop_compiled(self) -> None:
+        if self._compiled is not None:
+            self._prepared.clear()  # they view the arena
+            self._compiled.close()
+            self._compiled = None
 
     async def __aenter__(self) -> Ring:
         return self
@@ -396,15 +583,34 @@ def connect(rank: int | None = None, world_size: int | None = None,
         names the ranks and addresses that were not reached (default
         RINGLIB_CONNECT_TIMEOUT, which `ringlib launch --timeout` sets, or 60).
     address_book: where the ranks trade their addresses instead of meeting at a seed
-        (rendezvous.AddressBook; the torch backend passes c10d's store this way).
+        (rendezvous.AddressBook; the torch backend passes c10d's store this way). With
+        none and no seed set: under mpirun, where mpi4py loads, MPI itself
+        (mpi_book.py); a store torch has, the default process group's or torchrun's
+        agent's (store_book.py).
     settings: any of the ring's tunables, the fields of Settings (collective_timeout,
         segment_bytes, small_bytes, spin_us, direct_bytes, heartbeat_s, peer_timeout,
-        curve_key, shm_bytes), each defaulting to its `RINGLIB_*` variable; see Settings.
+        curve_key, shm_bytes, compiled_bytes, ifname), each defaulting to its `RINGLIB_*`
+        variable; see Settings.
     """
-    where = placement(rank, world_size, peers, seedless=address_book is not None)
     timeout = connect_timeout(timeout)
     tunables = Settings(**settings)
+    if address_book is None and peers is None and rank is None and \
+            engine_may_have_book(os.environ):
+        return Connecting(lambda: _open_in_engine(world_size, timeout, tunables))
+    where = placement(rank, world_size, peers, seedless=address_book is not None)
     return Connecting(lambda: _open(where, timeout, tunables, address_book))
+
+
+async def _open_in_engine(world_size: int | None, timeout: float, settings: Settings) -> Ring:
+    """_open, with the addresses traded where the engine that started this process has a
+    place for them (rendezvous.engine_book), whose ranks are then the ring's; found in a
+    worker thread, as starting MPI or connecting to a store blocks."""
+    loop = asyncio.get_running_loop()
+    book = await loop.run_in_executor(None, engine_book, os.environ, timeout)
+    if book is None:
+        return await _open(placement(None, world_size), timeout, settings, None)
+    where = placement(book.rank, book.size, seedless=True)
+    return await _open(where, timeout, settings, book)
 
 
 async def _open(where: Placement, timeout: float, settings: Settings,
@@ -420,15 +626,22 @@ async def _open(where: Placement, timeout: float, settings: Settings,
     except BaseException:
         executor.shutdown(wait=False)
         raise
+    ring = None
     try:
-        peers = await bind_and_exchange(endpoint, where, timeout, book)
+        peers = await bind_and_exchange(endpoint, where, timeout, book, settings.ifname)
         await join(endpoint, peers, settings, timeout)
         await warm
+        ring = Ring(where, endpoint, peers, executor, settings)
+        await ring._meet()
     except BaseException as exc:
+        if book is not None:
+            book.abandon()  # a cancel (Ctrl-C): a trade waiting in its thread stops too
+        if ring is not None:
+            ring._drop_compiled()
         await endpoint.close(f"it gave up starting: {exc}")
         executor.shutdown(wait=False)
         raise
-    return Ring(where, endpoint, peers, executor, settings)
+    return ring
 
 
 def _warm_kernels() -> None:
@@ -437,3 +650,4 @@ def _warm_kernels() -> None:
     buf = np.zeros(2, np.float32)
     partial(buf, buf)
     final(buf, buf)
+    warm_compiled()

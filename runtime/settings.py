@@ -52,6 +52,21 @@ class Settings:
         instead of sockets; this is the ring each rank writes for its right neighbour
         (1 MiB for other ranks), and a message that does not fit takes a socket. 0 turns
         shared memory off (RINGLIB_SHM_BYTES, default 32 MiB).
+    compiled_bytes: where every rank of the ring is on one host, collectives whose
+        buffer (an all_gather's input) is at most this size run as compiled calls over a
+        shared arena, with no messages (collectives/compiled.py); the arena holds two slots
+        of this size per rank (or smaller, where /dev/shm cannot hold it), made at
+        connect from rank 0's value. 0, or shm_bytes 0, turns it off
+        (RINGLIB_COMPILED_BYTES, default collectives.COMPILED_BYTES, 8 MiB).
+    hierarchical: on rings of several hosts with the same number of ranks on each (by
+        their addresses), all-reduces above small_bytes reduce within each host first,
+        then across the hosts, each local rank carrying its slice, then gather within
+        the host (collectives/hierarchical_allreduce.py); False keeps the flat ring
+        (RINGLIB_HIERARCHICAL, default 1).
+    ifname: the network interface (eth1, ib0) whose address this rank binds and
+        advertises, as GLOO_SOCKET_IFNAME does; a name this host has none of is
+        InvalidArgument listing the ones it has (RINGLIB_IFNAME; default: the interface
+        that routes towards rank 0).
     """
 
     collective_timeout: float = COLLECTIVE_TIMEOUT
@@ -68,12 +83,17 @@ class Settings:
                                                                  PEER_TIMEOUT))
     curve_key: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_CURVE_KEY"))
     shm_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SHM_BYTES", SHM_BYTES))
+    compiled_bytes: int = field(default_factory=lambda: _env_number(
+        "RINGLIB_COMPILED_BYTES", collectives.COMPILED_BYTES))
+    hierarchical: bool = field(default_factory=lambda: bool(_env_number(
+        "RINGLIB_HIERARCHICAL", 1)))
+    ifname: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_IFNAME") or None)
 
     def __post_init__(self) -> None:
         if self.segment_bytes is None:
             object.__setattr__(self, "segment_bytes", SEGMENT_BYTES if self.curve_key is None
                                else CURVE_SEGMENT_BYTES)
-        for name in ("small_bytes", "spin_us", "direct_bytes", "shm_bytes"):
+        for name in ("small_bytes", "spin_us", "direct_bytes", "shm_bytes", "compiled_bytes"):
             _whole(name, getattr(self, name), 0)
         _whole("segment_bytes", self.segment_bytes, 1)
         seconds("collective_timeout", self.collective_timeout)
@@ -84,6 +104,10 @@ class Settings:
                                   f"peer_timeout={self.peer_timeout}")
         if self.curve_key is not None and not isinstance(self.curve_key, (str, os.PathLike)):
             raise InvalidArgument(f"curve_key={self.curve_key!r} must be a path")
+        if not isinstance(self.hierarchical, bool):
+            raise InvalidArgument(f"hierarchical={self.hierarchical!r} must be True or False")
+        if self.ifname is not None and (not isinstance(self.ifname, str) or not self.ifname):
+            raise InvalidArgument(f"ifname={self.ifname!r} must be an interface's name")
 
 
 def seconds(name: str, value: Any, zero: bool = False) -> float:

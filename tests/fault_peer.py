@@ -10,6 +10,9 @@ stall: rank 1 stops itself (SIGSTOP) after a few collectives, as a hung process 
     wakes it (SIGCONT): it learns that it is out of the ring, and cannot re-form.
 busy: rank 1 blocks its event loop for longer than the peer timeout between collectives;
     its heartbeats still flow, and every collective completes.
+across: 4 ranks on 2 hosts (by their addresses) run hierarchical all-reduces; rank 3, on
+    the second host, SIGKILLs itself as its third one enters the phase between the hosts.
+    The others print how long until PeerLost, and what it says.
 startup: rank VICTIM binds its address, as a rank starting up does, and is SIGKILLed
     before it says a word; the others print what connect() raised, and when.
 """
@@ -87,6 +90,31 @@ async def stall(seed: int) -> None:
         sys.exit("the stalled rank was never reported lost")
 
 
+async def across(seed: int) -> None:
+    from ringlib.collectives import hierarchical_allreduce as hierarchical
+
+    async with ringlib.connect() as ring:
+        assert ring.plan("all_reduce", 1 << 22).algorithm == "hierarchical"
+        calls, inter_host = [0], hierarchical.ring_allreduce
+
+        async def dies_the_third_time(ch, *args):
+            calls[0] += 1
+            if ring.rank == 3 and calls[0] == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await inter_host(ch, *args)
+        hierarchical.ring_allreduce = dies_the_third_time
+        x = np.random.default_rng(seed).standard_normal(1 << 20).astype(np.float32)
+        for _ in range(2):
+            await ring.all_reduce(x)
+        start = time.monotonic()
+        try:
+            await ring.all_reduce(x)
+        except ringlib.PeerLost as exc:
+            print(f"lost {exc.rank} after {time.monotonic() - start:.2f} s: {exc}", flush=True)
+            return
+        sys.exit("the killed rank was never reported lost")
+
+
 async def busy(seed: int) -> None:
     async with ringlib.connect() as ring:
         for i in range(5):
@@ -124,4 +152,4 @@ if __name__ == "__main__":
     elif scenario == "startup":
         startup(seed)
     else:
-        asyncio.run({"stall": stall, "busy": busy}[scenario](seed))
+        asyncio.run({"stall": stall, "busy": busy, "across": across}[scenario](seed))

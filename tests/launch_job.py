@@ -32,7 +32,7 @@ def main(mode: str, args: list[str]) -> int:
         ring.all_reduce(x)
         curve = "on" if ring.ring.endpoint.keys else "off"
         print(f"rank {ring.rank} of {ring.world_size} sum {x[0]:g} pid {os.getpid()} "
-              f"curve {curve}", flush=True)
+              f"curve {curve} at {ring.address}", flush=True)
         if mode == "fail" and ring.rank == int(args[0]):
             print(f"rank {ring.rank} gives up", file=sys.stderr, flush=True)
             return int(args[1])

@@ -57,10 +57,15 @@ def run_ranks(args: list[str], envs: list[dict[str, str]], timeout: float = 180,
 
 def run_ring(scenario: str, world: int, transport: str, seed: int,
              extra_env: dict[str, str] | None = None, timeout: float = 180,
-             peer: Path = PEER, expendable: frozenset[int] = frozenset()) -> list[Finished]:
-    """Run `peer` SCENARIO SEED (ring_peer.py) on `world` ranks wired by RINGLIB_PEERS."""
+             peer: Path = PEER, expendable: frozenset[int] = frozenset(),
+             hosts: int = 1) -> list[Finished]:
+    """Run `peer` SCENARIO SEED (ring_peer.py) on `world` ranks wired by RINGLIB_PEERS.
+    With `hosts` (tcp), the ranks are that many hosts' worth, contiguous, each host at a
+    loopback address of its own (127.0.0.1, 127.0.0.2, ...), as far as the ranks' table
+    says: they still share this host's memory."""
     with tempfile.TemporaryDirectory(prefix="rl-") as ipc_dir:  # short: ipc paths cap at 107
-        peers = local_addresses(world, transport, ipc_dir)
+        peers = [address.replace("127.0.0.1", f"127.0.0.{1 + r * hosts // world}")
+                 for r, address in enumerate(local_addresses(world, transport, ipc_dir))]
         envs = [{**ringlib_env(r, world, peers), **(extra_env or {})} for r in range(world)]
         finished = run_ranks([str(peer), scenario, str(seed)], envs, timeout, expendable)
         leftovers = os.listdir(ipc_dir)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import ringlib
+from ringlib.collectives.choose import SPLIT_BYTES
 
 FLOATS = ("float32", "float64", "float16", "bfloat16")
 INTS = ("int8", "uint8", "int32", "int64")
@@ -87,18 +88,27 @@ class Digest:
         return self._hash.hexdigest()[:16]
 
 
+def thresholds(ring: ringlib.Ring, itemsize: int, big: bool) -> list[int]:
+    """Element counts on both sides of every size at which the algorithm changes: the
+    compiled path's split and limit (`big`: the limit too), and small_bytes."""
+    limits = [SPLIT_BYTES, ring.small_bytes] + ([ring.compiled_bytes] if big else [])
+    return [n for limit in limits if limit for n in (limit // itemsize, limit // itemsize + 1)]
+
+
 async def grid(ring: ringlib.Ring, seed: int, digest: Digest) -> None:
     """Every op and dtype on sizes 0, 1, below the world size, primes, two drawn from the
-    seed, and 4 MiB."""
+    seed, and on both sides of every threshold (the largest, the compiled path's limit,
+    for float32 and bfloat16 sums)."""
     n_ranks, case = ring.world_size, 0
     drawn = [int(n) for n in np.random.default_rng([seed, 7]).integers(2, 300_000, 2)]
     sizes = [0, 1, max(n_ranks - 1, 1), 7, 8191, 65521, *drawn]
     for dtype in FLOATS + INTS:
+        itemsize = np.dtype("int16" if dtype == "bfloat16" else dtype).itemsize
         for op in OPS:
             if op == "mean" and dtype in INTS:
                 continue
-            big = [1_048_573] if dtype in ("float32", "bfloat16", "int32") and op in ("sum", "mean") else []
-            for n in sizes + big:
+            big = dtype in ("float32", "bfloat16") and op == "sum"
+            for n in sizes + thresholds(ring, itemsize, big):
                 case += 1
                 xs = inputs(seed, case, n_ranks, dtype, op, n)
                 mine = copy(xs[ring.rank])
@@ -164,6 +174,23 @@ async def overwrite_after_return(ring: ringlib.Ring, seed: int, digest: Digest) 
         x[:] = np.nan
 
 
+async def disagree(ring: ringlib.Ring, seed: int, digest: Digest) -> None:
+    """The last rank keeps the flat ring where the others take the hierarchical
+    all-reduce: every rank raises MismatchError, and the ring carries on in step."""
+    ring.configure(hierarchical=ring.rank != ring.world_size - 1)
+    xs = inputs(seed, 1, ring.world_size, "float32", "sum", 1 << 16)
+    try:
+        await ring.all_reduce(copy(xs[ring.rank]))
+    except ringlib.MismatchError as exc:
+        print(f"mismatch: {exc}", flush=True)
+    else:
+        raise AssertionError(f"rank {ring.rank}: no MismatchError")
+    ring.configure(hierarchical=True)
+    mine = await ring.all_reduce(copy(xs[ring.rank]))
+    check(mine, xs, "sum", "float32", "after the mismatch")
+    digest.add(mine)
+
+
 async def main(scenario: str, seed: int) -> None:
     digest = Digest()
     async with ringlib.connect(timeout=60) as ring:
@@ -173,11 +200,15 @@ async def main(scenario: str, seed: int) -> None:
             await shapes_and_others(ring, seed, digest)
         if scenario == "race":
             await overwrite_after_return(ring, seed, digest)
+        if scenario == "disagree":
+            await disagree(ring, seed, digest)
         if scenario == "quick":
             xs = inputs(seed, 1, ring.world_size, "float32", "mean", 1000)
             mine = await ring.all_reduce(copy(xs[ring.rank]), "mean")
             check(mine, xs, "mean", "float32", "quick")
             digest.add(mine)
+        large = ring.plan("all_reduce", 1 << 20).algorithm
+        print(f"rank {ring.rank} of {ring.world_size} all_reduce 1 MiB: {large}")
         print(f"rank {ring.rank} of {ring.world_size} ok {digest.hex()}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import signal
@@ -35,9 +36,11 @@ def row(size: str, count: int, iters: int, algo: str, compared: int = 0) -> str:
     return r"^\s*" + r"\s+".join(cells) + "$"
 
 
-def bench(tmp_path: Path, *args: str, timeout: float = 100) -> subprocess.CompletedProcess:
-    """Run `ringlib bench ARGS` as a user would; check it exits 0 and leaves nothing behind."""
-    tag, env = tagged_env(tmp_path / "tmp")
+def bench(tmp_path: Path, *args: str, timeout: float = 100,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `ringlib bench ARGS` as a user would (with `env` added to its environment);
+    check it exits 0 and leaves nothing behind."""
+    tag, env = tagged_env(tmp_path / "tmp", **(env or {}))
     run = subprocess.run([sys.executable, "-m", "ringlib", "bench", *args], env=env,
                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr
@@ -50,11 +53,14 @@ def bench(tmp_path: Path, *args: str, timeout: float = 100) -> subprocess.Comple
 
 @pytest.mark.timeout(60)
 def test_it_prints_a_checked_row_per_size_and_leaves_no_process(tmp_path):
-    """With the cost of CurveZMQ beside it: a second ring whose keys leave no file behind."""
+    """With the blocking facade and the cost of CurveZMQ beside it: second and third rings,
+    whose keys and addresses leave no file behind."""
     run = bench(tmp_path, "allreduce", "--sizes", "8B,64KiB", "--iters", "5", "--compare", "curve")
-    assert re.search(row("8 B", 2, 5, "doubling", 1), run.stdout, re.M), run.stdout
-    assert re.search(row("64 KiB", 16384, 5, "doubling", 1), run.stdout, re.M), run.stdout
+    assert re.search(row("8 B", 2, 5, "compiled", 2), run.stdout, re.M), run.stdout
+    assert re.search(row("64 KiB", 16384, 5, "compiled", 2), run.stdout, re.M), run.stdout
     assert "busbw = algbw * 1.00" in run.stdout and "2 ranks on tcp" in run.stdout
+    assert "ringlib/blocking" in run.stdout and "slower of ringlib and blocking / curve" \
+        in run.stdout
     assert "ringlib/curve" in run.stdout and "with CurveZMQ" in run.stdout
     assert "command: ringlib bench allreduce --sizes 8B,64KiB --iters 5 --compare curve" \
         in run.stdout
@@ -64,19 +70,17 @@ def test_it_prints_a_checked_row_per_size_and_leaves_no_process(tmp_path):
 def test_gloo_and_mpi_are_timed_in_the_same_run_with_json_and_plot(tmp_path):
     run = bench(tmp_path, "allreduce", "--sizes", "8B,1MiB", "--iters", "3", "--compare",
                 "gloo,mpi", "--json", "out.json", "--plot", "out.png")
-    compared = 2 if HAVE_MPI else 1
-    assert re.search(row("8 B", 2, 3, "doubling", compared), run.stdout, re.M), run.stdout
-    # Two ranks of one host that may read each other's memory take the pairwise all-reduce
-    # (transport/single_copy.py), others the ring.
-    big = "(?:pairwise|ring)"
-    assert re.search(row("1 MiB", 262144, 3, big, compared), run.stdout, re.M), run.stdout
-    assert "ringlib/gloo" in run.stdout
+    compared = 3 if HAVE_MPI else 2  # the blocking facade, gloo, mpi
+    assert re.search(row("8 B", 2, 3, "compiled", compared), run.stdout, re.M), run.stdout
+    assert re.search(row("1 MiB", 262144, 3, "compiled-split", compared), run.stdout, re.M), \
+        run.stdout
+    assert "ringlib/gloo" in run.stdout and "slower of ringlib and blocking / gloo" in run.stdout
     if HAVE_MPI:
         assert "ringlib/mpi" in run.stdout and "compared with gloo: torch" in run.stdout
     else:
         assert "skipped mpi: " in run.stdout
     doc = json.loads((tmp_path / "out.json").read_text())
-    systems = ["ringlib", "gloo", "mpi"][:1 + compared]
+    systems = ["ringlib", "blocking", "gloo", "mpi"][:1 + compared]
     assert [[x["system"] for x in r["results"]] for r in doc["rows"]] == [systems, systems]
     assert [r["bytes"] for r in doc["rows"]] == [8, 1 << 20]
     assert all(x["p50_us"] > 0 and x["busbw_gbs"] > 0 for r in doc["rows"] for x in r["results"])
@@ -85,15 +89,25 @@ def test_gloo_and_mpi_are_timed_in_the_same_run_with_json_and_plot(tmp_path):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("collective, algo", [("reduce_scatter", "ring"), ("all_gather", "ring"),
-                                              ("broadcast", "flat"), ("latency", "p2p")])
+@pytest.mark.parametrize("collective, algo", [("reduce_scatter", "compiled"),
+                                              ("all_gather", "compiled"),
+                                              ("broadcast", "compiled"), ("latency", "p2p")])
 def test_every_collective_is_checked_and_timed_beside_gloo(tmp_path, collective, algo):
     run = bench(tmp_path, collective, "--sizes", "64B,192KiB", "--iters", "2", "--warmup", "0",
                 "--compare", "gloo", "--no-memory")
-    count = {"reduce_scatter": 16, "all_gather": 16, "broadcast": 16, "latency": 16}[collective]
-    assert re.search(row("64 B", count, 2, algo, 1), run.stdout, re.M), run.stdout
-    big = "ring" if collective == "broadcast" else algo
-    assert re.search(row("192 KiB", 49152, 2, big, 1), run.stdout, re.M), run.stdout
+    assert re.search(row("64 B", 16, 2, algo, 2), run.stdout, re.M), run.stdout
+    assert re.search(row("192 KiB", 49152, 2, algo, 2), run.stdout, re.M), run.stdout
+
+
+@pytest.mark.timeout(100)
+def test_with_the_compiled_path_off_the_message_algorithms_run_on_one_api(tmp_path):
+    run = bench(tmp_path, "allreduce", "--sizes", "8B,1MiB", "--iters", "2", "--api", "async",
+                "--no-memory", env={"RINGLIB_COMPILED_BYTES": "0"})
+    assert re.search(row("8 B", 2, 2, "doubling"), run.stdout, re.M), run.stdout
+    # Two ranks of one host that may read each other's memory take the pairwise all-reduce
+    # (transport/single_copy.py), others the ring.
+    assert re.search(row("1 MiB", 262144, 2, "(?:pairwise|ring)"), run.stdout, re.M), run.stdout
+    assert "blocking" not in run.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -175,3 +189,18 @@ def test_the_pipeline_benchmark_compares_the_pipeline_with_one_process(tmp_path)
     assert re.search(r"2-stage pipeline, 2 peers +\d+ +[\d.]+x$", run.stdout, re.M)
     assert re.search(r"micro-batch latency through the pipeline: p50 [\d.]+ ms", run.stdout)
     assert_none_left(tag)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
+                    reason="two hosts are network and mount namespaces: needs root, "
+                           "iproute2 and unshare")
+def test_the_two_host_benchmark_compares_hierarchical_flat_and_gloo_and_counts_bytes(tmp_path):
+    done = bench(tmp_path, "hosts", "--rounds", "1", "--iters", "2", "--size", "1MiB")
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()
+            if line.split()[:1] and line.split()[0] in ("hierarchical", "flat", "gloo")}
+    assert [rows[s][1] for s in ("hierarchical", "flat")] == ["hierarchical", "ring"], done.stdout
+    # 2 hosts of 2: the flat ring carries 1.5x S across, the hierarchical one S (its least)
+    assert float(rows["hierarchical"][-2]) < float(rows["flat"][-2]), done.stdout
+    assert all(re.fullmatch(r"[\d.]+|-", rows[s][-1]) for s in rows), done.stdout  # +mem MiB
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "rlh" not in listed, f"namespaces left behind: {listed}"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ringlib import RendezvousError
-from ringlib.runtime.environment import JOB_PORTS, first_host, placement, without_placement
+from ringlib.runtime.environment import (JOB_PORTS, first_host, placement, slurm_nodes,
+                                         without_placement)
 
 PEERS = "tcp://10.0.0.1:29500,tcp://10.0.0.2:29500,ipc:///tmp/x/r2"
 
@@ -60,6 +61,26 @@ def test_srun_meets_on_the_first_node_of_the_step():
                                           ("gpu[07,09],x", "gpu07"), ("x,y[1-2]", "x")])
 def test_first_host_of_a_slurm_node_list(nodes, first):
     assert first_host(nodes) == first
+
+
+def test_slurm_node_lists_expand_in_full():
+    assert slurm_nodes("node[01-04,07]") == ["node01", "node02", "node03", "node04", "node07"]
+    assert slurm_nodes("gpu[07-09,12],cpu1,rack[1-2]-n[1-2]") == [
+        "gpu07", "gpu08", "gpu09", "gpu12", "cpu1", "rack1-n1", "rack1-n2", "rack2-n1",
+        "rack2-n2"]
+    with pytest.raises(RendezvousError, match="cannot read the Slurm node list 'gpu\\[07-'"):
+        slurm_nodes("gpu[07-")
+
+
+def test_two_job_steps_of_one_allocation_meet_at_different_ports():
+    step = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "node[01-02]"}
+    seeds = {placement(env={**step, "SLURM_STEP_ID": str(i)}).seed for i in range(8)}
+    assert len(seeds) == 8, seeds
+    assert all(s.startswith("tcp://node01:") for s in seeds)
+    again = {placement(env={**step, "SLURM_STEP_ID": str(i), "SLURM_PROCID": "1"}).seed
+             for i in range(8)}
+    assert again == seeds, "the ranks of one step must derive the same port"
 
 
 def test_no_launcher_is_a_ring_of_one():

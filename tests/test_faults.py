@@ -61,6 +61,21 @@ def test_a_stopped_rank_is_reported_lost_by_every_other_rank_and_told_when_it_wa
     assert "left out: rank 1 " in finished[1].stdout and "cannot re-form" in finished[1].stdout
 
 
+def test_a_rank_killed_in_the_phase_between_hosts_is_lost_on_every_other(seed):
+    """Two hosts of two ranks, a hierarchical all-reduce: rank 3 dies as it starts the
+    ring between the hosts. Every survivor, on both hosts and whichever phase it is in,
+    gets PeerLost within the peer timeout."""
+    messages = {**FAST, "RINGLIB_COMPILED_BYTES": "0"}
+    finished = run_ring("across", 4, "tcp", seed, extra_env=messages, peer=FAULT_PEER,
+                        timeout=60, hosts=2, expendable=frozenset({3}))
+    log = report(finished)
+    for f in finished[:3]:
+        found = re.search(r"lost (\d) after (\S+) s: (.*)", f.stdout)
+        assert f.returncode == 0 and found, log
+        assert float(found.group(2)) <= 1.5 + 1.0, log
+    assert finished[3].returncode == -9, log
+
+
 def test_a_rank_whose_event_loop_is_busy_is_not_taken_for_lost(seed):
     """Heartbeats come from their own thread: a loop blocked for twice the peer timeout
     delays the collectives but loses nobody."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from leftovers import assert_none_left, tagged_env
+from netns import ip, veth
 from ringlib import RendezvousError
 from ringlib.runtime.hosts import Host, parse_hosts, read_hostfile, seat
 from ringlib.transport.security import generate
@@ -157,19 +158,22 @@ def test_host_lists_and_hostfiles_place_ranks_in_order(tmp_path):
     assert [(s.rank, s.host.name, s.local_rank) for s in seats] == [(0, "a", 0), (1, "a", 1),
                                                                     (2, "b", 0)]
     assert len(seat(None, hosts)) == 4
+    interleaved = seat(None, parse_hosts("a,b@10.1.1.2,a,b@10.1.1.2"))
+    assert [(s.rank, s.host.name, s.local_rank) for s in interleaved] == \
+        [(0, "a", 0), (1, "a", 1), (2, "b", 0), (3, "b", 1)]
+    with pytest.raises(RendezvousError, match="two addresses"):
+        seat(None, parse_hosts("a@10.0.0.1,a@10.0.0.2"))
     with pytest.raises(RendezvousError, match="name\\[@address\\]\\[:slots\\]"):
         parse_hosts("a:0")
 
 
 # --- hosts as network namespaces joined by a veth link --------------------------------
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
 @pytest.fixture
 def two_hosts():
-    """Two network namespaces, A at 10.N.M.1 and B at 10.N.M.2, joined by a veth pair."""
+    """Two network namespaces, A at 10.N.M.1 and B at 10.N.M.2, joined by a veth pair; a
+    second pair, named `data0` in both, joins them on 10.K.M.1 and .2 (a data network
+    beside the one the hosts are named by). Yields (namespace, address, data address)."""
     suffix = uuid.uuid4().hex[:5]
     names = [f"rl{suffix}a", f"rl{suffix}b"]
     subnet = f"10.{100 + int(suffix[:2], 16) % 100}.{int(suffix[2:4], 16)}"
@@ -180,23 +184,51 @@ def two_hosts():
         for name in names:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         pytest.skip(reason=f"cannot create network namespaces here ({exc}); needs root and iproute2")
+    data = f"10.{200 + int(suffix[:2], 16) % 50}.{int(suffix[2:4], 16)}"
     try:
-        ip("link", "add", f"v{suffix}a", "type", "veth", "peer", "name", f"v{suffix}b")
-        for end, name in zip("ab", names):
-            ip("link", "set", f"v{suffix}{end}", "netns", name)
-            ip("-n", name, "addr", "add", f"{subnet}.{1 + (end == 'b')}/24", "dev", f"v{suffix}{end}")
-            ip("-n", name, "link", "set", f"v{suffix}{end}", "up")
+        for name in names:
             ip("-n", name, "link", "set", "lo", "up")
-        yield [(name, f"{subnet}.{i + 1}") for i, name in enumerate(names)]
+        veth(names, f"v{suffix}", subnet)
+        veth(names, f"d{suffix}", data, device="data0")
+        yield [(name, f"{subnet}.{i + 1}", f"{data}.{i + 1}") for i, name in enumerate(names)]
     finally:
         for name in names:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def test_ranks_on_two_hosts_talk_over_the_link_between_them(tmp_path, two_hosts):
-    (a, a_ip), (b, b_ip) = two_hosts
+    (a, a_ip, _), (b, b_ip, _) = two_hosts
     done, _ = launch(tmp_path, "--hosts", f"{a}@{a_ip}:2,{b}@{b_ip}:2",
                      "--rsh", "ip netns exec {host}", "--", sys.executable, JOB, "sum")
     assert done.returncode == 0, done.stderr
     assert sorted(line.split(" pid ")[0] for line in done.stdout.splitlines()) == \
         [f"[{r}] rank {r} of 4 sum 10" for r in range(4)]
+
+
+def test_ifname_binds_and_advertises_that_interface_on_every_host(tmp_path, two_hosts):
+    """The hosts are named by one network; with --ifname data0 every rank, rank 0 too
+    (whose seed stays on the first network, where the others join), is reached on the
+    other."""
+    (a, a_ip, a_data), (b, b_ip, b_data) = two_hosts
+    done, _ = launch(tmp_path, "--hosts", f"{a}@{a_ip}:2,{b}@{b_ip}:2", "--ifname", "data0",
+                     "--rsh", "ip netns exec {host}", "--", sys.executable, JOB, "sum")
+    assert done.returncode == 0, done.stderr
+    lines = sorted(done.stdout.splitlines())
+    assert [line.split(" pid ")[0] for line in lines] == \
+        [f"[{r}] rank {r} of 4 sum 10" for r in range(4)]
+    advertised = [line.split(" at tcp://")[1] for line in lines]
+    assert all(at.startswith(f"{a_data if r < 2 else b_data}:")
+               for r, at in enumerate(advertised)), lines
+
+
+def test_a_wrong_ifname_is_refused_naming_the_interfaces_there_are(tmp_path):
+    done, _ = launch(tmp_path, "-n", "2", "--ifname", "nosuch9", "--", sys.executable, JOB, "sum")
+    assert done.returncode == 2 and "no network interface 'nosuch9'" in done.stderr, done.stderr
+    assert "lo (127.0.0.1)" in done.stderr, done.stderr
+    # A rank told so by its environment alone (no launcher to check) fails as clearly.
+    env = {**os.environ, "RINGLIB_RANK": "1", "RINGLIB_WORLD_SIZE": "2",
+           "RINGLIB_SEED": "tcp://127.0.0.1:9", "RINGLIB_IFNAME": "nosuch9"}
+    rank = subprocess.run([sys.executable, JOB, "sum"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert rank.returncode != 0 and "InvalidArgument: no network interface 'nosuch9'" in \
+        rank.stderr, rank.stderr

@@ -26,13 +26,15 @@ def report(finished) -> str:
 def test_two_threads_on_one_blocking_ring_never_get_a_wrong_result_silently(seed):
     """Before, 82-96 of 200 results were wrong here, without an error. Now a call that
     meets another thread's collective in flight raises UsageError, and collectives of
-    different threads never pair up across ranks (their signatures name the thread)."""
+    different threads never pair up across ranks (their signatures name the thread).
+    A thread may also wait on a collective that the peer's stopped thread never joins,
+    until the peer, done with its other thread, closes its ring: PeerLost saying so."""
     finished = run_ring("threads", 2, "tcp", seed, peer=PEER, timeout=90)
     assert all(f.returncode == 0 for f in finished), report(finished)
     counts = [json.loads(f.stdout.splitlines()[-1]) for f in finished]
     assert all(c.get("wrong", 0) == 0 for c in counts), report(finished)
-    assert all(set(c) <= {"right", "UsageError", "MismatchError", "CollectiveTimeout"}
-               for c in counts), counts
+    allowed = {"right", "UsageError", "MismatchError", "CollectiveTimeout", "PeerClosed"}
+    assert all(set(c) <= allowed for c in counts), counts
 
 
 def test_threads_that_call_one_collective_at_a_time_get_right_results(seed):

@@ -148,7 +148,7 @@ async def test_a_broadcast_root_is_an_integer_rank(root):
 @pytest.mark.parametrize("setting", [dict(segment_bytes=0), dict(spin_us=-1),
                                      dict(small_bytes=1.5), dict(direct_bytes="big"),
                                      dict(shm_bytes=True), dict(peer_timeout=float("nan")),
-                                     dict(curve_key=7)])
+                                     dict(curve_key=7), dict(hierarchical=1), dict(ifname="")])
 def test_settings_are_checked_up_front_naming_the_setting(setting):
     (name, _), = setting.items()
     with pytest.raises(InvalidArgument, match=f"{name}="):

@@ -4,6 +4,7 @@ the environment conventions of torchrun, mpirun and srun."""
 
 from __future__ import annotations
 
+import re
 import socket
 import zlib
 
@@ -21,14 +22,42 @@ pytestmark = pytest.mark.timeout(300)
 SHRUNK = {"RINGLIB_SEGMENT_BYTES": "8192", "RINGLIB_SMALL_BYTES": "256", "RINGLIB_SPIN_US": "0"}
 
 
-# For the suite's time, each world size runs on one transport or both: 1 (no sockets at
-# all) and 4 on tcp, 5 on ipc, 2 and 3 on both.
+# Messages only: the compiled path off (it would take every size up to 4 MiB).
+MESSAGES = {**SHRUNK, "RINGLIB_COMPILED_BYTES": "0"}
+
+
+# Every world size from 2 to 5 on both paths: compiled over the shared arena (tcp), and
+# with messages (ipc, whose small pieces take the pipelined ring); 1 has no sockets at all.
 @pytest.mark.parametrize("transport, world", [("tcp", 1), ("tcp", 2), ("tcp", 3), ("tcp", 4),
-                                              ("ipc", 2), ("ipc", 3), ("ipc", 5)])
+                                              ("tcp", 5), ("ipc", 2), ("ipc", 3), ("ipc", 4),
+                                              ("ipc", 5)])
 def test_every_op_and_dtype_matches_a_float64_reference(world, transport, seed):
-    extra = SHRUNK if transport == "ipc" else {}
+    extra = MESSAGES if transport == "ipc" else {}
     finished = run_ring("all", world, transport, seed, extra_env=extra, timeout=240)
     assert_all_agree(finished)
+
+
+@pytest.mark.parametrize("world, hosts, scenario", [(4, 2, "grid"), (6, 3, "quick")])
+def test_several_hosts_of_several_ranks_take_the_hierarchical_all_reduce(world, hosts,
+                                                                        scenario, seed):
+    """Ranks whose table puts them on `hosts` hosts, as many on each, reduce within each
+    host, across the hosts, then gather within: bit-identical results on every rank, and
+    a float64 reference's; on 2 hosts of 2 the whole grid (both sides of every threshold,
+    many pieces), on 3 hosts of 2 one mean (the suite's time)."""
+    finished = run_ring(scenario, world, "tcp", seed, extra_env=MESSAGES, timeout=240,
+                        hosts=hosts)
+    assert_all_agree(finished)
+    assert all("all_reduce 1 MiB: hierarchical" in f.stdout for f in finished), \
+        [f.stdout for f in finished]
+
+
+def test_ranks_that_disagree_on_the_hierarchy_all_raise_and_carry_on(seed):
+    finished = run_ring("disagree", 4, "tcp", seed, extra_env=MESSAGES, timeout=120, hosts=2)
+    assert_all_agree(finished)
+    assert all(re.search(r"mismatch: .*called 'all_reduce float32\[65536\] sum' .*"
+                         r"'all_reduce float32\[65536\] sum hierarchical'|mismatch: .*"
+                         r"sum hierarchical' where .*called 'all_reduce float32\[65536\] sum'",
+                         f.stdout) for f in finished), [f.stdout for f in finished]
 
 
 def test_the_blocking_facade(seed):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -115,9 +116,11 @@ def test_a_group_that_failed_to_form_forms_on_the_next_try():
         assert time.monotonic() - start < 5
 
 
-def test_ctrl_c_while_a_group_forms_ends_the_process_at_once(tmp_path):
-    """Rank 0 of 2 waits in init_process_group (60 s timeout) for a rank that never
-    comes; a SIGINT ends it within seconds, not at the timeout, leaving nothing behind."""
+def assert_ctrl_c_ends_it_at_once(tmp_path: Path, script: str, waiting: Callable[[], bool],
+                                  settle: float = 0.0, **env: str) -> None:
+    """Run `script` (python -c) until `waiting()` says it waits at start-up (and `settle`
+    seconds more), then SIGINT it: it must end within seconds with KeyboardInterrupt,
+    leaving nothing behind."""
     import signal
     import subprocess
     import sys
@@ -126,17 +129,14 @@ def test_ctrl_c_while_a_group_forms_ends_the_process_at_once(tmp_path):
     from leftovers import assert_none_left, tagged_env
     from ringlib.runtime import processes
 
-    script = ("import datetime, torch.distributed as dist, ringlib.torch\n"
-              f"dist.init_process_group('ringlib', init_method='file://{tmp_path}/store', "
-              "rank=0, world_size=2, timeout=datetime.timedelta(seconds=60))\n")
-    tag, env = tagged_env(tmp_path / "tmp")
+    tag, env = tagged_env(tmp_path / "tmp", **env)
     proc = processes.start([sys.executable, "-c", script], env, stderr=subprocess.PIPE,
                            text=True)
     try:
         deadline = time.monotonic() + 60
-        while not (tmp_path / "store").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)  # torch's import, then init_process_group makes the store
-        time.sleep(1.5)      # and the ring's creator waits in it
+        while not waiting() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(settle)
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
@@ -145,3 +145,58 @@ def test_ctrl_c_while_a_group_forms_ends_the_process_at_once(tmp_path):
     finally:
         processes.stop([proc], grace=0)
     assert_none_left(tag)
+
+
+def test_ctrl_c_while_a_group_forms_ends_the_process_at_once(tmp_path):
+    """Rank 0 of 2 waits in init_process_group (60 s timeout) for a rank that never
+    comes; a SIGINT ends it within seconds, not at the timeout, leaving nothing behind."""
+    script = ("import datetime, torch.distributed as dist, ringlib.torch\n"
+              f"dist.init_process_group('ringlib', init_method='file://{tmp_path}/store', "
+              "rank=0, world_size=2, timeout=datetime.timedelta(seconds=60))\n")
+    # torch's import, then init_process_group makes the store, and the ring's creator
+    # waits in it
+    assert_ctrl_c_ends_it_at_once(tmp_path, script, (tmp_path / "store").exists, settle=1.5)
+
+
+def test_ctrl_c_while_ringlib_init_waits_in_torchruns_store_ends_the_process_at_once(tmp_path):
+    """ringlib.init() as rank 0 of 2 under torchrun's variables waits in the agent's store
+    (here the test's own TCPStore) for a rank that never comes; a SIGINT ends it within
+    seconds, not at the 60 s start-up timeout: the wait in its thread is abandoned."""
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    assert_ctrl_c_ends_it_at_once(  # waiting once its count and its address are there
+        tmp_path, "import ringlib; ringlib.init(timeout=60)", lambda: store.num_keys() >= 2,
+        TORCHELASTIC_USE_AGENT_STORE="True", RANK="0", WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port))
+
+
+def test_ringlib_init_meets_in_the_store_of_a_torch_group_already_up(seed):
+    """As in Ray Train's workers: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are set and
+    a Gloo group is up; ringlib.init() forms through that group's store, with MASTER_PORT
+    + 1 held by another socket."""
+    import subprocess
+    import sys
+
+    from digits_harness import held_above_a_free_port
+    from ringlib.runtime.environment import without_placement
+
+    peer = str(Path(__file__).parent / "torch_store_peer.py")
+    with held_above_a_free_port() as port:
+        procs = [subprocess.Popen(
+            [sys.executable, peer, str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**without_placement(os.environ), "RANK": str(rank),
+                            "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": str(port)}) for rank in range(3)]
+        try:
+            outs = [p.communicate(timeout=90) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {rank}: {err[-3000:]}"
+        assert out.split() == [str(rank), "ok"], f"seed {seed}: rank {rank}: {out}"

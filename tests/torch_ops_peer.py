@@ -295,14 +295,16 @@ class Checks:
         the others' op is still running when they attach theirs (a future completed
         already runs a callback at once, in the attaching thread, as torch's do)."""
         last = self.rank == self.world - 1
-        release, ran_on = threading.Event(), []
+        release, called, ran_on = threading.Event(), threading.Event(), []
         if last:
             time.sleep(0.5)
         first = dist.all_reduce(torch.ones(1), async_op=True)
         if not last:
-            first.get_future().then(
-                lambda f: (ran_on.append(threading.current_thread().name), release.wait(60)))
+            first.get_future().then(lambda f: (ran_on.append(threading.current_thread().name),
+                                               called.set(), release.wait(60)))
         first.wait()
+        if not last:  # the callback blocks now, wherever it runs
+            assert called.wait(30), "the callback never ran"
         later = dist.all_reduce(torch.ones(1), async_op=True)
         later.wait(timeout=datetime.timedelta(seconds=30))
         release.set()

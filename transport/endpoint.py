@@ -73,9 +73,12 @@ class Endpoint:
         self.single_copy_bytes = SINGLE_COPY_BYTES
         self._may_poll = False  # whether receives may poll the links (not on inproc)
         self._waiting = 0       # receives waiting on the event loop (see recv)
+        # the rank a compiled collective waits for in the shared arena, if one does
+        # (collectives/compiled.py): waiting on it, as a receive does
+        self.arena_waits_on: int | None = None
         self._control: dict[Kind, Callable[[Message], None]] = {
             Kind.LINK: self.direct.take, Kind.HEARTBEAT: lambda message: None,
-            Kind.LOST: self.liveness.reported_lost, Kind.BYE: self.liveness.said_bye,
+            Kind.LOST: self.liveness.reported_lost, Kind.BYE: self._said_bye,
             Kind.SHARED: self.shared.answer,
             Kind.DOORBELL: lambda message: self.shared.poll(message.header.sender)}
         self._closed = False
@@ -108,10 +111,11 @@ class Endpoint:
             handler(message)
         self.inbox.purge(lambda key: key.kind == kind)
 
-    def bind(self, address: str) -> str:
-        """Bind the receiving socket at `address` (tcp port 0 picks a free port); return
-        the address the other peers should connect to."""
-        self.roster.address = self.zmq.bind(address)
+    def bind(self, address: str, also: str | None = None) -> str:
+        """Bind the receiving socket at `address` (tcp port 0 picks a free port), and at
+        `also` (where only start-up's first words come); return the address the other
+        peers should connect to."""
+        self.roster.address = self.zmq.bind(address, also)
         # An inproc sender lives in this process, often on this very loop: polling for its
         # message would only keep it from running.
         self._may_poll = not address.startswith("inproc://")
@@ -176,6 +180,14 @@ class Endpoint:
         this rank writes collective payloads to through shared memory; "direct", those it
         sends small messages to over direct links."""
         return {"shared": self.shared.peers(), "direct": self.direct.linked_peers()}
+
+    def shares_memory_with_all(self) -> bool:
+        """Whether this rank has shared-memory links both ways with every peer: all ranks
+        are on this host, with shared memory on. Alike on every rank once start-up is
+        over: a rank elsewhere, or one that offers none, is linked to no rank, so every
+        rank finds a peer it is not linked to."""
+        return all(self.shared.linked(rank) for rank in self.roster.peers
+                   if rank != self.rank)
 
     def reaches(self, rank: int) -> bool:
         """Whether this rank and `rank` can each read and write the other's memory (alike
@@ -357,11 +369,22 @@ class Endpoint:
         discard(payload)
         self._warnings.warning("%s dropped a message: %s", self.roster.me, why)
 
+    def _said_bye(self, message: Message) -> None:
+        """BYE: the sender closed its ring and reads nothing more, so what this rank lent
+        it by address is free now, not when a failed collective gives up on it."""
+        self.shared.left(message.header.sender)
+        self.liveness.said_bye(message)
+
+    def lose(self, rank: int, why: str) -> None:
+        """Declare `rank` lost, as the watchdog does one that falls silent: every receive
+        fails with PeerLost, and every other rank is told (Liveness.lose)."""
+        self.liveness.lose(rank, why)
+
     def _waits_on(self, rank: int) -> bool:
-        """Whether a receive from `rank`, a send to it, or a start-up wait for its words
-        waits now."""
+        """Whether a receive from `rank`, a send to it, a start-up wait for its words, or a
+        compiled collective waits on it now."""
         return rank in self._expecting or self.inbox.waits_on(rank) or \
-            self.zmq.waits_for_room(rank)
+            self.zmq.waits_for_room(rank) or rank == self.arena_waits_on
 
     def _forget(self, rank: int, died: bool) -> None:
         """`rank` was lost: drop its shared-memory links and, if it `died` (a rank that

@@ -113,6 +113,13 @@ class Watch:
     def forget(self, rank: int) -> None:
         self._last.pop(rank, None)
 
+    def restart(self) -> None:
+        """Every clock that runs starts again now: this process could not listen."""
+        now = time.monotonic()
+        for rank, last in self._last.items():
+            if last is not None:
+                self._last[rank] = now
+
     def silent(self) -> list[tuple[int, float]]:
         """(rank, seconds of silence) of every watched rank silent past the timeout."""
         now = time.monotonic()
@@ -142,9 +149,17 @@ class Watchdog:
 
     async def _check_every(self, period: float, drain: Callable[[], None],
                            on_silent: Callable[[int, float], None]) -> None:
+        looked = time.monotonic()
         while True:
             await asyncio.sleep(period)
             drain()  # what arrived while this loop was busy counts: a stall here is no peer's
+            now = time.monotonic()
+            if now - looked > period + self._watch.timeout:
+                # This process was stopped (SIGSTOP, a starved host) past the timeout:
+                # its peers may have stopped beating to it, having lost it, and what they
+                # said of that may still be on its way. Their silence is not theirs.
+                self._watch.restart()
+            looked = now
             for rank, quiet in self._watch.silent():
                 self.forget(rank)
                 on_silent(rank, quiet)

@@ -114,6 +114,7 @@ class Writer:
         atomics.store(self._words, NONCE, self.nonce)
         self._head = 0
         self._tail = 0  # the receiver's tail as last read
+        self.unread = False  # the receiver closed: it reads nothing more (SharedLinks.left)
 
     @property
     def probe(self) -> tuple[int, int]:
@@ -145,8 +146,9 @@ class Writer:
 
     def released(self, end: int) -> bool:
         """Whether the receiver released every record before byte count `end`, or the
-        link closed (nobody will read them)."""
-        return self._words is None or int(atomics.load(self._words, TAIL)) >= end
+        link or the receiver closed (nobody will read them)."""
+        return self._words is None or self.unread or \
+            int(atomics.load(self._words, TAIL)) >= end
 
     def _append(self, header: bytes, view: memoryview | None, flags: int = 0) -> bool | None:
         nbytes = 0 if view is None else view.nbytes

@@ -132,6 +132,11 @@ class SharedLinks:
     def unsettled(self, ranks: list[int]) -> list[int]:
         return sorted(set(ranks) - self._heard | self._unanswered.intersection(ranks))
 
+    def linked(self, rank: int) -> bool:
+        """Whether this rank and `rank` each took the other's offer (both find the same
+        once settled): they share this host's /dev/shm."""
+        return self.writer_to(rank) is not None and rank in self.readers
+
     def reach(self, rank: int) -> bool:
         """Whether this rank and `rank` can each read and write the other's memory; both
         find the same once settled."""
@@ -172,6 +177,12 @@ class SharedLinks:
         for reader in self.readers.values():
             reader.asleep()
         self.poll()
+
+    def left(self, rank: int) -> None:
+        """`rank` closed its ring: it reads nothing more of what this rank sent it."""
+        writer = self.writers.get(rank)
+        if writer is not None:
+            writer.unread = True
 
     def lose(self, rank: int, died: bool = True) -> None:
         """`rank` is gone: unmap its segment, unlink ours if it never took it, and if it

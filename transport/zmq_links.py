@@ -62,12 +62,21 @@ class ZmqLinks:
         self._pull_now = zmq.Socket.shadow(self._pull.underlying)
         self._push: dict[int, zmq.asyncio.Socket] = {}
         self._push_now: dict[int, zmq.Socket] = {}  # the same sockets, plain
+        self._push_to: dict[int, str] = {}  # where each is connected
         self._waiting: dict[int, int] = {}  # rank -> sends waiting for room on its queue
         self._reader: asyncio.Task | None = None
 
-    def bind(self, address: str) -> str:
-        """Bind the receiving socket at `address` (tcp port 0 picks a free port), start
-        reading it, and return the address the other peers should connect to."""
+    def bind(self, address: str, also: str | None = None) -> str:
+        """Bind the receiving socket at `address` (tcp port 0 picks a free port), and at
+        `also` too if given (rank 0's seed, where only the joins come), start reading it,
+        and return the address the other peers should connect to."""
+        if also is not None:
+            self._bind(also)
+        address = self._bind(address)
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        return address
+
+    def _bind(self, address: str) -> str:
         addresses.check(address, bind=True)
         endpoint = addresses.bind_address(address)
         try:
@@ -80,20 +89,23 @@ class ZmqLinks:
             self._pull.close(0)
             raise RendezvousError(f"rank {self._roster.rank} cannot bind {address}: {exc}") \
                 from None
-        self._reader = asyncio.get_running_loop().create_task(self._read())
         return address
 
     def connect(self, rank: int) -> None:
         """Open the sending link to `rank` at its address in the roster (ZeroMQ connects,
-        and reconnects, in the background)."""
-        if rank in self._push:
-            return
+        and reconnects, in the background). A link already open to another address (the
+        seed a rank joined at) is closed first, its queue still delivered."""
         address = self._roster.peers[rank]
+        if rank in self._push:
+            if self._push_to[rank] == address:
+                return
+            self._push.pop(rank).close()
+            self._push_now.pop(rank)
         push = context().socket(zmq.PUSH)
         push.linger = CLOSE_LINGER_MS
         self.secure(push)
         push.connect(addresses.bind_address(addresses.check(address)))
-        self._push[rank] = push
+        self._push[rank], self._push_to[rank] = push, address
         self._push_now[rank] = zmq.Socket.shadow(push.underlying)
 
     @property
