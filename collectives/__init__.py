@@ -7,10 +7,10 @@ algorithm; one algorithm per file, each opening with its cost.
 """
 
 from .channel import Channel, signature
-from .choose import (COMPILED_BYTES, SMALL_BYTES, Plan, all_gather, all_reduce, barrier,
+from .choose import (COMPILED_BYTES, MESH_BYTES, SMALL_BYTES, Plan, all_gather, all_reduce, barrier,
                      broadcast, plan, reduce_scatter, step_reducers)
 from .session import Session, Sessions
 
-__all__ = ["COMPILED_BYTES", "Channel", "Plan", "SMALL_BYTES", "Session", "Sessions",
+__all__ = ["COMPILED_BYTES", "Channel", "MESH_BYTES", "Plan", "SMALL_BYTES", "Session", "Sessions",
            "all_gather", "all_reduce", "barrier", "broadcast", "plan", "reduce_scatter",
            "signature", "step_reducers"]

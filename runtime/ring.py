@@ -22,6 +22,7 @@ from ringlib.collectives import Plan, Sessions, signature, step_reducers
 from ringlib.collectives.choose import EMPTY_PLAN
 from ringlib.collectives.compiled import CompiledPath, Pending, Prepared, warm_compiled
 from ringlib.collectives.hierarchical_allreduce import host_groups
+from ringlib.collectives.mesh_path import MeshPath, MeshPending, MeshPrepared
 from ringlib.partition import chunk
 from ringlib.dtypes import BY_NAME, DType
 from ringlib.errors import (CollectiveTimeout, InvalidArgument, MismatchError, RingClosed,
@@ -31,6 +32,7 @@ from ringlib.transport import Endpoint, Stream, wait_sent
 from ringlib.transport.security import Keys
 
 from .arena_meeting import meet
+from .mesh_meeting import meet_mesh
 from .buffers import empty_like, flat_view, like, storage
 from .environment import Placement, placement
 from .reform import Attempt, reform
@@ -89,6 +91,7 @@ class Ring:
     spin_us = _Tunable()
     direct_bytes = _Tunable()
     compiled_bytes = _Tunable()
+    mesh_bytes = _Tunable()
 
     def __init__(self, where: Placement, endpoint: Endpoint | None, peers: list[str],
                  executor: ThreadPoolExecutor, settings: Settings) -> None:
@@ -112,7 +115,8 @@ class Ring:
         self._sessions = None if endpoint is None else \
             Sessions(endpoint, self.world_size, self._executor)
         self._compiled: CompiledPath | None = None  # see _meet()
-        self._prepared: dict[tuple, Prepared | None] = {}
+        self._mesh: MeshPath | None = None  # see _meet()
+        self._prepared: dict[tuple, Prepared | MeshPrepared | None] = {}
         self._breath = time.monotonic()
         # point-to-point messages so far, by (peer, tag), which number the next
         self._sent: collections.Counter[tuple[int, int]] = collections.Counter()
@@ -157,8 +161,9 @@ class Ring:
         compiled = self._compiled
         limit = 0 if compiled is None else min(self.settings.compiled_bytes, compiled.capacity)
         hosts = self._hosts if self.settings.hierarchical else None
+        mesh = 0 if self._mesh is None else self.settings.mesh_bytes
         return collectives.plan(collective, nbytes, self.world_size, self.settings.small_bytes,
-                                self._reaches_peer, limit, hosts)
+                                self._reaches_peer, limit, hosts, mesh)
 
     def _reaches_peer(self) -> bool:
         """Whether this rank and the other of a ring of two reach each other's memory."""
@@ -238,13 +243,13 @@ class Ring:
                             root, plan.algorithm)
         return x
 
-    # --- the compiled path (collectives/compiled.py) -------------------------------------
-    # Each _start_* starts its collective over the shared arena and returns its Pending,
-    # or None where it takes messages (no arena, too large, a ring of one); it is
-    # synchronous, so the blocking facade calls it on its caller's thread.
+    # --- the compiled path (collectives/compiled.py) and the mesh (mesh_path.py) --------
+    # Each _start_* starts its collective over the shared arena or the mesh and returns
+    # its Pending, or None where it takes messages (neither, too large, a ring of one); it
+    # is synchronous, so the blocking facade calls it on its caller's thread.
 
     def _start_all_reduce(self, x: Any, op: Op | str = Op.SUM, *, timeout: float | None = None,
-                          caller: str = "") -> Pending | None:
+                          caller: str = "") -> Pending | MeshPending | None:
         prepared = self._prepared_for("all_reduce", x, op, 0, caller)
         return prepared and self._launch(prepared, flat_view(x, prepared.storage, True),
                                          timeout, lambda: x)
@@ -276,7 +281,7 @@ class Ring:
         return self._launch(prepared, work, timeout, lambda: like(x, work[start:stop]))
 
     def _start_barrier(self, *, timeout: float | None = None,
-                       caller: str = "") -> Pending | None:
+                       caller: str = "") -> Pending | MeshPending | None:
         prepared = self._prepared_for("barrier", None, Op.SUM, 0, caller)
         return prepared and self._launch(prepared, _NOTHING, timeout, lambda: None)
 
@@ -284,14 +289,15 @@ class Ring:
     def idle(self) -> bool:
         """Whether no collective is in flight on this ring."""
         return (self._sessions is None or not self._sessions.running) and \
-            (self._compiled is None or self._compiled.idle)
+            (self._compiled is None or self._compiled.idle) and \
+            (self._mesh is None or self._mesh.idle)
 
     def _prepared_for(self, collective: str, x: Any, op: Any, root: Any,
-                      caller: str) -> Prepared | None:
-        """The compiled preparation of this call's signature, made on its first call and
-        kept (None: it takes messages); the first call also checks what the message path
-        checks, so that both raise alike."""
-        if self._compiled is None:
+                      caller: str) -> Prepared | MeshPrepared | None:
+        """The compiled or mesh preparation of this call's signature, made on its first
+        call and kept (None: it takes messages); the first call also checks what the
+        message path checks, so that both raise alike."""
+        if self._compiled is None and self._mesh is None:
             return None
         key = (collective, getattr(x, "dtype", None), getattr(x, "shape", None), op, root,
                caller)
@@ -306,24 +312,27 @@ class Ring:
         return prepared
 
     def _prepare(self, collective: str, x: Any, op: Op, root: Any,
-                 caller: str) -> Prepared | None:
+                 caller: str) -> Prepared | MeshPrepared | None:
         if collective == "barrier":
             plan = self.plan("barrier", 0)
-            return self._compiled.prepare(signature("barrier", algorithm=plan.tag,
-                                                    caller=caller), "barrier", _NOTHING.dtype) \
-                if plan.tag else None
+            sig = signature("barrier", algorithm=plan.tag, caller=caller)
+            if plan.algorithm == "mesh":
+                return self._mesh.prepare(sig, None, None)
+            return self._compiled.prepare(sig, "barrier", _NOTHING.dtype) if plan.tag else None
         if collective == "broadcast":
             self._check_rank("broadcast root", root)
         buf, dtype = storage(x, "x", writable=False)
         step_reducers(dtype, op, self.world_size)  # an integer mean fails here
         plan = self.plan(collective, buf.nbytes * (self.world_size if collective ==
                                                    "all_gather" else 1))
-        if not plan.tag.startswith("compiled"):
+        if not plan.tag.startswith(("compiled", "mesh")):
             return None
         reduces = collective in ("all_reduce", "reduce_scatter")
         sig = signature(collective, dtype.name, tuple(x.shape), op.value if reduces else "",
                         root=root if collective == "broadcast" else None,
                         algorithm=plan.tag, caller=caller)
+        if plan.algorithm == "mesh":
+            return self._mesh.prepare(sig, dtype, step_reducers(dtype, op, self.world_size))
         kind = "split_all_reduce" if plan.algorithm == "compiled-split" else collective
         paired = collective == "all_reduce" and dtype.pair_storage is not None and \
             buf.size % 2 == 0
@@ -331,10 +340,12 @@ class Ring:
         return self._compiled.prepare(sig, kind, dtype.pair_storage if paired else dtype.storage,
                                       op.value, root, count)
 
-    def _launch(self, prepared: Prepared, buf: np.ndarray, timeout: float | None,
-                then: Callable[[], Any]) -> Pending:
+    def _launch(self, prepared: Prepared | MeshPrepared, buf: np.ndarray,
+                timeout: float | None, then: Callable[[], Any]) -> Pending | MeshPending:
         if timeout is not None:
             seconds("timeout", timeout)
+        if isinstance(prepared, MeshPrepared):
+            return self._mesh.start(prepared, buf, self._deadline(timeout), then)
         return self._compiled.start(prepared, buf, self._deadline(timeout),
                                     self.settings.spin_us, then)
 
@@ -367,6 +378,11 @@ class Ring:
         arena = await meet(self, self.settings)
         if arena is not None:
             self._compiled = CompiledPath(arena, self._sessions, self._endpoint)
+            self._prepared.clear()
+            return
+        mesh = await meet_mesh(self, self.settings)
+        if mesh is not None:
+            self._mesh = MeshPath(mesh, self._sessions, self._endpoint)
             self._prepared.clear()
 
     async def send(self, x: Any, to: int, tag: int = 0, *, timeout: float | None = None) -> None:
@@ -506,7 +522,7 @@ class Ring:
         self.world_size, self.peers = len(peers), peers
         self._hosts = host_groups(peers)
         self.rank = endpoint.rank if endpoint is not None else 0
-        self._drop_compiled()
+        self._drop_fast_paths()
         self._use(endpoint)
         self.generation += 1
         await self._meet()
@@ -517,16 +533,20 @@ class Ring:
         if self._closed:
             return
         self._closed = True
-        self._drop_compiled()
+        self._drop_fast_paths()
         if self._endpoint is not None:
             await self._endpoint.close()
         self._executor.shutdown(wait=False)
 
-    def _drop_compiled(self) -> None:
+    def _drop_fast_paths(self) -> None:
+        """Unmap the arena, close the mesh: the ring closes or re-forms."""
+        self._prepared.clear()  # they view the arena
         if self._compiled is not None:
-            self._prepared.clear()  # they view the arena
             self._compiled.close()
             self._compiled = None
+        if self._mesh is not None:
+            self._mesh.close()
+            self._mesh = None
 
     async def __aenter__(self) -> Ring:
         return self
@@ -637,7 +657,7 @@ async def _open(where: Placement, timeout: float, settings: Settings,
         if book is not None:
             book.abandon()  # a cancel (Ctrl-C): a trade waiting in its thread stops too
         if ring is not None:
-            ring._drop_compiled()
+            ring._drop_fast_paths()
         await endpoint.close(f"it gave up starting: {exc}")
         executor.shutdown(wait=False)
         raise

@@ -58,6 +58,11 @@ class Settings:
         of this size per rank (or smaller, where /dev/shm cannot hold it), made at
         connect from rank 0's value. 0, or shm_bytes 0, turns it off
         (RINGLIB_COMPILED_BYTES, default collectives.COMPILED_BYTES, 8 MiB).
+    mesh_bytes: on rings of up to 8 ranks over tcp without keys or a shared arena (ranks
+        on several hosts, or shared memory off), all-reduces up to this size and barriers
+        run over a plain TCP connection between every two ranks, driven by the calling
+        thread (collectives/mesh_path.py); 0 turns it off (RINGLIB_MESH_BYTES, default
+        collectives.MESH_BYTES, 64 KiB).
     hierarchical: on rings of several hosts with the same number of ranks on each (by
         their addresses), all-reduces above small_bytes reduce within each host first,
         then across the hosts, each local rank carrying its slice, then gather within
@@ -85,6 +90,8 @@ class Settings:
     shm_bytes: int = field(default_factory=lambda: _env_number("RINGLIB_SHM_BYTES", SHM_BYTES))
     compiled_bytes: int = field(default_factory=lambda: _env_number(
         "RINGLIB_COMPILED_BYTES", collectives.COMPILED_BYTES))
+    mesh_bytes: int = field(default_factory=lambda: _env_number(
+        "RINGLIB_MESH_BYTES", collectives.MESH_BYTES))
     hierarchical: bool = field(default_factory=lambda: bool(_env_number(
         "RINGLIB_HIERARCHICAL", 1)))
     ifname: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_IFNAME") or None)
@@ -93,7 +100,8 @@ class Settings:
         if self.segment_bytes is None:
             object.__setattr__(self, "segment_bytes", SEGMENT_BYTES if self.curve_key is None
                                else CURVE_SEGMENT_BYTES)
-        for name in ("small_bytes", "spin_us", "direct_bytes", "shm_bytes", "compiled_bytes"):
+        for name in ("small_bytes", "spin_us", "direct_bytes", "shm_bytes", "compiled_bytes",
+                     "mesh_bytes"):
             _whole(name, getattr(self, name), 0)
         _whole("segment_bytes", self.segment_bytes, 1)
         seconds("collective_timeout", self.collective_timeout)

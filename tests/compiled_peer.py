@@ -1,4 +1,6 @@
-"""One rank of a compiled-path test (test_compiled.py), placed by RINGLIB_* variables.
+"""One rank of a compiled-path or mesh test (test_compiled.py, test_mesh.py), placed by
+RINGLIB_* variables. PATH_TAKEN names the path the small collectives take: "compiled" (the
+default) or "mesh" (shared memory off).
 
     python compiled_peer.py mismatch SEED   ranks call different collectives, on the compiled
                                             path and across it (rank 1 too large for it):
@@ -32,6 +34,9 @@ import numpy as np
 
 import ringlib
 
+PATH = os.environ.get("PATH_TAKEN", "compiled")
+LIMIT = {"compiled": "compiled_bytes", "mesh": "mesh_bytes"}[PATH]  # the path's size setting
+
 
 def data(seed: int, case: int, world: int, n: int, dtype: str = "float32") -> np.ndarray:
     """Every rank's input of one case, as rows."""
@@ -40,7 +45,7 @@ def data(seed: int, case: int, world: int, n: int, dtype: str = "float32") -> np
 
 async def mismatch(ring: ringlib.Ring, seed: int) -> None:
     rank, world = ring.rank, ring.world_size
-    limit = ring.compiled_bytes // 4
+    limit = getattr(ring, LIMIT) // 4
     odd = world - 1  # the rank that calls something else
     cases = {
         "shape": lambda: ring.all_reduce(np.ones(3 if rank == odd else 2, np.float32)),
@@ -48,11 +53,13 @@ async def mismatch(ring: ringlib.Ring, seed: int) -> None:
         "kind": lambda: (ring.broadcast(np.ones(2, np.float32), root=0) if rank == odd
                          else ring.all_reduce(np.ones(2, np.float32))),
         "root": lambda: ring.broadcast(np.ones(5, np.float32), root=1 if rank == odd else 0),
-        # rank `odd` takes messages: its buffer is over the compiled path's limit
+        # rank `odd` takes messages: its buffer is over the path's limit
         "path": lambda: ring.all_reduce(np.ones(limit + 1 if rank == odd else limit, np.float32)),
-        # ... or its compiled path is off
-        "setting": lambda: barrier_with(ring, 0 if rank == odd else ring.compiled_bytes),
+        # ... or its path is off
+        "setting": lambda: barrier_with(ring, 0 if rank == odd else getattr(ring, LIMIT)),
     }
+    if PATH == "mesh":  # a broadcast takes messages there, which find it only later
+        del cases["root"]
     for i, (name, call) in enumerate(cases.items()):
         start = time.monotonic()
         try:
@@ -68,14 +75,14 @@ async def mismatch(ring: ringlib.Ring, seed: int) -> None:
     print("recovered", flush=True)
 
 
-async def barrier_with(ring: ringlib.Ring, compiled_bytes: int) -> None:
-    """A barrier under another compiled_bytes, which is put back after it."""
-    kept = ring.compiled_bytes
-    ring.compiled_bytes = compiled_bytes
+async def barrier_with(ring: ringlib.Ring, limit: int) -> None:
+    """A barrier under another size limit for the path, which is put back after it."""
+    kept = getattr(ring, LIMIT)
+    setattr(ring, LIMIT, limit)
     try:
         await ring.barrier()
     finally:
-        ring.compiled_bytes = kept
+        setattr(ring, LIMIT, kept)
 
 
 async def die(ring: ringlib.Ring, seed: int) -> None:
@@ -131,7 +138,7 @@ def blocking(seed: int) -> None:
     with ringlib.init() as ring:
         world, rank = ring.world_size, ring.rank
         plan = ring.ring.plan("all_reduce", 8)
-        assert plan.algorithm == "compiled", plan
+        assert plan.algorithm == PATH, plan
         for i in range(300):  # on the calling thread
             xs = data(seed, i, world, 1 + i % 7 * 5000)
             x = xs[rank].copy()

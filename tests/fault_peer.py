@@ -13,6 +13,10 @@ busy: rank 1 blocks its event loop for longer than the peer timeout between coll
 across: 4 ranks on 2 hosts (by their addresses) run hierarchical all-reduces; rank 3, on
     the second host, SIGKILLs itself as its third one enters the phase between the hosts.
     The others print how long until PeerLost, and what it says.
+cut: 3 ranks over tcp alone run all-reduces small enough for the direct links; after a
+    few, every rank kills the connections its direct-link listener accepted (ss -K), while
+    the others may be sending on them. Each checks every result against float64 and prints
+    how many links it cut, then "done".
 startup: rank VICTIM binds its address, as a rank starting up does, and is SIGKILLed
     before it says a word; the others print what connect() raised, and when.
 """
@@ -23,6 +27,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -127,6 +132,23 @@ async def busy(seed: int) -> None:
         print("done", flush=True)
 
 
+async def cut(seed: int) -> None:
+    async with ringlib.connect() as ring:
+        port = ring._endpoint.direct.listener.address.rsplit(":", 1)[1]
+        for i in range(300):
+            parts = [np.random.default_rng([seed, i, r]).standard_normal(16384)
+                     for r in range(ring.world_size)]
+            if i == 100:
+                killed = subprocess.run(["ss", "-K", "state", "established", "sport", "=",
+                                         f":{port}"], capture_output=True, text=True, check=True)
+                print(f"cut {killed.stdout.count(chr(10)) - 1}", flush=True)
+            x = parts[ring.rank].astype(np.float32)
+            await ring.all_reduce(x)
+            expected = np.sum([p.astype(np.float32).astype(np.float64) for p in parts], axis=0)
+            assert np.allclose(x, expected, rtol=1e-5, atol=1e-5), (i, seed)
+        print("done", flush=True)
+
+
 def startup(seed: int) -> None:
     rank = int(os.environ["RINGLIB_RANK"])
     if rank == VICTIM:
@@ -152,4 +174,4 @@ if __name__ == "__main__":
     elif scenario == "startup":
         startup(seed)
     else:
-        asyncio.run({"stall": stall, "busy": busy, "across": across}[scenario](seed))
+        asyncio.run({"stall": stall, "busy": busy, "across": across, "cut": cut}[scenario](seed))

@@ -207,8 +207,8 @@ async def main(scenario: str, seed: int) -> None:
             mine = await ring.all_reduce(copy(xs[ring.rank]), "mean")
             check(mine, xs, "mean", "float32", "quick")
             digest.add(mine)
-        large = ring.plan("all_reduce", 1 << 20).algorithm
-        print(f"rank {ring.rank} of {ring.world_size} all_reduce 1 MiB: {large}")
+        large, small = (ring.plan("all_reduce", n).algorithm for n in (1 << 20, 8))
+        print(f"rank {ring.rank} of {ring.world_size} all_reduce 1 MiB: {large}, 8 B: {small}")
         print(f"rank {ring.rank} of {ring.world_size} ok {digest.hex()}")
 
 

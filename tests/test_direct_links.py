@@ -184,11 +184,10 @@ def test_bytes_a_link_still_keeps_are_written_when_it_closes(rng):
         reader = threading.Thread(target=drain)
         reader.start()
 
+        handed_back: list = []
+
         async def write() -> None:
-            writer = direct.Writer(f"tcp://127.0.0.1:{server.getsockname()[1]}")
-            async with asyncio.timeout(5):
-                while not writer.ready:
-                    await asyncio.sleep(0.001)
+            writer = await ready_writer(server, lambda *frame: handed_back.append(frame))
             assert writer.send(b"h", payload)
             writer.close(linger=10)
 
@@ -196,3 +195,50 @@ def test_bytes_a_link_still_keeps_are_written_when_it_closes(rng):
         reader.join(timeout=20)
     frame = direct.PREFIX.size + 1 + payload.nbytes
     assert len(got) == frame and bytes(got[-payload.nbytes:]) == payload.tobytes()
+    assert handed_back == []
+
+
+async def ready_writer(server: socket.socket, resend) -> direct.Writer:
+    writer = direct.Writer(f"tcp://127.0.0.1:{server.getsockname()[1]}", resend)
+    async with asyncio.timeout(5):
+        while not writer.ready:
+            await asyncio.sleep(0.001)
+    return writer
+
+
+def test_frames_a_failed_link_did_not_take_whole_go_to_resend_each_once(rng):
+    """The receiver reads a little, then resets the link while the writer keeps frames
+    its socket had no room for: those frames, the one cut in two included, go to resend
+    whole and in order, each once, and are the last ones sent; what the receiver got
+    ends in a frame cut short, which it would drop."""
+    payloads = [rng.integers(0, 256, 200_000, dtype=np.uint8) for _ in range(80)]
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        got = bytearray()
+
+        def read_a_little_then_reset() -> None:
+            conn, _ = server.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            with conn:
+                time.sleep(0.3)  # the writer fills the socket and keeps the rest
+                got.extend(conn.recv(300_000, socket.MSG_WAITALL))
+
+        reader = threading.Thread(target=read_a_little_then_reset)
+        reader.start()
+        handed_back: list = []
+
+        async def write() -> None:
+            writer = await ready_writer(server, lambda *frame: handed_back.append(frame))
+            for i, payload in enumerate(payloads):
+                assert writer.send(f"h{i:02d}".encode(), payload)
+            async with asyncio.timeout(10):
+                while not writer._closed:  # its next write finds the link reset
+                    await asyncio.sleep(0.01)
+
+        asyncio.run(write())
+        reader.join(timeout=20)
+    assert handed_back, "the writer kept nothing: make the payloads larger"
+    first = 80 - len(handed_back)
+    assert [h for h, _ in handed_back] == [f"h{i:02d}".encode() for i in range(first, 80)]
+    assert all(p == payloads[first + i].tobytes() for i, (_, p) in enumerate(handed_back))
+    frame = direct.PREFIX.size + 3 + 200_000
+    assert len(got) == 300_000 and len(got) % frame != 0

@@ -26,15 +26,19 @@ SHRUNK = {"RINGLIB_SEGMENT_BYTES": "8192", "RINGLIB_SMALL_BYTES": "256", "RINGLI
 MESSAGES = {**SHRUNK, "RINGLIB_COMPILED_BYTES": "0"}
 
 
-# Every world size from 2 to 5 on both paths: compiled over the shared arena (tcp), and
-# with messages (ipc, whose small pieces take the pipelined ring); 1 has no sockets at all.
+# Every world size from 2 to 5 on every path: compiled over the shared arena (tcp), with
+# messages (ipc, whose small pieces take the pipelined ring), and over the mesh where shared
+# memory is off (the small sizes; the rest by messages); 1 has no sockets at all.
 @pytest.mark.parametrize("transport, world", [("tcp", 1), ("tcp", 2), ("tcp", 3), ("tcp", 4),
                                               ("tcp", 5), ("ipc", 2), ("ipc", 3), ("ipc", 4),
-                                              ("ipc", 5)])
+                                              ("ipc", 5), ("mesh", 2), ("mesh", 3)])
 def test_every_op_and_dtype_matches_a_float64_reference(world, transport, seed):
-    extra = MESSAGES if transport == "ipc" else {}
-    finished = run_ring("all", world, transport, seed, extra_env=extra, timeout=240)
+    extra = {"ipc": MESSAGES, "mesh": {"RINGLIB_SHM_BYTES": "0"}}.get(transport, {})
+    finished = run_ring("all", world, "tcp" if transport == "mesh" else transport, seed,
+                        extra_env=extra, timeout=240)
     assert_all_agree(finished)
+    if transport == "mesh" and world > 1:
+        assert all("8 B: mesh" in f.stdout for f in finished), [f.stdout for f in finished]
 
 
 @pytest.mark.parametrize("world, hosts, scenario", [(4, 2, "grid"), (6, 3, "quick")])

@@ -16,6 +16,7 @@ A frame is a 12-byte prefix, the msgpack header, then the payload:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -202,15 +203,19 @@ class Reader:
 
 class Writer:
     """The sending end of a link to one peer. It connects without blocking; until it is
-    connected (and for good, if it cannot connect) `ready` is False and ZeroMQ carries."""
+    connected (and for good, if it cannot connect) `ready` is False and ZeroMQ carries.
+    Frames the socket has not taken whole when the link fails go to `resend(header,
+    payload)`, to travel another way: the receiver drops the part it got."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, resend: Callable[[bytes, bytes | None], None]) -> None:
         self.address = address
         self.ready = False
         self._loop = asyncio.get_running_loop()
+        self._resend = resend
         self._sock, where = _socket_for(address)
         self._sock.setblocking(False)
-        self._pending = bytearray()
+        self._pending: collections.deque[bytes] = collections.deque()  # whole frames
+        self._written = 0  # bytes of the first pending frame the socket took already
         self._closed = False
         err = self._sock.connect_ex(where)
         if err == 0:
@@ -236,7 +241,7 @@ class Writer:
         prefix = PREFIX.pack(MAGIC, len(header), 0 if view is None else view.nbytes + 1)
         parts = [prefix, header] if view is None else [prefix, header, view]
         if self._pending:
-            self._pending += b"".join(parts)
+            self._pending.append(b"".join(parts))
             return True
         try:
             sent = self._sock.sendmsg(parts)
@@ -247,27 +252,42 @@ class Writer:
             self.close()
             return False
         if sent < len(prefix) + len(header) + (0 if view is None else view.nbytes):
-            self._pending += b"".join(parts)[sent:]
+            self._pending.append(b"".join(parts))
+            self._written = sent
             self._loop.add_writer(self._sock.fileno(), self._flush)
         return True
 
     def _flush(self) -> None:
-        try:
-            sent = self._sock.send(self._pending)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            log.warning("direct link to %s failed with %d bytes unsent: %s", self.address,
-                        len(self._pending), exc)
-            self.close()
-            return
-        del self._pending[:sent]
-        if not self._pending:
-            self._loop.remove_writer(self._sock.fileno())
+        while self._pending:
+            frame = self._pending[0]
+            try:
+                self._written += self._sock.send(memoryview(frame)[self._written:])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("direct link to %s failed with %d frames unsent: %s; ZeroMQ "
+                            "carries them", self.address, len(self._pending), exc)
+                return self.close()
+            if self._written < len(frame):
+                return
+            self._pending.popleft()
+            self._written = 0
+        self._loop.remove_writer(self._sock.fileno())
+
+    def _hand_back(self) -> None:
+        """Give every frame the socket has not taken whole to `resend`."""
+        while self._pending:
+            frame = memoryview(self._pending.popleft())
+            _, header_len, payload_len = PREFIX.unpack_from(frame)
+            body = PREFIX.size + header_len
+            self._resend(bytes(frame[PREFIX.size:body]),
+                         bytes(frame[body:]) if payload_len else None)
+        self._written = 0
 
     def close(self, linger: float = 0.0) -> None:
-        """Close the link; bytes still kept are first written, waiting up to `linger`
-        seconds (the event loop waits too: this is for when the ring closes)."""
+        """Close the link; frames still kept are first written, waiting up to `linger`
+        seconds (the event loop waits too: this is for when the ring closes), and what is
+        left then goes to `resend`."""
         if self._closed:
             return
         self._closed = True
@@ -276,8 +296,12 @@ class Writer:
         if self._pending and linger > 0:
             try:
                 self._sock.settimeout(linger)
-                self._sock.sendall(self._pending)
+                while self._pending:
+                    self._sock.sendall(memoryview(self._pending[0])[self._written:])
+                    self._pending.popleft()
+                    self._written = 0
             except OSError as exc:
-                log.warning("direct link to %s closed with %d bytes unsent: %s",
-                            self.address, len(self._pending), exc)
+                log.warning("direct link to %s closed with %d frames unsent: %s; ZeroMQ "
+                            "carries them", self.address, len(self._pending), exc)
         self._sock.close()
+        self._hand_back()

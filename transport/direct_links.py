@@ -3,6 +3,7 @@ writers of its own to theirs, opened when a peer offers one (a LINK message)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Collection
 
@@ -21,8 +22,10 @@ class DirectLinks:
     are plain sockets: what may travel on them is the endpoint's to say."""
 
     def __init__(self, roster: Roster, deliver: Callable[[bytes, Any], None],
-                 drop: Callable[[str], None]) -> None:
+                 drop: Callable[[str], None],
+                 resend: Callable[[int, bytes, bytes | None], None]) -> None:
         self._roster, self._deliver, self._drop = roster, deliver, drop
+        self._resend = resend
         self._listener: direct.Listener | None = None
         self._writers: dict[int, direct.Writer] = {}
         self._closed = False
@@ -61,7 +64,7 @@ class DirectLinks:
         if rank == self._roster.rank or rank in self._writers or self._closed:
             return
         try:
-            self._writers[rank] = direct.Writer(address)
+            self._writers[rank] = direct.Writer(address, functools.partial(self._resend, rank))
         except OSError as exc:
             log.info("rank %d: no direct link to rank %d at %s (%s)", self._roster.rank, rank,
                      address, exc)

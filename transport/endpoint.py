@@ -65,7 +65,7 @@ class Endpoint:
         self.inbox = Inbox(self._warnings.warning)
         self.zmq = ZmqLinks(self.roster, keys, self._file, self.inbox.close)
         self._plain = keys is None  # whether payloads may travel on plain links
-        self.direct = DirectLinks(self.roster, self._deliver_direct, self._drop)
+        self.direct = DirectLinks(self.roster, self._deliver_direct, self._drop, self._resend)
         self.shared = SharedLinks(self.roster, self.notify, self._deliver_packed, self._drop)
         self.liveness = Liveness(self.roster, self.notify, self.inbox.fail, self._forget,
                                  self._file_all, self._waits_on)
@@ -246,6 +246,15 @@ class Endpoint:
             self._ring_doorbell(to)
         return (tracker,)
 
+    def _resend(self, to: int, header: bytes, payload: bytes | None) -> None:
+        """Send over ZeroMQ a frame that a failed direct link to `to` did not carry whole,
+        unless `to` is gone."""
+        if to in self.liveness.lost:
+            return
+        if not self.zmq.send_now(to, [header] if payload is None else [header, payload]):
+            log.warning("%s lost a message to %s: its direct link failed and ZeroMQ's "
+                        "queue to it is full", self.roster.me, self.roster.name(to))
+
     def _ring_doorbell(self, to: int) -> None:
         """Wake rank `to` to read its shared-memory link: over the direct link if one is up."""
         if not self.direct.send(to, self._doorbell, None):
@@ -368,6 +377,11 @@ class Endpoint:
     def _drop(self, why: str, payload: Any = None) -> None:
         discard(payload)
         self._warnings.warning("%s dropped a message: %s", self.roster.me, why)
+
+    @property
+    def plain(self) -> bool:
+        """Whether payloads may travel on plain sockets (the ring has no keys)."""
+        return self._plain
 
     def _said_bye(self, message: Message) -> None:
         """BYE: the sender closed its ring and reads nothing more, so what this rank lent

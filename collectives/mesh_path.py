@@ -1,0 +1,229 @@
+"""The mesh path: small all-reduces and barriers of a ring without a shared arena (ranks on
+several hosts, or shared memory off) run over the mesh (transport/mesh.py) by the thread
+that calls them, with no message through ZeroMQ, no Channel and no hop between threads.
+
+Every rank writes its buffer to every peer, waits for theirs, and reduces the ranks'
+buffers in rank order, so every rank gets bit-identical results. A MeshPath numbers its
+collectives with the ring's Sessions, in call order with the collectives that take
+messages, and runs its own one at a time in that order.
+
+Off the event loop's thread (a blocking ring's caller) a collective waits in poll(2) on
+the mesh's sockets, in slices between which it checks what ends a wait early: a lost
+peer, another rank's word that the ranks called different collectives, the deadline, or
+a Ctrl-C. On the loop it waits with add_reader, and the loop goes on meanwhile. Frames
+carry a hash of the collective's signature, so ranks that call different collectives
+raise MismatchError on every rank; a rank that ran it with messages instead (its
+settings differ) is found by its WAITING questions, through Sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from ringlib.dtypes import DType
+from ringlib.errors import CollectiveTimeout, MismatchError
+from ringlib.ops import Op
+from ringlib.transport import Endpoint
+from ringlib.transport.mesh import Link, Mesh, wait_here, wait_on_loop
+
+from .compiled import signature_hash
+from .ring_reduce_scatter import Reducer
+from .session import THREADS, Sessions
+
+SLICE_S = 0.01  # how long a wait sleeps at most before it looks at what may end it
+
+
+class MeshPrepared(NamedTuple):
+    """What every call of one signature shares."""
+
+    sig: str
+    name: str                  # the collective, for errors
+    sig_hash: int
+    storage: np.dtype          # the type the buffer is seen as
+    reducers: tuple[Reducer, Reducer] | None  # (partial, final); None: a barrier
+
+
+class MeshPath:
+    """The mesh collectives of one ring."""
+
+    def __init__(self, mesh: Mesh, sessions: Sessions, endpoint: Endpoint) -> None:
+        self.mesh, self._sessions, self._endpoint = mesh, sessions, endpoint
+        self._tail: MeshPending | None = None  # the last one started, while it runs
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+
+    @property
+    def idle(self) -> bool:
+        """Whether none of this path's collectives is running."""
+        return self._tail is None or self._tail.done
+
+    def prepare(self, sig: str, dtype: DType | None, reducers: tuple[Reducer, Reducer] | None
+                ) -> MeshPrepared:
+        storage = np.dtype(np.uint8) if dtype is None else dtype.storage
+        return MeshPrepared(sig, sig.split()[0], signature_hash(sig), storage, reducers)
+
+    def start(self, prepared: MeshPrepared, buf: np.ndarray, timeout: float,
+              then: Callable[[], Any]) -> MeshPending:
+        """Number the collective now and send this rank's buffer. Off the loop's thread,
+        run it to its end here; on the loop, as far as it goes without waiting (finish()
+        does the rest), or, while an earlier one runs, not at all yet."""
+        failure = self._endpoint.inbox.failure
+        if failure is not None:  # a peer was lost: every later collective raises it
+            raise failure
+        seq = self._sessions.take(prepared.sig)
+        before = self._tail
+        pending = self._tail = MeshPending(self, prepared, buf, seq, timeout, then)
+        if before is not None and not before.done:
+            pending.before = before
+            return pending
+        if threading.get_ident() == self._loop_thread:
+            pending.begin()
+            pending.progress()
+        else:
+            pending.run_here()
+        return pending
+
+    def later(self, callback: Callable[..., Any], *args: Any) -> None:
+        self._loop.call_soon_threadsafe(callback, *args)
+
+    def close(self) -> None:
+        self.mesh.close()
+
+
+class MeshPending:
+    """One mesh collective on this rank, from its start until it is done."""
+
+    def __init__(self, path: MeshPath, prepared: MeshPrepared, buf: np.ndarray, seq: int,
+                 timeout: float, then: Callable[[], Any]) -> None:
+        self._path, self._prepared, self._buf = path, prepared, buf
+        self.seq, self._then = seq, then
+        self._deadline = time.monotonic() + timeout
+        self._timeout = timeout
+        self._got: dict[int, bytes] = {}
+        self.before: MeshPending | None = None  # the one that must finish first
+        self.done = False
+        self._finished: asyncio.Future | None = None  # for the one after, if it waits
+
+    def value(self) -> Any:
+        return self._then()
+
+    def begin(self) -> None:
+        """Send this rank's buffer to every peer."""
+        payload = memoryview(self._buf).cast("B")
+        for link in self._path.mesh.links.values():
+            link.send(self.seq, self._prepared.sig_hash, payload)
+
+    def progress(self) -> bool:
+        """Write and read what the sockets take and hold now; whether it is done."""
+        try:
+            for peer, link in self._path.mesh.links.items():
+                link.flush()
+                if peer not in self._got:
+                    frame = link.take(self.seq)
+                    if frame is not None:
+                        self._file(peer, *frame)
+            if len(self._got) < len(self._path.mesh.links) or \
+                    any(link.unsent for link in self._path.mesh.links.values()):
+                return False
+            self._reduce()
+        except BaseException:
+            self._settle(failed=True)
+            raise
+        self._settle()
+        return True
+
+    def run_here(self) -> None:
+        """Run the whole collective on this (the caller's) thread."""
+        try:
+            self.begin()
+            while not self.progress():
+                self._check()
+                wait_here(self._waits(), SLICE_S)
+        except BaseException:
+            self._settle(failed=True)
+            raise
+
+    async def finish(self) -> Any:
+        """Run the rest of the collective on the event loop; return its result."""
+        loop = asyncio.get_running_loop()
+        try:
+            if self.before is not None:
+                await self.before.settled()
+                self.before = None
+                self._check()
+                self.begin()
+            while not self.progress():
+                self._check()
+                await wait_on_loop(loop, self._waits(), SLICE_S)
+        except BaseException:
+            self._settle(failed=True)
+            raise
+        return self.value()
+
+    async def settled(self) -> None:
+        """Return once this collective is over, done or failed."""
+        if not self.done:
+            if self._finished is None:
+                self._finished = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._finished)
+
+    def _waits(self) -> list[tuple[Link, bool, bool]]:
+        """(link, to read, to write) of every link this collective waits on."""
+        links = self._path.mesh.links
+        return [(link, peer not in self._got, link.unsent) for peer, link in links.items()
+                if link.unsent or peer not in self._got]
+
+    def _file(self, peer: int, sig_hash: int, payload: bytes) -> None:
+        prepared = self._prepared
+        if sig_hash != prepared.sig_hash:
+            roster = self._path._endpoint.roster
+            raise MismatchError(
+                f"{prepared.name} #{self.seq}: {roster.name(peer)} called another collective "
+                f"(its signature hash differs) where {roster.me} called '{prepared.sig}'; every "
+                "rank must pass the same shape, dtype, op and root" +
+                (THREADS if "thread=" in prepared.sig else ""))
+        self._got[peer] = payload
+
+    def _reduce(self) -> None:
+        """Reduce the ranks' buffers in rank order into this rank's."""
+        if self._prepared.reducers is None:
+            return
+        partial, final = self._prepared.reducers
+        me, buf = self._path._endpoint.rank, self._buf
+        parts = [buf if r == me else np.frombuffer(self._got[r], buf.dtype)
+                 for r in range(len(self._got) + 1)]
+        acc = parts[0].copy()
+        for part in parts[1:-1]:
+            partial(acc, part)
+        final(acc, parts[-1])
+        buf[:] = acc
+
+    def _settle(self, failed: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        if failed:
+            self._path.later(self._path._sessions.failed, self.seq)
+        if self._finished is not None and not self._finished.done():
+            self._path.later(lambda: self._finished.done() or self._finished.set_result(None))
+
+    def _check(self) -> None:
+        """Raise what ends the wait: a lost peer, another rank's word that the ranks called
+        different collectives, or the deadline."""
+        endpoint = self._path._endpoint
+        if endpoint.inbox.failure is not None:
+            raise endpoint.inbox.failure
+        notice = self._path._sessions.fate(self.seq)
+        if notice is not None:
+            raise notice
+        if time.monotonic() > self._deadline:
+            missing = [r for r in self._path.mesh.links if r not in self._got]
+            waited = endpoint.roster.name(missing[0]) if missing else "its peers to take its frame"
+            raise CollectiveTimeout(f"{self._prepared.name} #{self.seq} on {endpoint.roster.me} "
+                                    f"timed out after {self._timeout:g} s waiting for {waited} "
+                                    "on the mesh")
