@@ -26,14 +26,13 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from ringlib.dtypes import DType
-from ringlib.errors import CollectiveTimeout, MismatchError
-from ringlib.ops import Op
+from ringlib.errors import CollectiveTimeout, MismatchError, ProtocolError, RingClosed
 from ringlib.transport import Endpoint
-from ringlib.transport.mesh import Link, Mesh, wait_here, wait_on_loop
+from ringlib.transport.mesh import Link, LinkBroken, Mesh, wait_here, wait_on_loop
 
 from .compiled import signature_hash
 from .ring_reduce_scatter import Reducer
-from .session import THREADS, Sessions
+from .session import THREADS, Sessions, tell_everyone
 
 SLICE_S = 0.01  # how long a wait sleeps at most before it looks at what may end it
 
@@ -52,7 +51,8 @@ class MeshPath:
     """The mesh collectives of one ring."""
 
     def __init__(self, mesh: Mesh, sessions: Sessions, endpoint: Endpoint) -> None:
-        self.mesh, self._sessions, self._endpoint = mesh, sessions, endpoint
+        self.mesh, self.sessions, self.endpoint = mesh, sessions, endpoint
+        self.closed = False
         self._tail: MeshPending | None = None  # the last one started, while it runs
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
@@ -64,6 +64,8 @@ class MeshPath:
 
     def prepare(self, sig: str, dtype: DType | None, reducers: tuple[Reducer, Reducer] | None
                 ) -> MeshPrepared:
+        """The MeshPrepared of `sig` over buffers of `dtype`, reduced with `reducers`
+        ((partial, final): collectives.step_reducers); None and None: a barrier."""
         storage = np.dtype(np.uint8) if dtype is None else dtype.storage
         return MeshPrepared(sig, sig.split()[0], signature_hash(sig), storage, reducers)
 
@@ -72,10 +74,10 @@ class MeshPath:
         """Number the collective now and send this rank's buffer. Off the loop's thread,
         run it to its end here; on the loop, as far as it goes without waiting (finish()
         does the rest), or, while an earlier one runs, not at all yet."""
-        failure = self._endpoint.inbox.failure
+        failure = self.endpoint.inbox.failure
         if failure is not None:  # a peer was lost: every later collective raises it
             raise failure
-        seq = self._sessions.take(prepared.sig)
+        seq = self.sessions.take(prepared.sig)
         before = self._tail
         pending = self._tail = MeshPending(self, prepared, buf, seq, timeout, then)
         if before is not None and not before.done:
@@ -89,10 +91,16 @@ class MeshPath:
         return pending
 
     def later(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run `callback(*args)` on the ring's event loop, which owns the transport and
+        Sessions' bookkeeping."""
         self._loop.call_soon_threadsafe(callback, *args)
 
     def close(self) -> None:
-        self.mesh.close()
+        """Close the mesh: now, or once the collective that runs on it has raised
+        RingClosed, so that no wait is left on a closed socket."""
+        self.closed = True
+        if self.idle:
+            self.mesh.close()
 
 
 class MeshPending:
@@ -115,12 +123,18 @@ class MeshPending:
     def begin(self) -> None:
         """Send this rank's buffer to every peer."""
         payload = memoryview(self._buf).cast("B")
-        for link in self._path.mesh.links.values():
-            link.send(self.seq, self._prepared.sig_hash, payload)
+        try:
+            for link in self._path.mesh.links.values():
+                link.send(self.seq, self._prepared.sig_hash, payload)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
 
     def progress(self) -> bool:
         """Write and read what the sockets take and hold now; whether it is done."""
         try:
+            if self._path.closed:
+                raise RingClosed(f"{self._prepared.name} #{self.seq}: the ring was closed")
             for peer, link in self._path.mesh.links.items():
                 link.flush()
                 if peer not in self._got:
@@ -131,10 +145,11 @@ class MeshPending:
                     any(link.unsent for link in self._path.mesh.links.values()):
                 return False
             self._reduce()
-        except BaseException:
-            self._settle(failed=True)
+        except BaseException as exc:
+            self._fail(exc)
             raise
         self._settle()
+        self._path.sessions.raise_late_mismatch(self.seq)
         return True
 
     def run_here(self) -> None:
@@ -144,8 +159,8 @@ class MeshPending:
             while not self.progress():
                 self._check()
                 wait_here(self._waits(), SLICE_S)
-        except BaseException:
-            self._settle(failed=True)
+        except BaseException as exc:
+            self._fail(exc)
             raise
 
     async def finish(self) -> Any:
@@ -160,8 +175,8 @@ class MeshPending:
             while not self.progress():
                 self._check()
                 await wait_on_loop(loop, self._waits(), SLICE_S)
-        except BaseException:
-            self._settle(failed=True)
+        except BaseException as exc:
+            self._fail(exc)
             raise
         return self.value()
 
@@ -179,14 +194,21 @@ class MeshPending:
                 if link.unsent or peer not in self._got]
 
     def _file(self, peer: int, sig_hash: int, payload: bytes) -> None:
-        prepared = self._prepared
+        """Keep `peer`'s frame, or raise MismatchError (every rank told, as one whose
+        frame is not all out yet leaves its peers waiting) where it called another
+        collective."""
+        prepared, roster = self._prepared, self._path.endpoint.roster
         if sig_hash != prepared.sig_hash:
-            roster = self._path._endpoint.roster
-            raise MismatchError(
+            exc = MismatchError(
                 f"{prepared.name} #{self.seq}: {roster.name(peer)} called another collective "
                 f"(its signature hash differs) where {roster.me} called '{prepared.sig}'; every "
                 "rank must pass the same shape, dtype, op and root" +
                 (THREADS if "thread=" in prepared.sig else ""))
+            self._path.later(tell_everyone, self._path.endpoint, self.seq, str(exc))
+            raise exc
+        if len(payload) != self._buf.nbytes:
+            raise ProtocolError(f"{prepared.name} #{self.seq} on {roster.me}: {roster.name(peer)} "
+                                f"sent {len(payload)} bytes where {self._buf.nbytes} were expected")
         self._got[peer] = payload
 
     def _reduce(self) -> None:
@@ -194,7 +216,7 @@ class MeshPending:
         if self._prepared.reducers is None:
             return
         partial, final = self._prepared.reducers
-        me, buf = self._path._endpoint.rank, self._buf
+        me, buf = self._path.endpoint.rank, self._buf
         parts = [buf if r == me else np.frombuffer(self._got[r], buf.dtype)
                  for r in range(len(self._got) + 1)]
         acc = parts[0].copy()
@@ -203,22 +225,33 @@ class MeshPending:
         final(acc, parts[-1])
         buf[:] = acc
 
+    def _fail(self, exc: BaseException) -> None:
+        """The collective failed with `exc`. A mesh link that broke loses its peer to the
+        whole ring, every rank told, as a silent one would be: later collectives, on
+        whatever path, raise PeerLost too."""
+        self._settle(failed=True)
+        if isinstance(exc, LinkBroken):
+            self._path.later(self._path.endpoint.lose, exc.rank,
+                             f"is cut off: its mesh link broke: {exc.why}")
+
     def _settle(self, failed: bool = False) -> None:
         if self.done:
             return
         self.done = True
+        if self._path.closed:
+            self._path.later(self._path.mesh.close)
         if failed:
-            self._path.later(self._path._sessions.failed, self.seq)
+            self._path.later(self._path.sessions.failed, self.seq)
         if self._finished is not None and not self._finished.done():
             self._path.later(lambda: self._finished.done() or self._finished.set_result(None))
 
     def _check(self) -> None:
         """Raise what ends the wait: a lost peer, another rank's word that the ranks called
         different collectives, or the deadline."""
-        endpoint = self._path._endpoint
+        endpoint = self._path.endpoint
         if endpoint.inbox.failure is not None:
             raise endpoint.inbox.failure
-        notice = self._path._sessions.fate(self.seq)
+        notice = self._path.sessions.fate(self.seq)
         if notice is not None:
             raise notice
         if time.monotonic() > self._deadline:

@@ -2,12 +2,14 @@
 or agree not to.
 
 Right after start-up (and after reform), where meet() made no arena, every rank of a ring
-of two or more calls meet_mesh(). It runs two small collectives on the message path, in
-which every rank takes part whatever its own settings: an all-gather of the port each
-rank listens at for the mesh (0: it takes none: the mesh is off there, the ring has keys,
-more than MESH_RANKS ranks, or a peer that is not on tcp); then, once each rank has
-connected to every lower rank and been greeted by every higher one, a minimum over the
-ranks says whether all did. Only then does any rank run collectives over it.
+of two to MESH_RANKS ranks, all on tcp and without keys, calls meet_mesh(), unless its
+mesh_bytes is 0 (which, like every setting that picks an algorithm, must be alike on every
+rank: a rank that differs meets the others' meeting with its own first collective, and
+both raise MismatchError). It runs two small collectives on the message path: an
+all-gather of the port each rank listens at for the mesh (0: it could not listen); then,
+once each rank has connected to every lower rank and been greeted by every higher one, a
+minimum over the ranks says whether all did. Only then does any rank run collectives
+over it.
 """
 
 from __future__ import annotations
@@ -37,15 +39,20 @@ MEET_S = 10.0     # how long the connections may take
 
 async def meet_mesh(ring: Ring, settings: Settings) -> Mesh | None:
     """The mesh every rank of `ring` holds, or None (on every rank alike)."""
-    listener = _listen(ring, settings)
+    if settings.mesh_bytes == 0 or ring.world_size > MESH_RANKS or not ring.endpoint.plain or \
+            not all(p.startswith("tcp://") for p in ring.peers):
+        return None
+    listener = _listen(ring)
     links: dict[int, Link] = {}
     try:
         port = 0 if listener is None else listener.getsockname()[1]
-        ports = await ring.all_gather(np.array([port], np.int64))
+        # the meeting's own collectives wait for the connections, whatever the timeout
+        timeout = MEET_S + settings.collective_timeout
+        ports = await ring.all_gather(np.array([port], np.int64), timeout=timeout)
         if listener is not None and ports.all():
             links = await _connect_all(ring, listener, [int(p) for p in ports[:, 0]])
         held = np.array([len(links) == ring.world_size - 1], np.int64)
-        await ring.all_reduce(held, "min")
+        await ring.all_reduce(held, "min", timeout=timeout)
     except BaseException:
         _close(links)
         raise
@@ -58,13 +65,9 @@ async def meet_mesh(ring: Ring, settings: Settings) -> Mesh | None:
     return Mesh(links)
 
 
-def _listen(ring: Ring, settings: Settings) -> socket.socket | None:
-    """A listening socket beside this rank's address, where this rank may take a mesh."""
-    endpoint = ring.endpoint
-    if settings.mesh_bytes == 0 or ring.world_size > MESH_RANKS or not endpoint.plain or \
-            not all(p.startswith("tcp://") for p in ring.peers):
-        return None
-    host, _ = addresses.split_host_port(addresses.bind_address(endpoint.address), bind=True)
+def _listen(ring: Ring) -> socket.socket | None:
+    """A listening socket beside this rank's address, or None where it cannot have one."""
+    host, _ = addresses.split_host_port(addresses.bind_address(ring.address), bind=True)
     try:
         listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host
                                         else socket.AF_INET, backlog=MESH_RANKS)
@@ -88,21 +91,29 @@ async def _connect_all(ring: Ring, listener: socket.socket, ports: list[int]) ->
                 links[peer] = Link(sock, peer, ring.peers[peer])
                 await loop.sock_sendall(sock, mesh.hello(ring.rank, roster.token))
             while len(links) < ring.world_size - 1:
-                sock, _ = await loop.sock_accept(listener)
+                sock, where = await loop.sock_accept(listener)
                 try:
                     peer = mesh.greeted_by(await mesh.receive_exactly(loop, sock, mesh.HELLO.size),
                                            roster.tokens)
+                    if not ring.rank < peer < ring.world_size or peer in links:
+                        raise ProtocolError(f"rank {peer} greeted rank {ring.rank}'s mesh out "
+                                            "of turn")
+                except ProtocolError as exc:  # a stranger: the peers may still come
+                    log.warning("rank %d (%s) refused a mesh connection from %s: %s", ring.rank,
+                                ring.address, where, exc)
+                    sock.close()
+                    continue
                 except BaseException:
                     sock.close()
                     raise
-                if peer <= ring.rank or peer in links:
-                    sock.close()
-                    raise ProtocolError(f"rank {peer} greeted rank {ring.rank}'s mesh out of turn")
                 links[peer] = Link(sock, peer, ring.peers[peer])
     except (OSError, ProtocolError, TimeoutError) as exc:
         log.info("rank %d (%s) holds no mesh: %s", ring.rank, ring.address, exc)
         _close(links)
         return {}
+    except BaseException:
+        _close(links)
+        raise
     return links
 
 

@@ -533,9 +533,9 @@ class Ring:
         if self._closed:
             return
         self._closed = True
-        self._drop_fast_paths()
-        if self._endpoint is not None:
+        if self._endpoint is not None:  # BYE first: the peers take the mesh's EOF for a close
             await self._endpoint.close()
+        self._drop_fast_paths()
         self._executor.shutdown(wait=False)
 
     def _drop_fast_paths(self) -> None:
@@ -609,8 +609,8 @@ def connect(rank: int | None = None, world_size: int | None = None,
         agent's (store_book.py).
     settings: any of the ring's tunables, the fields of Settings (collective_timeout,
         segment_bytes, small_bytes, spin_us, direct_bytes, heartbeat_s, peer_timeout,
-        curve_key, shm_bytes, compiled_bytes, ifname), each defaulting to its `RINGLIB_*`
-        variable; see Settings.
+        curve_key, shm_bytes, compiled_bytes, mesh_bytes, hierarchical, ifname), each
+        defaulting to its `RINGLIB_*` variable; see Settings.
     """
     timeout = connect_timeout(timeout)
     tunables = Settings(**settings)

@@ -17,6 +17,9 @@ cut: 3 ranks over tcp alone run all-reduces small enough for the direct links; a
     few, every rank kills the connections its direct-link listener accepted (ss -K), while
     the others may be sending on them. Each checks every result against float64 and prints
     how many links it cut, then "done".
+meshcut: 3 ranks over tcp alone, shared memory off, so small all-reduces take the mesh;
+    after a few, rank 0 kills its mesh connection to rank 1 (ss -K). Every rank prints
+    what its next all-reduces raised, and when.
 startup: rank VICTIM binds its address, as a rank starting up does, and is SIGKILLed
     before it says a word; the others print what connect() raised, and when.
 """
@@ -149,6 +152,31 @@ async def cut(seed: int) -> None:
         print("done", flush=True)
 
 
+async def meshcut(seed: int) -> None:
+    async with ringlib.connect() as ring:
+        assert ring.plan("all_reduce", 8).algorithm == "mesh"
+        x = np.ones(2, np.float32)
+        for _ in range(20):
+            await ring.all_reduce(x)
+        if ring.rank == 0:
+            port = ring._mesh.mesh.links[1].sock.getsockname()[1]
+            subprocess.run(["ss", "-K", "sport", "=", f":{port}"], check=True,
+                           capture_output=True)
+        start = time.monotonic()
+        try:
+            for _ in range(100):
+                await ring.all_reduce(x)
+                await asyncio.sleep(0.01)
+        except ringlib.PeerLost as exc:
+            print(f"lost {exc.rank} after {time.monotonic() - start:.2f} s: {exc}", flush=True)
+        else:
+            sys.exit("the cut link was never noticed")
+        try:
+            await ring.all_reduce(np.ones(100_000, np.float32))  # messages: the ring is broken
+        except ringlib.PeerLost:
+            print("then PeerLost on messages too", flush=True)
+
+
 def startup(seed: int) -> None:
     rank = int(os.environ["RINGLIB_RANK"])
     if rank == VICTIM:
@@ -174,4 +202,5 @@ if __name__ == "__main__":
     elif scenario == "startup":
         startup(seed)
     else:
-        asyncio.run({"stall": stall, "busy": busy, "across": across, "cut": cut}[scenario](seed))
+        asyncio.run({"stall": stall, "busy": busy, "across": across, "cut": cut,
+                     "meshcut": meshcut}[scenario](seed))

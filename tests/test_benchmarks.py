@@ -100,9 +100,9 @@ def test_every_collective_is_checked_and_timed_beside_gloo(tmp_path, collective,
 
 
 @pytest.mark.timeout(100)
-def test_with_the_compiled_path_off_the_message_algorithms_run_on_one_api(tmp_path):
+def test_with_the_compiled_path_and_the_mesh_off_the_message_algorithms_run_on_one_api(tmp_path):
     run = bench(tmp_path, "allreduce", "--sizes", "8B,1MiB", "--iters", "2", "--api", "async",
-                "--no-memory", env={"RINGLIB_COMPILED_BYTES": "0"})
+                "--no-memory", env={"RINGLIB_COMPILED_BYTES": "0", "RINGLIB_MESH_BYTES": "0"})
     assert re.search(row("8 B", 2, 2, "doubling"), run.stdout, re.M), run.stdout
     # Two ranks of one host that may read each other's memory take the pairwise all-reduce
     # (transport/single_copy.py), others the ring.

@@ -22,12 +22,14 @@ def report(finished: list[Finished]) -> str:
                      for f in finished)
 
 
-@pytest.mark.parametrize("transport, env", [("tcp", {}), ("ipc", FAST)],
-                         ids=["tcp-default-timeout", "ipc-1.5s-timeout"])
+@pytest.mark.parametrize("transport, env", [("tcp", {}), ("ipc", FAST),
+                                            ("tcp", {**FAST, "RINGLIB_SHM_BYTES": "0"})],
+                         ids=["tcp-default-timeout", "ipc-1.5s-timeout", "mesh-1.5s-timeout"])
 def test_survivors_of_a_kill_re_form_and_keep_identical_parameters(transport, env, seed):
     """4 ranks train; rank 2 is SIGKILLed at step 15 (over tcp with the default peer timeout,
     5 s); the 3 survivors raise PeerLost within 10 s, re-form, and end with equal
-    parameters. Over ipc the survivors also remove the killed rank's socket files."""
+    parameters. Over ipc the survivors also remove the killed rank's socket files; with
+    shared memory off the small collectives take the mesh, which the survivors make anew."""
     finished = run_ring("train", 4, transport, seed, extra_env=env, peer=FAULT_PEER,
                         expendable=frozenset({2}), timeout=90)
     log = report(finished)
@@ -82,13 +84,29 @@ def test_direct_links_cut_under_traffic_fall_back_to_zeromq_and_lose_nothing(see
     """Every rank kills the direct links its peers opened to it, mid-run: the senders
     notice, ZeroMQ carries from then on, and every all-reduce before and after comes out
     right on every rank, with no message dropped or taken twice."""
-    messages = {"RINGLIB_SHM_BYTES": "0", "RINGLIB_COMPILED_BYTES": "0"}
+    messages = {"RINGLIB_SHM_BYTES": "0", "RINGLIB_MESH_BYTES": "0"}
     finished = run_ring("cut", 3, "tcp", seed, extra_env=messages, peer=FAULT_PEER,
                         timeout=90)
     log = report(finished)
     assert all(f.returncode == 0 and f.stdout.endswith("done\n") for f in finished), log
     assert all(re.search(r"^cut 2$", f.stdout, re.M) for f in finished), log
     assert log.count("ZeroMQ carries") >= 3 and "duplicate" not in log, log  # a link each
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs iproute2's ss to cut links")
+def test_a_cut_mesh_link_is_a_lost_peer_on_every_rank(seed):
+    """Small all-reduces between hosts take the mesh, which has no fallback: rank 0 kills
+    its connection to rank 1, and every rank's next all-reduces raise PeerLost in bounded
+    time, the mesh's and the messages' alike."""
+    finished = run_ring("meshcut", 3, "tcp", seed, extra_env={**FAST, "RINGLIB_SHM_BYTES": "0"},
+                        peer=FAULT_PEER, timeout=60)
+    log = report(finished)
+    assert all(f.returncode == 0 for f in finished), log
+    for f in finished:
+        found = re.search(r"lost (\d) after (\S+) s: (.*)", f.stdout)
+        assert found and float(found.group(2)) < 1.5 + 1.0, log
+        assert "then PeerLost on messages too" in f.stdout, log
+    assert "its mesh link broke: [Errno" in finished[0].stdout, log
 
 
 def test_a_rank_whose_event_loop_is_busy_is_not_taken_for_lost(seed):

@@ -36,7 +36,8 @@ def data(seq: int, nbytes: int) -> bytes:
 async def hand_played_rank_1() -> AsyncIterator[tuple[list[str], zmq.asyncio.Socket]]:
     """Addresses for a 2-rank ring, and a socket that plays rank 1 to rank 0: it has
     greeted rank 0 and said it offers no shared memory (the ring offers none either:
-    shm_bytes=0). Rank 1's own address is bound, so nothing rank 0 sends is refused."""
+    shm_bytes=0, and no mesh: mesh_bytes=0, as it could not meet one). Rank 1's own
+    address is bound, so nothing rank 0 sends is refused."""
     peers = local_addresses(2, "tcp", "")
     ctx = zmq.asyncio.Context()
     fake, inbox = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
@@ -59,7 +60,7 @@ async def test_garbage_and_payloads_unlike_their_header_are_dropped(caplog):
                [data(1, 16), bytes(4)], [data(1, 4), bytes(16)], [data(1, 16)]]
     async with hand_played_rank_1() as (peers, fake):
         async with ringlib.connect(0, 2, peers, timeout=10, peer_timeout=0,
-                                   shm_bytes=0) as ring:
+                                   shm_bytes=0, mesh_bytes=0) as ring:
             with caplog.at_level(logging.WARNING, logger="ringlib.transport"):
                 for parts in foreign:
                     await fake.send_multipart(parts)
@@ -77,7 +78,7 @@ async def test_a_flood_of_junk_is_logged_at_a_bounded_rate_with_counts(caplog):
     async with hand_played_rank_1() as (peers, fake):
         with caplog.at_level(logging.WARNING, logger="ringlib.transport"):
             async with ringlib.connect(0, 2, peers, timeout=10, peer_timeout=0,
-                                       shm_bytes=0) as ring:
+                                       shm_bytes=0, mesh_bytes=0) as ring:
                 for i in range(2000):
                     await fake.send(b"\x00junk %d" % i)
                 await fake.send_multipart([data(1, 16), np.full(4, 2.0, np.float32)])

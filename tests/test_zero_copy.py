@@ -44,7 +44,8 @@ def test_all_reduce_returns_only_after_its_shared_buffers_have_left(rng):
 
     def rank0() -> None:
         with ringlib.init(0, 2, peers, timeout=20, collective_timeout=30,
-                          segment_bytes=PIECE * 4, peer_timeout=0, shm_bytes=0) as ring:
+                          segment_bytes=PIECE * 4, peer_timeout=0, shm_bytes=0,
+                          mesh_bytes=0) as ring:
             ring.all_reduce(x0)
             result["sum"] = x0.copy()
             returned.set()

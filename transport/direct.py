@@ -169,23 +169,32 @@ class Reader:
             self._close_with(str(exc))
 
     def _frames(self) -> None:
+        """Hand on every whole frame the buffer holds, and forget it (junk raises
+        ProtocolError after the frames before it)."""
         buf, start = self._buffer, 0
-        with memoryview(buf) as view:  # slices of a view copy once, of a bytearray twice
-            while len(buf) - start >= PREFIX.size:
-                magic, header_len, payload_len = PREFIX.unpack_from(buf, start)
-                if magic != MAGIC or header_len > MAX_HEADER or payload_len > MAX_PAYLOAD + 1:
-                    raise ProtocolError("not a ringlib direct-link frame: "
-                                        f"{bytes(view[start:start + PREFIX.size])!r}")
-                body = start + PREFIX.size
-                end = body + header_len + max(payload_len - 1, 0)
-                if len(buf) < end:
-                    break
-                payload = zmq.Frame(bytes(view[body + header_len:end])) if payload_len else None
-                self._deliver(bytes(view[body:body + header_len]), payload)
-                start = end
-        del buf[:start]
+        try:
+            with memoryview(buf) as view:  # slices of a view copy once, of a bytearray twice
+                while len(buf) - start >= PREFIX.size:
+                    magic, header_len, payload_len = PREFIX.unpack_from(buf, start)
+                    if magic != MAGIC or header_len > MAX_HEADER or \
+                            payload_len > MAX_PAYLOAD + 1:
+                        raise ProtocolError("not a ringlib direct-link frame: "
+                                            f"{bytes(view[start:start + PREFIX.size])!r}")
+                    body = start + PREFIX.size
+                    end = body + header_len + max(payload_len - 1, 0)
+                    if len(buf) < end:
+                        break
+                    payload = zmq.Frame(bytes(view[body + header_len:end])) \
+                        if payload_len else None
+                    self._deliver(bytes(view[body:body + header_len]), payload)
+                    start = end
+        finally:
+            del buf[:start]
 
     def _close_with(self, why: str) -> None:
+        """Close the link: hand on every whole frame that came before, and drop the rest."""
+        with contextlib.suppress(ProtocolError):
+            self._frames()
         if not self._closed:
             if self._buffer:
                 self._drop(f"direct link closed with {len(self._buffer)} bytes of an "

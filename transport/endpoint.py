@@ -248,12 +248,13 @@ class Endpoint:
 
     def _resend(self, to: int, header: bytes, payload: bytes | None) -> None:
         """Send over ZeroMQ a frame that a failed direct link to `to` did not carry whole,
-        unless `to` is gone."""
+        unless `to` is gone; a peer whose queue is full too is lost (its message would
+        be)."""
         if to in self.liveness.lost:
             return
         if not self.zmq.send_now(to, [header] if payload is None else [header, payload]):
-            log.warning("%s lost a message to %s: its direct link failed and ZeroMQ's "
-                        "queue to it is full", self.roster.me, self.roster.name(to))
+            self.lose(to, "takes nothing: its direct link failed, and ZeroMQ's queue to it "
+                          "is full")
 
     def _ring_doorbell(self, to: int) -> None:
         """Wake rank `to` to read its shared-memory link: over the direct link if one is up."""

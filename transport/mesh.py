@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import select
 import socket
 import struct
@@ -31,6 +32,14 @@ MAGIC = 0x524C4D31               # "RLM1"
 READ_BYTES = 1 << 16
 
 
+class LinkBroken(PeerLost):
+    """The mesh link to a peer failed: `why`, as the socket said."""
+
+    def __init__(self, message: str, rank: int, address: str, why: str) -> None:
+        super().__init__(message, rank, address)
+        self.why = why
+
+
 class Link:
     """One rank's end of its connection with one peer."""
 
@@ -39,7 +48,7 @@ class Link:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock, self.peer, self.address = sock, peer, address
         self.fd = sock.fileno()
-        self._out = collections.deque()  # what the socket has not taken yet, in order
+        self._out: collections.deque[memoryview] = collections.deque()  # not taken yet
         self._in = bytearray()
         self._kept: dict[int, tuple[int, bytes]] = {}  # seq -> (hash, payload) come early
 
@@ -55,12 +64,13 @@ class Link:
                 raise self._broken(exc) from None
             if sent == FRAME.size + payload.nbytes:
                 return
-            self._out.append(b"".join(parts)[sent:])
+            self._out.append(memoryview(b"".join(parts))[sent:])
         else:
-            self._out.append(b"".join(parts))
+            self._out.append(memoryview(b"".join(parts)))
 
     @property
     def unsent(self) -> bool:
+        """Whether part of a frame waits to be written (flush())."""
         return bool(self._out)
 
     def flush(self) -> None:
@@ -73,7 +83,7 @@ class Link:
             except OSError as exc:
                 raise self._broken(exc) from None
             if sent < len(self._out[0]):
-                self._out[0] = self._out[0][sent:]
+                self._out[0] = self._out[0][sent:]  # a view: nothing is copied
                 return
             self._out.popleft()
 
@@ -81,6 +91,8 @@ class Link:
         """(hash, payload) of the peer's frame of collective `seq`, if it is here: what
         the socket holds is read first, without waiting. PeerLost once the link broke
         and all that came before is taken."""
+        if self._kept:  # frames of collectives before `seq` will never be asked for
+            self._kept = {s: frame for s, frame in self._kept.items() if s >= seq}
         found = self._kept.pop(seq, None) or self._parse(seq)
         if found is None:
             broken = self._read()
@@ -119,9 +131,9 @@ class Link:
             if len(chunk) < READ_BYTES:
                 return None
 
-    def _broken(self, why: Any) -> PeerLost:
-        return PeerLost(f"the mesh link to rank {self.peer} ({self.address}) broke: {why}",
-                        self.peer, self.address)
+    def _broken(self, why: Any) -> LinkBroken:
+        return LinkBroken(f"rank {self.peer} ({self.address}): its mesh link broke: {why}",
+                          self.peer, self.address, str(why))
 
     def close(self) -> None:
         self.sock.close()
@@ -134,6 +146,7 @@ class Mesh:
         self.links = links
 
     def close(self) -> None:
+        """Close every link (once no collective waits on them: MeshPath.close)."""
         for link in self.links.values():
             link.close()
 
@@ -173,18 +186,21 @@ async def wait_on_loop(loop: asyncio.AbstractEventLoop, waits: Waits, seconds: f
 
 
 def hello(rank: int, token: str) -> bytes:
+    """The first bytes a rank writes on a mesh connection it opens: its rank and token."""
     return HELLO.pack(MAGIC, rank, token.encode())
 
 
 def greeted_by(data: bytes, tokens: dict[int, str]) -> int:
-    """The rank a connection's first bytes name, checked against its ring token."""
+    """The rank a connection's first bytes name, one of `tokens`' and with its token."""
     magic, rank, token = HELLO.unpack(data)
-    if magic != MAGIC or tokens.get(rank, "").encode() != token.rstrip(b"\0"):
+    if magic != MAGIC or rank not in tokens or \
+            not hmac.compare_digest(tokens[rank].encode(), token.rstrip(b"\0")):
         raise ProtocolError(f"a mesh connection greeted as rank {rank} without its token")
     return rank
 
 
 async def connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    """A TCP connection to host:port, made on the event loop."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -198,6 +214,7 @@ async def connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> sock
 
 async def receive_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket,
                           nbytes: int) -> bytes:
+    """The first `nbytes` a connection brings, read on the event loop."""
     data = bytearray()
     while len(data) < nbytes:
         chunk = await loop.sock_recv(sock, nbytes - len(data))
