@@ -69,11 +69,12 @@ class MeshPath:
         storage = np.dtype(np.uint8) if dtype is None else dtype.storage
         return MeshPrepared(sig, sig.split()[0], signature_hash(sig), storage, reducers)
 
-    def start(self, prepared: MeshPrepared, buf: np.ndarray, timeout: float,
+    def start(self, prepared: MeshPrepared, buf: np.ndarray, timeout: float, spin_us: int,
               then: Callable[[], Any]) -> MeshPending:
         """Number the collective now and send this rank's buffer. Off the loop's thread,
-        run it to its end here; on the loop, as far as it goes without waiting (finish()
-        does the rest), or, while an earlier one runs, not at all yet."""
+        run it to its end here; on the loop, as far as it goes in `spin_us` (finish() does
+        the rest, so that a late peer does not hold the loop), or, while an earlier one
+        runs, not at all yet."""
         failure = self.endpoint.inbox.failure
         if failure is not None:  # a peer was lost: every later collective raises it
             raise failure
@@ -85,7 +86,7 @@ class MeshPath:
             return pending
         if threading.get_ident() == self._loop_thread:
             pending.begin()
-            pending.progress()
+            pending.spin(spin_us * 1e-6)
         else:
             pending.run_here()
         return pending
@@ -162,6 +163,13 @@ class MeshPending:
         except BaseException as exc:
             self._fail(exc)
             raise
+
+    def spin(self, budget: float) -> None:
+        """Go on for at most `budget` seconds, polling without sleeping (on the loop's
+        thread, as the message path's small receives do: finish() takes on from there)."""
+        end = time.perf_counter() + budget
+        while not self.progress() and time.perf_counter() < end:
+            pass
 
     async def finish(self) -> Any:
         """Run the rest of the collective on the event loop; return its result."""

@@ -345,7 +345,8 @@ class Ring:
         if timeout is not None:
             seconds("timeout", timeout)
         if isinstance(prepared, MeshPrepared):
-            return self._mesh.start(prepared, buf, self._deadline(timeout), then)
+            return self._mesh.start(prepared, buf, self._deadline(timeout),
+                                    self.settings.spin_us, then)
         return self._compiled.start(prepared, buf, self._deadline(timeout),
                                     self.settings.spin_us, then)
 
