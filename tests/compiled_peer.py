@@ -1,4 +1,4 @@
-"""One rank of a compiled-path or mesh test (test_compiled.py, test_mesh.py), placed by
+"""One rank of a compiled-path or mesh test (test_compiled.py), placed by
 RINGLIB_* variables. PATH_TAKEN names the path the small collectives take: "compiled" (the
 default) or "mesh" (shared memory off).
 

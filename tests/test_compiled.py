@@ -1,8 +1,10 @@
-"""The compiled path over the shared arena (collectives/compiled.py, ringlib/arena_kernels.py):
-mismatches, lost and stopped peers, waits that do not burn a core, compiled and message
-collectives in flight together, the blocking facade on its caller's thread, an
-oversubscribed host, and the arena segment itself. The op x dtype grid on both paths is
-test_ring_processes.py's."""
+"""The paths that run small collectives without messages: compiled over the shared arena
+(collectives/compiled.py, ringlib/arena_kernels.py) and, with shared memory off as between
+hosts, over the mesh (collectives/mesh_path.py). On each: mismatches, lost and stopped
+peers, waits that do not burn a core, such collectives and message ones in flight
+together, the blocking facade on its caller's thread, an oversubscribed host; and the
+arena segment itself. The op x dtype grid on every path is test_ring_processes.py's; the
+mesh's own parts are test_mesh.py's."""
 
 from __future__ import annotations
 
@@ -27,28 +29,40 @@ def report(finished) -> str:
                      for f in finished)
 
 
-def run(scenario: str, world: int, seed: int, env: dict[str, str] | None = None, **kwargs):
-    return run_ring(scenario, world, "tcp", seed, extra_env=env, peer=PEER, **kwargs)
+# Each path and what its peers are told: the mesh's needs shared memory off.
+PATHS = {"compiled": {}, "mesh": {"RINGLIB_SHM_BYTES": "0", "PATH_TAKEN": "mesh"}}
+on_each_path = pytest.mark.parametrize("path", list(PATHS))
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ranks_that_call_different_collectives_all_raise_and_carry_on(world, seed):
-    finished = run("mismatch", world, seed)
+def run(scenario: str, world: int, seed: int, env: dict[str, str] | None = None,
+        path: str = "compiled", **kwargs):
+    return run_ring(scenario, world, "tcp", seed, extra_env={**PATHS[path], **(env or {})},
+                    peer=PEER, **kwargs)
+
+
+@pytest.mark.parametrize("world, path", [(2, "compiled"), (3, "compiled"), (3, "mesh")])
+def test_ranks_that_call_different_collectives_all_raise_and_carry_on(world, path, seed):
+    finished = run("mismatch", world, seed, path=path)
     assert all(f.returncode == 0 for f in finished), report(finished)
+    # a broadcast takes messages where the mesh runs, and they find a wrong root later
+    cases = ("shape", "op", "kind", "path", "setting") + (("root",) if path == "compiled" else ())
     for f in finished:
-        for case in ("shape", "op", "kind", "root", "path", "setting"):
+        for case in cases:
             assert f"mismatch {case}" in f.stdout, report(finished)
         assert "recovered" in f.stdout, report(finished)
-    # ranks on the compiled path see it at once, without waiting for a message's probe
-    compiled = [float(t) for t in re.findall(r"mismatch (?:shape|op|kind|root) in ([\d.]+)",
-                                             finished[0].stdout)]
-    assert max(compiled) < 1.0, report(finished)
+    # ranks that both take the path see it at once, without waiting for a message's probe
+    at_once = [float(t) for t in re.findall(r"mismatch (?:shape|op|kind|root) in ([\d.]+)"
+                                            if path == "compiled" else
+                                            r"mismatch (?:shape|op) in ([\d.]+)",
+                                            finished[0].stdout)]
+    assert max(at_once) < 1.0, report(finished)
 
 
+@on_each_path
 @pytest.mark.parametrize("how", ["kill", "stop"])
-def test_a_peer_killed_or_stopped_mid_collective_is_lost_in_bounded_time(how, seed):
+def test_a_peer_killed_or_stopped_mid_collective_is_lost_in_bounded_time(how, path, seed):
     victim = 2
-    finished = run("die", 3, seed, {"DIE": how, "PEER_TIMEOUT": "2"},
+    finished = run("die", 3, seed, {"DIE": how, "PEER_TIMEOUT": "2"}, path,
                    expendable=frozenset({victim}))
     assert [f.returncode for f in finished[:victim]] == [0, 0], report(finished)
     for f in finished[:victim]:
@@ -56,14 +70,16 @@ def test_a_peer_killed_or_stopped_mid_collective_is_lost_in_bounded_time(how, se
         assert elapsed < 2 + 6, report(finished)  # peer_timeout, and room for a busy host
 
 
-def test_compiled_and_message_collectives_in_flight_at_once_never_mix(seed):
-    finished = run("mixed", 3, seed)
+@on_each_path
+def test_such_and_message_collectives_in_flight_at_once_never_mix(path, seed):
+    finished = run("mixed", 3, seed, path=path)
     assert all(f.returncode == 0 and "mixed checked" in f.stdout for f in finished), \
         report(finished)
 
 
-def test_ranks_waiting_for_a_late_one_sleep_instead_of_spinning(seed):
-    finished = run("late", 3, seed)
+@on_each_path
+def test_ranks_waiting_for_a_late_one_sleep_instead_of_spinning(path, seed):
+    finished = run("late", 3, seed, path=path)
     assert all(f.returncode == 0 for f in finished), report(finished)
     for f in finished[1:]:
         wall, cpu = map(float, re.search(r"waited ([\d.]+) s on ([\d.]+) s", f.stdout).groups())
@@ -77,15 +93,18 @@ def test_four_ranks_on_two_cores_complete_the_grid(seed):
         report(finished)
 
 
-def test_back_to_back_collectives_on_an_oversubscribed_host_stay_in_step(seed):
-    """4 ranks on 2 cores are preempted anywhere, between any two loads of a peer's words."""
-    finished = run("many", 4, seed, {"ROUNDS": "20000"}, timeout=150)
-    assert all(f.returncode == 0 and "20000 rounds checked" in f.stdout for f in finished), \
-        report(finished)
+@pytest.mark.parametrize("path, rounds", [("compiled", 20000), ("mesh", 5000)])
+def test_back_to_back_collectives_on_an_oversubscribed_host_stay_in_step(path, rounds, seed):
+    """4 ranks on 2 cores are preempted anywhere, between any two loads of a peer's words
+    or reads of its frames."""
+    finished = run("many", 4, seed, {"ROUNDS": str(rounds)}, path, timeout=150)
+    assert all(f.returncode == 0 and f"{rounds} rounds checked" in f.stdout
+               for f in finished), report(finished)
 
 
-def test_the_blocking_facade_runs_compiled_collectives(seed):
-    finished = run("blocking", 3, seed)
+@on_each_path
+def test_the_blocking_facade_runs_them_on_its_callers_thread(path, seed):
+    finished = run("blocking", 3, seed, path=path)
     assert all(f.returncode == 0 and "blocking checked" in f.stdout for f in finished), \
         report(finished)
 

@@ -1,84 +1,15 @@
-"""The mesh (transport/mesh.py, collectives/mesh_path.py): small all-reduces and barriers
-of a ring without a shared arena, over a TCP connection between every two ranks, run by
-the calling thread. Here shared memory is off, as between hosts. The op x dtype grid on
-the mesh is test_ring_processes.py's; these are compiled_peer.py's scenarios on the mesh,
-and what a mesh is made of."""
+"""What the mesh (transport/mesh.py) is made of: its greeting and its frames. The mesh's
+collectives across processes are test_compiled.py's (every scenario on both paths) and
+test_ring_processes.py's (the op x dtype grid); a cut mesh link is test_faults.py's."""
 
 from __future__ import annotations
 
-import re
 import socket
-from pathlib import Path
 
 import pytest
 
-from ring_harness import run_ring
 from ringlib.errors import PeerLost, ProtocolError
 from ringlib.transport import mesh
-
-PEER = Path(__file__).with_name("compiled_peer.py")
-MESH = {"RINGLIB_SHM_BYTES": "0", "PATH_TAKEN": "mesh"}
-pytestmark = pytest.mark.timeout(180)
-
-
-def report(finished) -> str:
-    return "\n".join(f"--- rank {f.rank} exit {f.returncode}\n{f.stdout}{f.stderr[-3000:]}"
-                     for f in finished)
-
-
-def run(scenario: str, world: int, seed: int, env: dict[str, str] | None = None, **kwargs):
-    return run_ring(scenario, world, "tcp", seed, extra_env={**MESH, **(env or {})}, peer=PEER,
-                    **kwargs)
-
-
-def test_ranks_that_call_different_collectives_all_raise_and_carry_on(seed):
-    finished = run("mismatch", 3, seed)
-    assert all(f.returncode == 0 for f in finished), report(finished)
-    for f in finished:
-        for case in ("shape", "op", "kind", "path", "setting"):
-            assert f"mismatch {case}" in f.stdout, report(finished)
-        assert "recovered" in f.stdout, report(finished)
-    # ranks on the mesh on both sides see it in the frames, without waiting for a probe
-    at_once = [float(t) for t in re.findall(r"mismatch (?:shape|op) in ([\d.]+)",
-                                            finished[0].stdout)]
-    assert max(at_once) < 1.0, report(finished)
-
-
-@pytest.mark.parametrize("how", ["kill", "stop"])
-def test_a_peer_killed_or_stopped_mid_collective_is_lost_in_bounded_time(how, seed):
-    victim = 2
-    finished = run("die", 3, seed, {"DIE": how, "PEER_TIMEOUT": "2"},
-                   expendable=frozenset({victim}))
-    assert [f.returncode for f in finished[:victim]] == [0, 0], report(finished)
-    for f in finished[:victim]:
-        elapsed = float(re.search(r"lost 2 after ([\d.]+) s", f.stdout).group(1))
-        assert elapsed < 2 + 6, report(finished)
-
-
-def test_mesh_and_message_collectives_in_flight_at_once_never_mix(seed):
-    finished = run("mixed", 3, seed)
-    assert all(f.returncode == 0 and "mixed checked" in f.stdout for f in finished), \
-        report(finished)
-
-
-def test_ranks_waiting_for_a_late_one_sleep_instead_of_spinning(seed):
-    finished = run("late", 3, seed)
-    assert all(f.returncode == 0 for f in finished), report(finished)
-    for f in finished[1:]:
-        wall, cpu = map(float, re.search(r"waited ([\d.]+) s on ([\d.]+) s", f.stdout).groups())
-        assert wall > 1.5 and cpu < 0.5 * wall, report(finished)
-
-
-def test_back_to_back_collectives_of_four_ranks_on_two_cores_stay_in_step(seed):
-    finished = run("many", 4, seed, {"ROUNDS": "5000"}, timeout=150)
-    assert all(f.returncode == 0 and "5000 rounds checked" in f.stdout for f in finished), \
-        report(finished)
-
-
-def test_the_blocking_facade_runs_mesh_collectives_on_its_callers_thread(seed):
-    finished = run("blocking", 3, seed)
-    assert all(f.returncode == 0 and "blocking checked" in f.stdout for f in finished), \
-        report(finished)
 
 
 def test_a_mesh_greeting_without_the_ranks_token_is_refused():
