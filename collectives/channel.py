@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections import defaultdict
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class Channel:
     sent: dict[Any, list] = field(default_factory=lambda: defaultdict(list))
     waiting_for: tuple[int, int] | None = None  # (peer, step), for timeout messages
     held: list = field(default_factory=list)  # received frames not yet released
+    timeline: Any = None   # a runtime Timeline that records the phases, where one is on
 
     @property
     def rank(self) -> int:
@@ -86,8 +88,11 @@ class Channel:
         until it releases it (see reduce_back); return whether it was lent so."""
         nbytes = payload.nbytes if isinstance(payload, np.ndarray) else len(payload)
         header = frames.data(self.seq, step, chunk, self.sig, self.rank, nbytes)
+        began = self._now()
         tracker = await self.endpoint.send(to, header, payload, deadline=self.deadline,
                                            writable=writable)
+        if began:
+            self._phase("send", began, peer=to, step=step, bytes=nbytes)
         if region is not None and tracker is not None:
             self.sent[region].append(tracker)
         return writable and isinstance(tracker, Released)
@@ -100,6 +105,7 @@ class Channel:
         memory (RemotePayload). Either is valid until release(frame)."""
         self.waiting_for = (frm, step)
         key = frames.data_key(self.seq, step, chunk, frm)
+        began = self._now()
         message = self.endpoint.poll(key, self.spin)
         if message is None:
             probe = asyncio.get_running_loop().call_later(PROBE_S, self._probe, frm)
@@ -109,6 +115,8 @@ class Channel:
             finally:
                 probe.cancel()
         self.waiting_for = None
+        if began:
+            self._phase(f"wait for rank {frm}", began, peer=frm, step=step)
         header, frame = message
         self.held.append(frame)
         if header.nbytes != count * self.storage.itemsize:
@@ -119,6 +127,13 @@ class Channel:
         if isinstance(frame, RemotePayload):
             return frame, frame
         return np.frombuffer(frame.buffer, self.storage), frame
+
+    def _now(self) -> int:
+        """The clock where a timeline records this collective's phases, else 0."""
+        return 0 if self.timeline is None else time.monotonic_ns()
+
+    def _phase(self, name: str, began: int, **args: Any) -> None:
+        self.timeline.phase(self.seq, name, began, time.monotonic_ns(), args)
 
     def _probe(self, frm: int) -> None:
         self.endpoint.notify(frm, frames.waiting(self.seq, self.rank), self.sig.encode())
@@ -140,19 +155,25 @@ class Channel:
         the kernel then reads while it is in cache, on the event loop's thread: the worker
         is there so that ZeroMQ's thread can move bytes meanwhile, and here none move but
         these, which the kernel copies (measured: docs/benchmark-notes.md)."""
+        began = self._now()
         if isinstance(src, RemotePayload):
             with self._reading_remote():
                 _reduce_remote(fn, out, src)
         else:
             await self._work(out.nbytes, fn, out, src)
+        if began:
+            self._phase("reduce", began, bytes=out.nbytes)
 
     async def reduce_back(self, fn: Callable[..., None], out: np.ndarray, src: Any) -> bool:
         """fn(out, src), and where `src` is a piece lent writable in its sender's memory,
         write each reduced block back into it while it is in cache; return whether it was
         written back (else the sender needs the result some other way)."""
         if isinstance(src, RemotePayload) and src.writable:
+            began = self._now()
             with self._reading_remote():
                 _reduce_remote(fn, out, src, back=True)
+            if began:
+                self._phase("reduce", began, bytes=out.nbytes)
             return True
         await self.run(fn, out, src)
         return False
@@ -160,11 +181,14 @@ class Channel:
     async def copy(self, out: np.ndarray, src: Any) -> None:
         """Copy a received piece into `out`: straight out of its sender's memory if it is
         still there."""
+        began = self._now()
         if isinstance(src, RemotePayload):
             with self._reading_remote():
                 src.read_into(out)
         else:
             await self._work(out.nbytes, np.copyto, out, src)
+        if began:
+            self._phase("copy", began, bytes=out.nbytes)
 
     @contextlib.contextmanager
     def _reading_remote(self) -> Iterator[None]:

@@ -145,7 +145,7 @@ class Pending:
     """One compiled collective on this rank, from its first call until it is done."""
 
     __slots__ = ("_path", "_prepared", "_buf", "_state", "seq", "_timeout", "_then",
-                 "_started", "before", "done", "_finished")
+                 "_started", "before", "done", "_finished", "_entry")
 
     def __init__(self, path: CompiledPath, prepared: Prepared, buf: np.ndarray,
                  state: np.ndarray, seq: int, timeout: float,
@@ -156,6 +156,12 @@ class Pending:
         self.before: Pending | None = None  # the one that must finish first
         self.done = False
         self._finished: asyncio.Future | None = None  # for the one after, if it waits
+        self._entry = path._sessions.flight.opened(seq, prepared.sig, buf.nbytes, self)
+
+    def waiting_on(self) -> int | None:
+        """The rank whose slot the kernel last waited on, if it waited."""
+        waited = int(self._state[ak.WAITED])
+        return None if waited < 0 else waited
 
     def own_state(self) -> None:
         """Go on in a state of its own, and give the prepared one back as it was: a call
@@ -185,8 +191,8 @@ class Pending:
             return True
         if self._state is prepared.state:
             self.own_state()
-        self._settle(failed=True)
         exc = self._mismatch(code)
+        self._settle(exc)
         if code == ak.SKIPPED:  # that peer waits for messages: tell it, and the others
             self._path.later(tell_everyone, self._path._endpoint, self.seq, str(exc))
         raise exc
@@ -209,10 +215,10 @@ class Pending:
                 if self.step():
                     return self.value()
                 delay = min(2 * delay, LAST_SLEEP_S)
-        except BaseException:
+        except BaseException as exc:
             if not self.done:
                 ak.withdraw(self._prepared.ctrl, self._state)
-                self._settle(failed=True)
+                self._settle(exc)
             raise
         finally:
             self._path._endpoint.arena_waits_on = None
@@ -224,9 +230,10 @@ class Pending:
                 self._finished = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._finished)
 
-    def _settle(self, failed: bool = False) -> None:
+    def _settle(self, failure: BaseException | None = None) -> None:
         self.done = True
-        if failed:
+        self._path._sessions.flight.closed(self._entry, failure)
+        if failure is not None:
             self._path.later(self._path._sessions.failed, self.seq)
         if self._finished is not None and not self._finished.done():
             self._finished.set_result(None)

@@ -117,9 +117,14 @@ class MeshPending:
         self.before: MeshPending | None = None  # the one that must finish first
         self.done = False
         self._finished: asyncio.Future | None = None  # for the one after, if it waits
+        self._entry = path.sessions.flight.opened(seq, prepared.sig, buf.nbytes, self)
 
     def value(self) -> Any:
         return self._then()
+
+    def waiting_on(self) -> int | None:
+        """The lowest rank whose frame has not come yet, if any."""
+        return next((r for r in self._path.mesh.links if r not in self._got), None)
 
     def begin(self) -> None:
         """Send this rank's buffer to every peer."""
@@ -237,18 +242,19 @@ class MeshPending:
         """The collective failed with `exc`. A mesh link that broke loses its peer to the
         whole ring, every rank told, as a silent one would be: later collectives, on
         whatever path, raise PeerLost too."""
-        self._settle(failed=True)
+        self._settle(exc)
         if isinstance(exc, LinkBroken):
             self._path.later(self._path.endpoint.lose, exc.rank,
                              f"is cut off: its mesh link broke: {exc.why}")
 
-    def _settle(self, failed: bool = False) -> None:
+    def _settle(self, failure: BaseException | None = None) -> None:
         if self.done:
             return
         self.done = True
+        self._path.sessions.flight.closed(self._entry, failure)
         if self._path.closed:
             self._path.later(self._path.mesh.close)
-        if failed:
+        if failure is not None:
             self._path.later(self._path.sessions.failed, self.seq)
         if self._finished is not None and not self._finished.done():
             self._path.later(lambda: self._finished.done() or self._finished.set_result(None))

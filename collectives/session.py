@@ -34,6 +34,7 @@ from ringlib.transport.frames import DATA
 from ringlib.transport.roster import Roster
 
 from .channel import Channel
+from .flight import FlightRecorder
 
 T = TypeVar("T")
 
@@ -50,8 +51,10 @@ HISTORY = 1024
 class Sessions:
     """The collectives of one endpoint's ring of `world_size` ranks."""
 
-    def __init__(self, endpoint: Endpoint, world_size: int, executor: Executor) -> None:
+    def __init__(self, endpoint: Endpoint, world_size: int, executor: Executor,
+                 flight: FlightRecorder | None = None) -> None:
         self.endpoint, self.world_size, self._executor = endpoint, world_size, executor
+        self.flight = flight or FlightRecorder(endpoint.rank)  # every path records here
         self._seq = itertools.count(1)
         self._running: dict[int, Session] = {}
         # seq -> what failed it (None: it failed here); what still comes for it is dropped.
@@ -66,16 +69,17 @@ class Sessions:
         endpoint.on(Kind.WAITING, self._asked_about)
 
     def open(self, sig: str, storage: np.dtype, timeout: float, spin: float,
-             segment_elems: int) -> Session:
-        """The next collective, running here as `sig` (a signature()), with `timeout`
-        seconds to complete; its receives poll for `spin` seconds before they yield, and
-        it sends at most `segment_elems` elements per message. It takes its number now, so
-        collectives in flight are numbered in the order they were called."""
+             segment_elems: int, nbytes: int = 0, algorithm: str = "") -> Session:
+        """The next collective, running here as `sig` (a signature()) over `nbytes`, with
+        `timeout` seconds to complete; its receives poll for `spin` seconds before they
+        yield, and it sends at most `segment_elems` elements per message. It takes its
+        number now, so collectives in flight are numbered in the order they were called."""
         seq = self._opened = next(self._seq)
         channel = Channel(self.endpoint, self.world_size, seq, sig.split()[0], sig, storage,
                           self._executor, segment_elems,
-                          asyncio.get_running_loop().time() + timeout, spin)
-        session = Session(self, channel, timeout)
+                          asyncio.get_running_loop().time() + timeout, spin,
+                          timeline=self.flight.timeline)
+        session = Session(self, channel, timeout, nbytes, algorithm)
         self._running[seq] = session
         inbox = self.endpoint.inbox
         mismatched = inbox.kept(lambda key: key.kind == DATA and key.seq == seq) if inbox else ()
@@ -199,33 +203,43 @@ class Sessions:
             exc = self._notices.pop(late)
             if late < seq:
                 exc.args = (f"{exc} (after this rank had finished it; #{seq} completed)",)
+            self.flight.dump(f"MismatchError: {exc}")
             raise exc
 
 
 class Session:
     """One collective on this rank: run() it once."""
 
-    def __init__(self, sessions: Sessions, channel: Channel, timeout: float) -> None:
+    def __init__(self, sessions: Sessions, channel: Channel, timeout: float,
+                 nbytes: int, algorithm: str = "") -> None:
         self._sessions, self.channel, self._timeout = sessions, channel, timeout
+        self._entry = sessions.flight.opened(channel.seq, channel.sig, nbytes, self, algorithm)
+
+    def waiting_on(self) -> int | None:
+        """The rank whose piece this collective waits for now, if any."""
+        waiting = self.channel.waiting_for
+        return None if waiting is None else waiting[0]
 
     async def run(self, algorithm: Callable[..., Awaitable[T]], *args: Any) -> T:
         """algorithm(channel, *args) under the collective's deadline. It returns once what
         it sent from the caller's buffers has left (ZeroMQ) or been read (by address), so
         the caller may change them; after a failure, once the peers let go of what it lent
         them, or after WITHDRAW_S."""
-        ch = self.channel
+        ch, failure = self.channel, None
         try:
             result = await algorithm(ch, *args)
             await ch.drain()
         except BaseException as exc:
             self._sessions.failed(ch.seq)
             await ch.withdraw(WITHDRAW_S)
-            if isinstance(exc, TimeoutError):
-                raise self._timed_out() from None
+            failure = self._timed_out() if isinstance(exc, TimeoutError) else exc
+            if failure is not exc:
+                raise failure from None
             raise
         finally:
             ch.release_all()
             self._sessions.finished(ch.seq)
+            self._sessions.flight.closed(self._entry, failure)
         self._sessions.raise_late_mismatch(ch.seq)
         return result
 

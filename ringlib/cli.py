@@ -1,4 +1,4 @@
-"""The `ringlib` command (also `python -m ringlib`): launch, demo, bench, keygen."""
+"""The `ringlib` command (also `python -m ringlib`): launch, demo, bench, trace, keygen."""
 
 from __future__ import annotations
 
@@ -35,12 +35,18 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime.launcher import main as launch
 
         return launch(argv[1:])
+    if argv[:1] == ["trace"]:
+        from .runtime.trace_files import main as trace
+
+        return trace(argv[1:])
     if argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCHMARKS:
         return _bench(argv[1], argv[2:])
     parser = argparse.ArgumentParser(prog="ringlib", description="Peer-to-peer ring all-reduce.")
     parser.add_argument("--version", action="version", version=f"ringlib {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands.add_parser("launch", help="start the ranks of a ring; see `ringlib launch -h`")
+    commands.add_parser("trace", help="merge the ranks' timelines and summarise them; see "
+                                      "`ringlib trace -h`")
     demo = commands.add_parser("demo", help="run the main demonstration job")
     demo.add_argument("--seed", type=int, default=None, help="data seed (default: fresh)")
     _bench_parser(commands)

@@ -27,6 +27,7 @@ from ringlib.errors import RingClosed, UsageError
 
 from ringlib.collectives.compiled import Pending
 
+from . import signals, torch_spans
 from .ring import CALLER, Ring, connect
 
 T = TypeVar("T")
@@ -131,8 +132,7 @@ def _blocking(method: Callable[..., Coroutine[Any, Any, T]],
     goes to the loop thread."""
     name = method.__name__
 
-    @functools.wraps(method)
-    def call(self: BlockingRing, *args: Any, **kwargs: Any) -> T:
+    def run(self: BlockingRing, *args: Any, **kwargs: Any) -> T:
         thread, callers = self._loop_thread(), self._callers
         caller = callers.enter(name)
         try:
@@ -144,6 +144,14 @@ def _blocking(method: Callable[..., Coroutine[Any, Any, T]],
             return thread.run(_as(caller, method(ring, *args, **kwargs)))
         finally:
             callers.leave()
+
+    @functools.wraps(method)
+    def call(self: BlockingRing, *args: Any, **kwargs: Any) -> T:
+        span = torch_spans.span(name)
+        if span is None:
+            return run(self, *args, **kwargs)
+        with span:
+            return run(self, *args, **kwargs)
     return call
 
 
@@ -173,6 +181,8 @@ class BlockingRing:
         self._callers = _Callers(lambda: self.ring.rank)
         self.local_rank = ring.local_rank
         atexit.register(self.close)
+        # Here, on the caller's thread: the ring was made on the loop's.
+        signals.install(timeline=ring.timeline is not None)
 
     # reform() changes these, so they are read from the ring each time.
     rank = property(lambda self: self.ring.rank, doc="This rank's number in the ring.")
@@ -182,6 +192,10 @@ class BlockingRing:
                        doc="The address this rank receives at (None in a ring of one).")
     generation = property(lambda self: self.ring.generation,
                           doc="How many times reform() rebuilt this ring.")
+    flight = property(lambda self: self.ring.flight,
+                      doc="This rank's flight recorder: its last collectives (dump() them).")
+    timeline = property(lambda self: self.ring.timeline,
+                        doc="The timeline this rank records, if one is on.")
 
     def __repr__(self) -> str:
         return f"<BlockingRing rank {self.rank} of {self.world_size} at {self.ring.address}>"
@@ -194,6 +208,16 @@ class BlockingRing:
     send = _blocking(Ring.send)
     recv = _blocking(Ring.recv)
     reform = _blocking(Ring.reform)
+    _start_timeline = _blocking(Ring.start_timeline)
+
+    def start_timeline(self, path: str) -> None:
+        """Record this rank's timeline to `path` from now on (see Ring.start_timeline)."""
+        self._start_timeline(path)
+        signals.install(timeline=True)
+
+    def stop_timeline(self) -> None:
+        """Stop recording the timeline, and write its file a last time."""
+        self.ring.stop_timeline()
     # Started at once, finished in the background: the calling thread keeps working (the
     # gradient averager overlaps backward this way). Issue order is collective order.
     all_reduce_async = _nowait(Ring.all_reduce)

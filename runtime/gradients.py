@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import time
 from typing import Any, Iterator
 
 import torch
@@ -26,6 +27,7 @@ from ringlib.ops import Op
 from .blocking import BlockingRing
 from .process_group import TORCH_OPS, RingProcessGroup
 from .buckets import BucketPlan, Slot, plan_buckets
+from .timeline import GRADIENTS
 
 COMPRESSION = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,6 +38,10 @@ class _OnGroup:
 
     def __init__(self, group: RingProcessGroup) -> None:
         self.group = group
+
+    @property
+    def timeline(self) -> Any:
+        return self.group.ring.timeline
 
     def all_reduce_async(self, tensor: torch.Tensor, op: str) -> Any:
         opts = dist.AllreduceOptions()
@@ -76,6 +82,13 @@ class _Bucket:
         self.buffer = torch.zeros(plan.size, dtype=wire)
         self.ready = 0
         self.future: concurrent.futures.Future | None = None
+        self.started = 0  # when its all-reduce started (monotonic ns), on a timeline
+
+    def record(self, timeline: Any, index: int) -> None:
+        """Put this bucket's all-reduce, from its start to now, on `timeline`."""
+        timeline.span(f"bucket {index} all-reduce", GRADIENTS, self.started,
+                      time.monotonic_ns(), {"bucket": index, "bytes": self.buffer.nbytes,
+                                            "gradients": self.ready})
 
     def grad_view(self, slot: Slot) -> torch.Tensor:
         return self.buffer[slot.offset:slot.offset + slot.numel]
@@ -146,6 +159,11 @@ class GradientAverager:
             if not everything and bucket.ready < len(bucket.plan.slots):
                 return
             bucket.zero_missing()
+            if self.ring.timeline is not None:
+                bucket.started = time.monotonic_ns()
+                self.ring.timeline.instant(f"bucket {self._next} ready", {
+                    "bucket": self._next, "full": bucket.ready == len(bucket.plan.slots)},
+                    tid=GRADIENTS)
             bucket.future = self.ring.all_reduce_async(bucket.buffer, "mean")
             self._next += 1
 
@@ -158,12 +176,18 @@ class GradientAverager:
         if not self._syncing:
             return
         self._start_ready(everything=True)
+        timeline, waiting = self.ring.timeline, time.monotonic_ns()
         try:
-            for bucket in self.buckets:
+            for index, bucket in enumerate(self.buckets):
                 bucket.future.result()
+                if timeline is not None and bucket.started:
+                    bucket.record(timeline, index)
                 self._write_back(bucket)
         finally:
             self._reset()
+        if timeline is not None:
+            timeline.span("synchronize() wait", GRADIENTS, waiting, time.monotonic_ns(),
+                          {"buckets": len(self.buckets)})
 
     def _write_back(self, bucket: _Bucket) -> None:
         """Point each .grad at its mean in the bucket (no copy), or convert it back from
@@ -181,7 +205,7 @@ class GradientAverager:
     def _reset(self) -> None:
         for bucket in self.buckets:
             bucket.buffer[bucket.plan.grads:] = 0
-            bucket.ready, bucket.future = 0, None
+            bucket.ready, bucket.future, bucket.started = 0, None, 0
         self._next = 0
 
     @contextlib.contextmanager

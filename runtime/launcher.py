@@ -2,14 +2,16 @@
 
     ringlib launch -n N [--hosts h1:2,h2:2 | --hostfile FILE] [--rsh 'ssh {host}']
                    [--transport tcp|ipc] [--port P] [--ifname NAME] [--timeout S]
-                   [--keys FILE] -- COMMAND ARGS...
+                   [--keys FILE] [--timeline DIR] -- COMMAND ARGS...
 
 Every rank gets RINGLIB_RANK, RINGLIB_LOCAL_RANK, RINGLIB_WORLD_SIZE and RINGLIB_PEERS,
 so that ringlib.connect() and ringlib.init() need no arguments; with --keys, also
 RINGLIB_CURVE_KEY (the ring's secret key file, which must exist at that path on every
 host), so that every link is authenticated and encrypted; with --ifname, RINGLIB_IFNAME
 and, instead of the table, RINGLIB_SEED (rank 0's address), so that each rank binds and
-advertises the named interface's address on its host. Each output line comes
+advertises the named interface's address on its host; with --timeline, RINGLIB_TIMELINE,
+so that each rank writes its trace to DIR/trace-RANK.json (`ringlib trace` merges them).
+Each output line comes
 out whole, prefixed with its rank, on the stream it was written to. When a rank fails,
 the others get SIGTERM, then SIGKILL after a grace period, and the launcher exits with
 the failed rank's code (128 + N for signal N). SIGINT and SIGTERM to the launcher are
@@ -67,8 +69,8 @@ class Rank:
 
 def plan(seats: list[Seat], command: list[str], transport: str, port: int | None,
          rsh: str, workdir: str, timeout: float | None,
-         keys: str | None = None,
-         ifname: str | None = None) -> tuple[list[Rank], PortReservation | None]:
+         keys: str | None = None, ifname: str | None = None,
+         timeline: str | None = None) -> tuple[list[Rank], PortReservation | None]:
     """The ranks to start, and the ports held for them on this host (close it at the end)."""
     if not command:
         raise RendezvousError("no command to launch: put it after --, as in "
@@ -99,6 +101,8 @@ def plan(seats: list[Seat], command: list[str], transport: str, port: int | None
             env["RINGLIB_CONNECT_TIMEOUT"] = str(timeout)
         if keys is not None:
             env["RINGLIB_CURVE_KEY"] = keys
+        if timeline is not None:
+            env["RINGLIB_TIMELINE"] = os.path.join(timeline, "trace-{rank}.json")
         if s.host.local:
             ranks.append(Rank(s, command, {**os.environ, **env}))
         else:
@@ -255,6 +259,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", default=None, metavar="FILE",
                    help="the ring's secret key file from `ringlib keygen`: CurveZMQ on every "
                         "link (default: RINGLIB_CURVE_KEY if set, else plain links)")
+    p.add_argument("--timeline", default=None, metavar="DIR",
+                   help="each rank writes its timeline to DIR/trace-RANK.json, for "
+                        "`ringlib trace DIR/*.json` (sets RINGLIB_TIMELINE)")
     p.add_argument("--grace", type=float, default=GRACE_S,
                    help="seconds between SIGTERM and SIGKILL when stopping (default: %(default)s)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
@@ -275,7 +282,7 @@ def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 def launch(seats: list[Seat], command: list[str], transport: str = "tcp",
            port: int | None = None, rsh: str = "ssh {host}", timeout: float | None = None,
            keys: str | None = None, grace: float = GRACE_S,
-           ifname: str | None = None) -> int:
+           ifname: str | None = None, timeline: str | None = None) -> int:
     """Run `command` as the ranks on `seats` (see plan()) to the end; return the exit
     code. What the job made on this host goes with it: its private directory, and the
     shared-memory segments of ranks killed midway. Raises RendezvousError for a plan that
@@ -285,7 +292,7 @@ def launch(seats: list[Seat], command: list[str], transport: str = "tcp",
     reservation = None
     try:
         ranks, reservation = plan(seats, command, transport, port, rsh, workdir, timeout, keys,
-                                  ifname)
+                                  ifname, timeline)
         return asyncio.run(Supervisor(ranks, grace, lambda pid: _tell(janitor, pid),
                                       lambda pid: _tell(janitor, -pid)).run())
     finally:
@@ -330,8 +337,14 @@ def main(argv: list[str] | None = None) -> int:
             Keys.load(keys)  # a bad path fails here, not in every rank
         if args.ifname and all(h.local for h in hosts):
             interfaces.address_of(args.ifname)  # a wrong name fails here, not in every rank
+        timeline = os.path.abspath(args.timeline) if args.timeline else None
+        if timeline:
+            try:
+                os.makedirs(timeline, exist_ok=True)
+            except OSError as exc:
+                raise InvalidArgument(f"--timeline {args.timeline}: {exc.strerror}") from None
         return launch(seat(args.ranks, hosts), command, args.transport, args.port, args.rsh,
-                      args.timeout, keys, args.grace, args.ifname)
+                      args.timeout, keys, args.grace, args.ifname, timeline)
     except (RendezvousError, Unauthorized, InvalidArgument) as exc:
         print(f"ringlib launch: {exc}", file=sys.stderr)
         return 2

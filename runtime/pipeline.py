@@ -16,6 +16,7 @@ are the tensors' bytes, sent and received without copying.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Iterable, Iterator
 
@@ -27,6 +28,7 @@ from .activations import Activation, join, pack, split, unpack
 from .blocking import BlockingRing
 from .ring import Ring
 from .stages import as_stage
+from .timeline import PIPELINE
 
 
 class Pipeline:
@@ -99,7 +101,7 @@ class Pipeline:
             await plan.put((batch, ids))
             for i, part in zip(ids, micro):
                 await slots.acquire()
-                result = await self._compute(batch, part)
+                result = await self._compute(i, batch, part)
                 self._sent = i + 1
                 # Once id i is taken it must go out whole, even if this run is abandoned:
                 # the next run drains its output.
@@ -148,7 +150,7 @@ class Pipeline:
             if meta.get("stop") or meta.get("error"):
                 await self._send(self._sent, meta, None)
             else:
-                await self._send(self._sent, *await self._compute(meta["batch"], act))
+                await self._send(self._sent, *await self._compute(self._sent, meta["batch"], act))
             self._sent += 1
             if meta.get("stop"):
                 self._finish()
@@ -156,38 +158,61 @@ class Pipeline:
 
     # --- both ----------------------------------------------------------------------
 
-    async def _compute(self, batch: int, act: Activation) -> tuple[dict, Activation | None]:
-        """(description, output) of this rank's stage on `act`, or an error description."""
+    async def _compute(self, i: int, batch: int,
+                       act: Activation) -> tuple[dict, Activation | None]:
+        """(description, output) of this rank's stage on micro-batch `i`, `act`, or an
+        error description."""
+        began = time.monotonic_ns()
         try:
             out = await asyncio.get_running_loop().run_in_executor(self._worker, self.stage, act)
         except Exception as exc:
             message = f"stage on rank {self.rank} failed on batch {batch}: {type(exc).__name__}: {exc}"
             return {"batch": batch, "error": message, "rank": self.rank}, None
+        finally:
+            self._record("compute", i, began, batch=batch)
         return {"batch": batch}, out
+
+    def _record(self, what: str, i: int, began: int, flow: str = "", **args: Any) -> None:
+        """Put a span of micro-batch `i` on the timeline, where one is on; with `flow`
+        ("out" or "in"), one end of the arrow between this stage and its neighbour."""
+        timeline = self.ring.timeline
+        if timeline is None:
+            return
+        ended = time.monotonic_ns()
+        tid = PIPELINE + (self._stream.number if self._stream else 0)
+        timeline.span(f"{what} #{i}", tid, began, ended, {"micro-batch": i, **args})
+        if flow:
+            sender = self.rank if flow == "out" else self._left
+            timeline.flow("micro-batch", f"{self._stream.number}.{i}.{sender}", flow == "out",
+                          tid, (began + ended) // 2)
+        if self.rank == 0:
+            timeline.counter("micro-batches in flight", self._sent - self._received)
 
     async def _send(self, i: int, meta: dict, act: Activation | None) -> None:
         if self.world_size == 1:
             self._local_output(i).set_result((meta, act))
             return
         buffers: list = []
+        began = time.monotonic_ns()
         if act is not None:
             description, buffers = pack(act)
             meta = {**meta, **description}
         await self._stream.send(self._right, i, 0, msgpack.packb(meta))
         for part, buffer in enumerate(buffers, start=1):
             await self._stream.send(self._right, i, part, buffer, "uint8")
+        self._record("send", i, began, "out", to=self._right)
 
     async def _receive(self, i: int) -> tuple[dict, Activation | None]:
         if self.world_size == 1:
             result = await self._local_output(i)
             del self._local[i]
             return result
+        began = time.monotonic_ns()
         meta = msgpack.unpackb((await self._stream.recv(self._left, i, 0)).payload.bytes)
-        if "dtypes" not in meta:
-            return meta, None
         frames = [(await self._stream.recv(self._left, i, part)).payload.buffer
-                  for part in range(1, len(meta["dtypes"]) + 1)]
-        return meta, unpack(meta, frames)
+                  for part in range(1, len(meta.get("dtypes", ())) + 1)]
+        self._record("wait for input", i, began, "in", frm=self._left)
+        return meta, unpack(meta, frames) if "dtypes" in meta else None
 
     def _local_output(self, i: int) -> asyncio.Future:
         if i not in self._local:

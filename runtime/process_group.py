@@ -13,6 +13,7 @@ hangs.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import datetime
 import threading
@@ -29,6 +30,7 @@ from .blocking import LoopThread
 from .ring import Ring, connect
 from .staging import Staged, by_dtype, write
 from .store_book import StoreBook
+from . import torch_spans
 from .works import RingWork, joined
 
 TORCH_OPS = {Op.SUM: ReduceOp.SUM, Op.MEAN: ReduceOp.AVG, Op.MIN: ReduceOp.MIN,
@@ -108,7 +110,8 @@ class RingProcessGroup(dist.ProcessGroup):
         """Start `parts` (one ring collective each) on the ring's loop now, one task each
         in this order: each takes its number in call order, as a collective of one part
         does, whatever else is in flight. The Work fills `outputs`."""
-        with self._lock:
+        span = torch_spans.span(what.split()[0]) or contextlib.nullcontext()
+        with self._lock, span:
             if self._loop is None:
                 for part in parts:
                     part.close()

@@ -21,6 +21,7 @@ from ringlib import collectives
 from ringlib.collectives import Plan, Sessions, signature, step_reducers
 from ringlib.collectives.choose import EMPTY_PLAN
 from ringlib.collectives.compiled import CompiledPath, Pending, Prepared, warm_compiled
+from ringlib.collectives.flight import FlightRecorder
 from ringlib.collectives.hierarchical_allreduce import host_groups
 from ringlib.collectives.mesh_path import MeshPath, MeshPending, MeshPrepared
 from ringlib.partition import chunk
@@ -31,7 +32,9 @@ from ringlib.ops import Op
 from ringlib.transport import Endpoint, Stream, wait_sent
 from ringlib.transport.security import Keys
 
+from . import signals
 from .arena_meeting import meet
+from .clock import Clocks, same_host
 from .mesh_meeting import meet_mesh
 from .buffers import empty_like, flat_view, like, storage
 from .environment import Placement, placement
@@ -39,6 +42,7 @@ from .reform import Attempt, reform
 from .rendezvous import (AddressBook, bind_and_exchange, engine_book, engine_may_have_book,
                          join)
 from .settings import Settings, connect_timeout, seconds
+from .timeline import Timeline, path_for
 
 T = TypeVar("T")
 # The name of the thread a blocking ring's collective was called from ("" for asyncio
@@ -104,6 +108,10 @@ class Ring:
         self.settings = settings
         self._executor = executor
         self._loop = asyncio.get_running_loop()
+        self.flight = FlightRecorder(self.rank, directory=settings.flight_dir)
+        self.timeline: Timeline | None = None  # see start_timeline()
+        signals.watch(self.flight)
+        signals.install()
         self._use(endpoint)
         self._streams = itertools.count()
         self._attempt: Attempt | None = None  # the try at re-forming, after one failed
@@ -113,7 +121,8 @@ class Ring:
         """Run the collectives over `endpoint` (None: a ring of one), numbered from 1."""
         self._endpoint = endpoint
         self._sessions = None if endpoint is None else \
-            Sessions(endpoint, self.world_size, self._executor)
+            Sessions(endpoint, self.world_size, self._executor, self.flight)
+        self._clocks = None if endpoint is None else Clocks(endpoint)
         self._compiled: CompiledPath | None = None  # see _meet()
         self._mesh: MeshPath | None = None  # see _meet()
         self._prepared: dict[tuple, Prepared | MeshPrepared | None] = {}
@@ -497,7 +506,8 @@ class Ring:
         session = self._sessions.open(
             sig, dtype.storage, self._deadline(timeout),
             settings.spin_us * 1e-6 if plan.latency_bound else 0.0,
-            max(1, settings.segment_bytes // dtype.itemsize))
+            max(1, settings.segment_bytes // dtype.itemsize), size * dtype.itemsize,
+            plan.algorithm)
         return session.run(algorithm, *args)
 
     async def reform(self, *, timeout: float | None = None) -> None:
@@ -526,7 +536,43 @@ class Ring:
         self._drop_fast_paths()
         self._use(endpoint)
         self.generation += 1
+        self.flight.rank, self.flight.generation = self.rank, self.generation
+        if self.timeline is not None:
+            self.timeline.generation = self.generation
+            self.timeline.instant("reform", {"generation": self.generation, "rank": self.rank,
+                                             "world_size": self.world_size})
         await self._meet()
+
+    async def start_timeline(self, path: str) -> None:
+        """Record this rank's timeline to `path` from now on ("{rank}" in it replaced by
+        the rank; a directory gets trace-{rank}.json), with times on rank 0's clock
+        (runtime/timeline.py); a timeline already on is stopped first. Each rank starts
+        its own: call it on those whose timeline is wanted."""
+        self.stop_timeline()
+        where = path_for(os.fspath(path), self.rank)
+        try:
+            timeline = Timeline(where, self.rank)
+        except OSError as exc:
+            raise InvalidArgument(f"rank {self.rank}: cannot write the timeline {where}: "
+                                  f"{exc.strerror}") from None
+        signals.install(timeline=True)
+        timeline.generation = self.generation
+        if self._endpoint is not None and self.rank != 0:
+            if same_host(self.peers[0], self.peers[self.rank]):
+                timeline.clock = "rank 0's (one host: one wall clock)"
+            else:
+                offset = await self._clocks.offset_to(0)
+                timeline.offset_us = offset or 0.0
+                timeline.clock = ("rank 0's, measured at start" if offset is not None else
+                                  "this host's wall clock: rank 0 did not answer")
+        self.timeline = self.flight.timeline = timeline
+
+    def stop_timeline(self) -> None:
+        """Stop recording the timeline, and write its file a last time."""
+        timeline, self.timeline = self.timeline, None
+        self.flight.timeline = None
+        if timeline is not None:
+            timeline.close()
 
     async def close(self) -> None:
         """Leave the ring: close the sockets (queued messages are still delivered) and the
@@ -538,6 +584,7 @@ class Ring:
             await self._endpoint.close()
         self._drop_fast_paths()
         self._executor.shutdown(wait=False)
+        self.stop_timeline()
 
     def _drop_fast_paths(self) -> None:
         """Unmap the arena, close the mesh: the ring closes or re-forms."""
@@ -610,7 +657,8 @@ def connect(rank: int | None = None, world_size: int | None = None,
         agent's (store_book.py).
     settings: any of the ring's tunables, the fields of Settings (collective_timeout,
         segment_bytes, small_bytes, spin_us, direct_bytes, heartbeat_s, peer_timeout,
-        curve_key, shm_bytes, compiled_bytes, mesh_bytes, hierarchical, ifname), each
+        curve_key, shm_bytes, compiled_bytes, mesh_bytes, hierarchical, ifname, timeline,
+        flight_dir), each
         defaulting to its `RINGLIB_*` variable; see Settings.
     """
     timeout = connect_timeout(timeout)
@@ -640,7 +688,10 @@ async def _open(where: Placement, timeout: float, settings: Settings,
     warm = asyncio.get_running_loop().run_in_executor(executor, _warm_kernels)
     if where.world_size == 1:
         await warm
-        return Ring(where, None, [], executor, settings)
+        ring = Ring(where, None, [], executor, settings)
+        if settings.timeline:
+            await ring.start_timeline(settings.timeline)
+        return ring
     try:
         keys = Keys.load(settings.curve_key) if settings.curve_key else None
         endpoint = Endpoint(where.rank, keys)
@@ -654,6 +705,8 @@ async def _open(where: Placement, timeout: float, settings: Settings,
         await warm
         ring = Ring(where, endpoint, peers, executor, settings)
         await ring._meet()
+        if settings.timeline:
+            await ring.start_timeline(settings.timeline)
     except BaseException as exc:
         if book is not None:
             book.abandon()  # a cancel (Ctrl-C): a trade waiting in its thread stops too

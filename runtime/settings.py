@@ -72,6 +72,12 @@ class Settings:
         advertises, as GLOO_SOCKET_IFNAME does; a name this host has none of is
         InvalidArgument listing the ones it has (RINGLIB_IFNAME; default: the interface
         that routes towards rank 0).
+    timeline: where every rank writes its trace (runtime/timeline.py), "{rank}" in it
+        replaced by the rank, or a directory to hold trace-{rank}.json (RINGLIB_TIMELINE;
+        default none: no timeline). Ring.start_timeline() starts one later.
+    flight_dir: a directory where a rank also writes its flight recorder (its last
+        collectives) when one fails or it gets SIGUSR1; the log gets it anyway
+        (RINGLIB_FLIGHT_DIR; default none).
     """
 
     collective_timeout: float = COLLECTIVE_TIMEOUT
@@ -95,6 +101,10 @@ class Settings:
     hierarchical: bool = field(default_factory=lambda: bool(_env_number(
         "RINGLIB_HIERARCHICAL", 1)))
     ifname: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_IFNAME") or None)
+    timeline: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_TIMELINE")
+                                 or None)
+    flight_dir: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_FLIGHT_DIR")
+                                   or None)
 
     def __post_init__(self) -> None:
         if self.segment_bytes is None:
@@ -116,6 +126,10 @@ class Settings:
             raise InvalidArgument(f"hierarchical={self.hierarchical!r} must be True or False")
         if self.ifname is not None and (not isinstance(self.ifname, str) or not self.ifname):
             raise InvalidArgument(f"ifname={self.ifname!r} must be an interface's name")
+        for name in ("timeline", "flight_dir"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, os.PathLike)) or not value):
+                raise InvalidArgument(f"{name}={value!r} must be a path")
 
 
 def seconds(name: str, value: Any, zero: bool = False) -> float:

@@ -14,6 +14,7 @@ backward raises PeerLost, as wait() does, never a silently wrong gradient.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime
 import functools
 import threading
@@ -23,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from ringlib.errors import CollectiveTimeout, RingClosed
+
+from . import torch_spans
 
 _completer: concurrent.futures.ThreadPoolExecutor | None = None
 _completer_lock = threading.Lock()
@@ -173,7 +176,8 @@ class RingWork(dist.Work):
         """Block until the op is done, and raise what it raised; a positive `timeout`
         bounds the wait (CollectiveTimeout after it; the op itself carries on)."""
         limit = timeout.total_seconds() if timeout is not None else 0.0
-        done, _ = concurrent.futures.wait([self._running], limit if limit > 0 else None)
+        with torch_spans.span("wait") or contextlib.nullcontext():
+            done, _ = concurrent.futures.wait([self._running], limit if limit > 0 else None)
         if not done:
             raise CollectiveTimeout(f"{self._what} did not finish within wait()'s "
                                     f"timeout of {limit:g} s")

@@ -62,6 +62,7 @@ class Kind(enum.IntEnum):
     SHARED = 11    # a shared-memory link offered, taken or declined (shared_links.py)
     DOORBELL = 12  # a record waits in a shared-memory link (shared.py)
     WAITING = 13   # a rank has long waited for the receiver's piece of a collective
+    CLOCK = 14     # a question for a peer's clock (step 0) or its answer (step 1, sig: ns)
 
 
 # The kinds an endpoint stamps with its token; HELLO carries it to the peers, which check
@@ -179,6 +180,14 @@ def shared_link(step: SharedStep, sender: int) -> Header:
 def shared_step(header: Header) -> int:
     """What a SHARED message says: a SharedStep, or another number from a foreign peer."""
     return header.step
+
+
+def clock(nonce: int, sender: int, answer_ns: int | None = None) -> Header:
+    """A question for the receiver's clock (`nonce` pairs it with its answer), or the
+    answer: the wall clock in ns, as text, in the signature's place."""
+    if answer_ns is None:
+        return Header(Kind.CLOCK, nonce, 0, 0, "", 0, sender)
+    return Header(Kind.CLOCK, nonce, 1, 0, str(answer_ns), 0, sender)
 
 
 def control(kind: Kind, sender: int) -> Header:
