@@ -29,10 +29,12 @@ class Clocks:
         endpoint.on(Kind.CLOCK, self._heard)
 
     def _heard(self, message: Message) -> None:
-        header = message.header
+        header, endpoint = message.header, self._endpoint
+        if header.sender == endpoint.rank or header.sender not in endpoint.peer_addresses:
+            return  # not a peer of this ring: nobody to answer
         if header.step == 0:
-            self._endpoint.notify(header.sender, frames.clock(header.seq, self._endpoint.rank,
-                                                              time.time_ns()))
+            endpoint.notify(header.sender, frames.clock(header.seq, endpoint.rank,
+                                                        time.time_ns()))
             return
         asked = self._asked.pop(header.seq, None)
         if asked is not None and not asked.done() and header.sig.isdigit():
