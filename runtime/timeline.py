@@ -27,6 +27,7 @@ from typing import Any
 
 from ringlib.collectives import flight
 from ringlib.collectives.flight import Entry
+from ringlib.ops import Op
 
 # The events a timeline keeps (RINGLIB_TIMELINE_EVENTS): about 110 bytes each on disk, and
 # writing 100,000 takes about half a second of one core, holding the GIL.
@@ -38,6 +39,7 @@ THREADS = {COLLECTIVES: "collectives", LINKS: "links and membership",
            GRADIENTS: "gradient buckets", PIPELINE: "pipeline"}
 
 _live: weakref.WeakSet[Timeline] = weakref.WeakSet()
+_OPS = frozenset(op.value for op in Op)  # the words of a signature that name its op
 
 
 def path_for(template: str, rank: int) -> str:
@@ -189,7 +191,7 @@ def _described(words: list[str]) -> dict:
             described["root"] = int(word[5:])
         elif word.startswith("thread="):
             described["thread"] = word[7:]
-        elif word in ("sum", "mean", "min", "max", "prod", "avg", "band", "bor", "bxor"):
+        elif word in _OPS:
             described["op"] = word
         else:
             described["algorithm"] = word
