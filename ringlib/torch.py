@@ -15,13 +15,16 @@ or, without torch.distributed, average gradients with ringlib's own ring:
     averager = rt.GradientAverager(model, ring, bucket_mb=25, compression=None)
     loss.backward(); averager.synchronize(); optimizer.step(); optimizer.zero_grad()
 
-or wrap the optimizer: `optimizer = rt.DistributedOptimizer(optimizer, averager)`.
+or wrap the optimizer: `optimizer = rt.DistributedOptimizer(optimizer, averager)`; and to
+train on through lost ranks and newcomers that join (ringlib.init(join=ADDRESS)):
+`rt.run_elastic(train_step, ring, rt.ElasticState(model, optimizer), steps=1000)`.
 """
 
 import torch.distributed as dist
 
 from ringlib.runtime.gradients import DistributedOptimizer, GradientAverager, broadcast_parameters
 from ringlib.runtime.ddp_hooks import refuse_builtin_comm_hooks
+from ringlib.runtime.elastic import ElasticState, run_elastic
 from ringlib.runtime.process_group import RingProcessGroup, create_process_group
 
 BACKEND = "ringlib"
@@ -39,5 +42,5 @@ def register() -> None:
 
 register()
 
-__all__ = ["BACKEND", "DistributedOptimizer", "GradientAverager", "RingProcessGroup",
-           "broadcast_parameters", "register"]
+__all__ = ["BACKEND", "DistributedOptimizer", "ElasticState", "GradientAverager",
+           "RingProcessGroup", "broadcast_parameters", "register", "run_elastic"]

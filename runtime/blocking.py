@@ -184,14 +184,14 @@ class BlockingRing:
         # Here, on the caller's thread: the ring was made on the loop's.
         signals.install(timeline=ring.timeline is not None)
 
-    # reform() changes these, so they are read from the ring each time.
+    # reform() and admit() change these, so they are read from the ring each time.
     rank = property(lambda self: self.ring.rank, doc="This rank's number in the ring.")
     world_size = property(lambda self: self.ring.world_size, doc="How many ranks the ring has.")
     peers = property(lambda self: self.ring.peers, doc="Every rank's address, in rank order.")
     address = property(lambda self: self.ring.address,
                        doc="The address this rank receives at (None in a ring of one).")
     generation = property(lambda self: self.ring.generation,
-                          doc="How many times reform() rebuilt this ring.")
+                          doc="How many times the ring's membership changed (reform, admit).")
     flight = property(lambda self: self.ring.flight,
                       doc="This rank's flight recorder: its last collectives (dump() them).")
     timeline = property(lambda self: self.ring.timeline,
@@ -208,6 +208,12 @@ class BlockingRing:
     send = _blocking(Ring.send)
     recv = _blocking(Ring.recv)
     reform = _blocking(Ring.reform)
+    admit = _blocking(Ring.admit)
+
+    def waiting(self) -> int:
+        """How many newcomers asked this member to be admitted (see Ring.waiting)."""
+        return self.ring.waiting()
+
     _start_timeline = _blocking(Ring.start_timeline)
 
     def start_timeline(self, path: str) -> None:
@@ -254,7 +260,8 @@ class BlockingRing:
 def init(rank: int | None = None, world_size: int | None = None,
          peers: list[str] | None = None, *, timeout: float | None = None,
          **settings: Any) -> BlockingRing:
-    """Join the ring from synchronous code; the arguments are connect()'s."""
+    """Join the ring from synchronous code; the arguments are connect()'s (join= among
+    them, for a newcomer to a running ring)."""
     where = connect(rank, world_size, peers, timeout=timeout, **settings)
     thread = LoopThread("ringlib-loop")
     try:

@@ -42,7 +42,7 @@ CHOSEN_MEETING = ("RINGLIB_PEERS", "RINGLIB_SEED", "RINGLIB_PORT")
 # Every variable above that says where a process sits, so that a parent starting ranks
 # of its own can drop what it inherited: names, and prefixes of whole families.
 PLACEMENT_NAMES = frozenset({name for convention in CONVENTIONS for name in convention[1:]}
-                            | {*CHOSEN_MEETING, "RINGLIB_HOST"})
+                            | {*CHOSEN_MEETING, "RINGLIB_HOST", "RINGLIB_JOIN"})
 PLACEMENT_PREFIXES = ("OMPI_", "SLURM_", "MASTER_", "PMIX_")
 
 

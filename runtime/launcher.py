@@ -2,7 +2,7 @@
 
     ringlib launch -n N [--hosts h1:2,h2:2 | --hostfile FILE] [--rsh 'ssh {host}']
                    [--transport tcp|ipc] [--port P] [--ifname NAME] [--timeout S]
-                   [--keys FILE] [--timeline DIR] -- COMMAND ARGS...
+                   [--keys FILE] [--timeline DIR] [--join ADDRESS] -- COMMAND ARGS...
 
 Every rank gets RINGLIB_RANK, RINGLIB_LOCAL_RANK, RINGLIB_WORLD_SIZE and RINGLIB_PEERS,
 so that ringlib.connect() and ringlib.init() need no arguments; with --keys, also
@@ -10,7 +10,9 @@ RINGLIB_CURVE_KEY (the ring's secret key file, which must exist at that path on 
 host), so that every link is authenticated and encrypted; with --ifname, RINGLIB_IFNAME
 and, instead of the table, RINGLIB_SEED (rank 0's address), so that each rank binds and
 advertises the named interface's address on its host; with --timeline, RINGLIB_TIMELINE,
-so that each rank writes its trace to DIR/trace-RANK.json (`ringlib trace` merges them).
+so that each rank writes its trace to DIR/trace-RANK.json (`ringlib trace` merges them);
+with --join ADDRESS, RINGLIB_JOIN alone instead of a rank and a table: the processes are
+newcomers to a running ring, which take the ranks its members give them (admission.py).
 Each output line comes
 out whole, prefixed with its rank, on the stream it was written to. When a rank fails,
 the others get SIGTERM, then SIGKILL after a grace period, and the launcher exits with
@@ -39,9 +41,10 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
 from ringlib.errors import InvalidArgument, RendezvousError, Unauthorized
-from ringlib.transport import interfaces, segment_names
+from ringlib.transport import addresses, interfaces, segment_names
 from ringlib.transport.security import Keys
 
+from .environment import without_placement
 from .hosts import Host, PortReservation, Seat, parse_hosts, read_hostfile, seat
 from .processes import die_with_parent, signal_group
 
@@ -62,16 +65,24 @@ class Rank:
     process: asyncio.subprocess.Process | None = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL))
 
+    newcomer: bool = False  # started with --join: its rank is the members' to give
+
+    @property
+    def who(self) -> str:
+        return f"{'newcomer' if self.newcomer else 'rank'} {self.seat.rank}"
+
     @property
     def name(self) -> str:
-        return f"rank {self.seat.rank} on {self.seat.host.name}"
+        return f"{self.who} on {self.seat.host.name}"
 
 
 def plan(seats: list[Seat], command: list[str], transport: str, port: int | None,
          rsh: str, workdir: str, timeout: float | None,
          keys: str | None = None, ifname: str | None = None,
-         timeline: str | None = None) -> tuple[list[Rank], PortReservation | None]:
-    """The ranks to start, and the ports held for them on this host (close it at the end)."""
+         timeline: str | None = None,
+         join: str | None = None) -> tuple[list[Rank], PortReservation | None]:
+    """The ranks to start, and the ports held for them on this host (close it at the end);
+    with `join`, newcomers that ask the member at that address to admit them."""
     if not command:
         raise RendezvousError("no command to launch: put it after --, as in "
                               "`ringlib launch -n 2 -- python train.py`")
@@ -79,7 +90,9 @@ def plan(seats: list[Seat], command: list[str], transport: str, port: int | None
     if ifname is not None and transport == "ipc":
         raise RendezvousError("--ifname picks a network interface: it takes --transport tcp")
     reservation = None
-    if transport == "ipc":
+    if join is not None:
+        peers = []
+    elif transport == "ipc":
         if remote:
             raise RendezvousError("ipc links only join ranks on one host; use --transport tcp")
         peers = [f"ipc://{workdir}/r{s.rank}" for s in seats]
@@ -94,7 +107,12 @@ def plan(seats: list[Seat], command: list[str], transport: str, port: int | None
         env = {"RINGLIB_RANK": str(s.rank), "RINGLIB_LOCAL_RANK": str(s.local_rank),
                "RINGLIB_WORLD_SIZE": str(len(seats)), "RINGLIB_PEERS": ",".join(peers),
                segment_names.JOB_VARIABLE: job_name(workdir), "PYTHONUNBUFFERED": "1"}
-        if ifname is not None:
+        if join is not None:
+            env = {"RINGLIB_JOIN": join, segment_names.JOB_VARIABLE: job_name(workdir),
+                   "PYTHONUNBUFFERED": "1"}
+            if ifname is not None:
+                env["RINGLIB_IFNAME"] = ifname
+        elif ifname is not None:
             del env["RINGLIB_PEERS"]
             env.update(RINGLIB_SEED=peers[0], RINGLIB_IFNAME=ifname)
         if timeout is not None:
@@ -103,12 +121,16 @@ def plan(seats: list[Seat], command: list[str], transport: str, port: int | None
             env["RINGLIB_CURVE_KEY"] = keys
         if timeline is not None:
             env["RINGLIB_TIMELINE"] = os.path.join(timeline, "trace-{rank}.json")
+        newcomer = join is not None
         if s.host.local:
-            ranks.append(Rank(s, command, {**os.environ, **env}))
+            # a newcomer's rank is the members' to give; a member joins nobody
+            inherited = without_placement(os.environ) if newcomer else \
+                {k: v for k, v in os.environ.items() if k != "RINGLIB_JOIN"}
+            ranks.append(Rank(s, command, {**inherited, **env}, newcomer=newcomer))
         else:
             prefix = shlex.split(rsh.format(host=s.host.name))
             ranks.append(Rank(s, [*prefix, "env", *(f"{k}={v}" for k, v in env.items()),
-                                  *command], dict(os.environ)))
+                                  *command], dict(os.environ), newcomer=newcomer))
     return ranks, reservation
 
 
@@ -219,7 +241,7 @@ class Supervisor:
                else f"exited with code {code}")
         lines = [f"ringlib launch: {rank.name} {how}; the other ranks were stopped"]
         if rank.tail:
-            lines.append(f"ringlib launch: last lines of rank {rank.seat.rank}'s stderr:")
+            lines.append(f"ringlib launch: last lines of {rank.who}'s stderr:")
             lines += [f"    {line}" for line in rank.tail]
         print("\n".join(lines), file=sys.stderr)
 
@@ -262,6 +284,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeline", default=None, metavar="DIR",
                    help="each rank writes its timeline to DIR/trace-RANK.json, for "
                         "`ringlib trace DIR/*.json` (sets RINGLIB_TIMELINE)")
+    p.add_argument("--join", default=None, metavar="ADDRESS",
+                   help="start the ranks as newcomers to the running ring of the member at "
+                        "ADDRESS (its ring.address), admitted when the members call admit() "
+                        "or reform(); sets RINGLIB_JOIN")
     p.add_argument("--grace", type=float, default=GRACE_S,
                    help="seconds between SIGTERM and SIGKILL when stopping (default: %(default)s)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
@@ -282,7 +308,8 @@ def _argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 def launch(seats: list[Seat], command: list[str], transport: str = "tcp",
            port: int | None = None, rsh: str = "ssh {host}", timeout: float | None = None,
            keys: str | None = None, grace: float = GRACE_S,
-           ifname: str | None = None, timeline: str | None = None) -> int:
+           ifname: str | None = None, timeline: str | None = None,
+           join: str | None = None) -> int:
     """Run `command` as the ranks on `seats` (see plan()) to the end; return the exit
     code. What the job made on this host goes with it: its private directory, and the
     shared-memory segments of ranks killed midway. Raises RendezvousError for a plan that
@@ -292,7 +319,7 @@ def launch(seats: list[Seat], command: list[str], transport: str = "tcp",
     reservation = None
     try:
         ranks, reservation = plan(seats, command, transport, port, rsh, workdir, timeout, keys,
-                                  ifname, timeline)
+                                  ifname, timeline, join)
         return asyncio.run(Supervisor(ranks, grace, lambda pid: _tell(janitor, pid),
                                       lambda pid: _tell(janitor, -pid)).run())
     finally:
@@ -343,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.makedirs(timeline, exist_ok=True)
             except OSError as exc:
                 raise InvalidArgument(f"--timeline {args.timeline}: {exc.strerror}") from None
+        join = addresses.check(args.join) if args.join else None
         return launch(seat(args.ranks, hosts), command, args.transport, args.port, args.rsh,
-                      args.timeout, keys, args.grace, args.ifname, timeline)
+                      args.timeout, keys, args.grace, args.ifname, timeline, join)
     except (RendezvousError, Unauthorized, InvalidArgument) as exc:
         print(f"ringlib launch: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ trades the addresses through it instead, and no seed port is needed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 from typing import Mapping, Protocol
 
@@ -74,9 +75,7 @@ async def bind_and_exchange(endpoint: Endpoint, where: Placement, timeout: float
     if where.rank == 0:
         _bind_seed(endpoint, where.seed, own)
         return await _collect_joins(endpoint, where, timeout)
-    host, _ = addresses.split_host_port(where.seed)
-    own_host = own or os.environ.get("RINGLIB_HOST") or addresses.route_to(host)
-    endpoint.bind(_any_port(own_host))
+    bind_towards(endpoint, where.seed, own)
     endpoint.connect(0, where.seed)
     join_word = frames.control(Kind.JOIN, where.rank)
     got, missing = await until_heard(
@@ -90,6 +89,20 @@ async def bind_and_exchange(endpoint: Endpoint, where: Placement, timeout: float
     table = [addresses.check(a) for a in msgpack.unpackb(got[0].payload.bytes)]
     endpoint.connect(0, table[0])  # rank 0 may advertise another interface than its seed's
     return table
+
+
+def bind_towards(endpoint: Endpoint, peer: str, own: str | None = None) -> str:
+    """Bind `endpoint` where `peer` can reach it: a free port on `own` (an interface's
+    address), else on RINGLIB_HOST, else on the interface that routes towards `peer`; a
+    sibling of `peer`'s path or name for ipc and inproc. Return the address bound."""
+    if not peer.startswith("tcp://"):
+        return endpoint.bind(f"{peer}.{os.getpid()}.{next(_siblings)}")
+    host, _ = addresses.split_host_port(peer)
+    return endpoint.bind(_any_port(own or os.environ.get("RINGLIB_HOST") or
+                                   addresses.route_to(host)))
+
+
+_siblings = itertools.count()
 
 
 def _bind_seed(endpoint: Endpoint, seed: str, own: str | None) -> None:

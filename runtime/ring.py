@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import dataclasses
 import itertools
+import logging
 import numbers
 import os
 import time
@@ -26,13 +27,14 @@ from ringlib.collectives.hierarchical_allreduce import host_groups
 from ringlib.collectives.mesh_path import MeshPath, MeshPending, MeshPrepared
 from ringlib.partition import chunk
 from ringlib.dtypes import BY_NAME, DType
-from ringlib.errors import (CollectiveTimeout, InvalidArgument, MismatchError, RingClosed,
-                            UsageError)
+from ringlib.errors import (CollectiveTimeout, InvalidArgument, MismatchError,
+                            RendezvousError, RingClosed, UsageError)
 from ringlib.ops import Op
-from ringlib.transport import Endpoint, Stream, wait_sent
+from ringlib.transport import Endpoint, Kind, Stream, wait_sent
 from ringlib.transport.security import Keys
 
-from . import signals
+from . import admission, signals
+from .admission import Doorway
 from .arena_meeting import meet
 from .clock import Clocks, same_host
 from .mesh_meeting import meet_mesh
@@ -45,6 +47,7 @@ from .settings import Settings, connect_timeout, seconds
 from .timeline import Timeline, path_for
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 # The name of the thread a blocking ring's collective was called from ("" for asyncio
 # callers and the thread that made the ring), set by the facade (blocking.py); collectives
 # carry it in their signatures, so that two threads' collectives never pair up across ranks.
@@ -104,7 +107,7 @@ class Ring:
         self.local_rank = where.local_rank
         self.peers = peers
         self._hosts = host_groups(peers)  # the ranks of each host, for hierarchical_allreduce
-        self.generation = 0  # how many times this ring was re-formed
+        self.generation = 0  # how many times its membership changed (reform, admit)
         self.settings = settings
         self._executor = executor
         self._loop = asyncio.get_running_loop()
@@ -112,6 +115,7 @@ class Ring:
         self.timeline: Timeline | None = None  # see start_timeline()
         signals.watch(self.flight)
         signals.install()
+        self._doorway = Doorway(lambda: f"rank {self.rank} ({self.address})")
         self._use(endpoint)
         self._streams = itertools.count()
         self._attempt: Attempt | None = None  # the try at re-forming, after one failed
@@ -120,6 +124,8 @@ class Ring:
     def _use(self, endpoint: Endpoint | None) -> None:
         """Run the collectives over `endpoint` (None: a ring of one), numbered from 1."""
         self._endpoint = endpoint
+        if endpoint is not None:
+            endpoint.on(Kind.ADMIT, self._doorway.heard)
         self._sessions = None if endpoint is None else \
             Sessions(endpoint, self.world_size, self._executor, self.flight)
         self._clocks = None if endpoint is None else Clocks(endpoint)
@@ -517,8 +523,9 @@ class Ring:
         the order of their old ones (rank, world_size and peers change) and new addresses,
         and meet as connect() does. Survivors may have finished different numbers of
         collectives when the loss struck: broadcast the state to carry on from (say from
-        the new rank 0) before training on. `timeout` bounds the wait for the others
-        (default: connect()'s start-up timeout).
+        the new rank 0) before training on. Newcomers waiting to join are admitted too
+        (admit()); one that cannot be met is logged, and the re-formed ring stands.
+        `timeout` bounds the wait for the others (default: connect()'s start-up timeout).
         """
         if self._closed:
             raise RingClosed(f"rank {self.rank}: the ring is closed")
@@ -530,6 +537,44 @@ class Ring:
         endpoint, peers = await reform(self._endpoint, self._attempt, self.world_size,
                                        self.settings, limit)
         self._attempt = None
+        await self._renew(endpoint, peers, "reform")
+        if self._endpoint is not None:
+            try:
+                await self.admit(timeout=limit)
+            except RendezvousError as exc:  # the re-formed ring stands: that is reform's job
+                log.warning("%s", exc)
+
+    async def admit(self, *, timeout: float | None = None) -> int:
+        """Let in the newcomers that asked any member (connect(join=...)) before this
+        call; return how many joined, 0 if nobody waits (then it costs one small
+        all-reduce). A collective: every member calls it at the same point of its loop.
+
+        The newcomers take the ranks from world_size on, in an order all members agree
+        on; every rank binds a fresh address, and generation counts the change. After a
+        count above 0, broadcast the state to carry on from (say from rank 0): the
+        newcomers wait for it. RendezvousError if the newcomers could not be met (one died
+        while being admitted, say): the ring is then as it was. `timeout` bounds each step
+        (default: connect()'s start-up timeout). See runtime/admission.py.
+        """
+        if self._alone(None):
+            return 0
+        limit = connect_timeout(timeout)
+        grown = await admission.admit(self, self._doorway, limit)
+        if grown is None:
+            return 0
+        endpoint, peers, newcomers = grown
+        await self._renew(endpoint, peers, "admit")
+        await self.barrier(timeout=limit)  # the newcomers' sign that they are in
+        return len(newcomers)
+
+    def waiting(self) -> int:
+        """How many newcomers asked this member to be admitted and wait, without a word to
+        the others: a loop may call admit() only when some member's count is above 0."""
+        return len(self._doorway.waiting(self.peers))
+
+    async def _renew(self, endpoint: Endpoint | None, peers: list[str], change: str) -> None:
+        """Go on in the ring of `endpoint` (None: a ring of one) and `peers`, after a
+        `change` of membership ("reform", "admit")."""
         self.world_size, self.peers = len(peers), peers
         self._hosts = host_groups(peers)
         self.rank = endpoint.rank if endpoint is not None else 0
@@ -539,8 +584,8 @@ class Ring:
         self.flight.rank, self.flight.generation = self.rank, self.generation
         if self.timeline is not None:
             self.timeline.generation = self.generation
-            self.timeline.instant("reform", {"generation": self.generation, "rank": self.rank,
-                                             "world_size": self.world_size})
+            self.timeline.instant(change, {"generation": self.generation, "rank": self.rank,
+                                           "world_size": self.world_size})
         await self._meet()
 
     async def start_timeline(self, path: str) -> None:
@@ -640,7 +685,8 @@ class Connecting(collections.abc.Coroutine):
 
 def connect(rank: int | None = None, world_size: int | None = None,
             peers: list[str] | None = None, *, timeout: float | None = None,
-            address_book: AddressBook | None = None, **settings: Any) -> Connecting:
+            address_book: AddressBook | None = None, join: str | None = None,
+            **settings: Any) -> Connecting:
     """Join the ring: `ring = await connect(...)` or `async with connect(...) as ring`.
 
     rank, world_size, peers: this process's rank, the number of ranks, and every rank's
@@ -655,6 +701,10 @@ def connect(rank: int | None = None, world_size: int | None = None,
         none and no seed set: under mpirun, where mpi4py loads, MPI itself
         (mpi_book.py); a store torch has, the default process group's or torchrun's
         agent's (store_book.py).
+    join: the address of a member of a running ring (its `address`; default RINGLIB_JOIN)
+        to ask to be admitted into, as a newcomer: connect() returns once the members
+        admit() it, with its rank and peers theirs to give (admission.py), or raises
+        RendezvousTimeout after `timeout`.
     settings: any of the ring's tunables, the fields of Settings (collective_timeout,
         segment_bytes, small_bytes, spin_us, direct_bytes, heartbeat_s, peer_timeout,
         curve_key, shm_bytes, compiled_bytes, mesh_bytes, hierarchical, ifname, timeline,
@@ -663,6 +713,14 @@ def connect(rank: int | None = None, world_size: int | None = None,
     """
     timeout = connect_timeout(timeout)
     tunables = Settings(**settings)
+    join = join or os.environ.get("RINGLIB_JOIN") or None
+    if join is not None:
+        if rank is not None or world_size is not None or peers is not None or \
+                address_book is not None:
+            raise InvalidArgument("a newcomer that joins a running ring gets its rank and "
+                                  "peers from the members: give join alone, not rank, "
+                                  "world_size, peers or address_book")
+        return Connecting(lambda: _open_joining(join, timeout, tunables))
     if address_book is None and peers is None and rank is None and \
             engine_may_have_book(os.environ):
         return Connecting(lambda: _open_in_engine(world_size, timeout, tunables))
@@ -698,18 +756,54 @@ async def _open(where: Placement, timeout: float, settings: Settings,
     except BaseException:
         executor.shutdown(wait=False)
         raise
-    ring = None
     try:
         peers = await bind_and_exchange(endpoint, where, timeout, book, settings.ifname)
         await join(endpoint, peers, settings, timeout)
-        await warm
-        ring = Ring(where, endpoint, peers, executor, settings)
-        await ring._meet()
-        if settings.timeline:
-            await ring.start_timeline(settings.timeline)
     except BaseException as exc:
         if book is not None:
             book.abandon()  # a cancel (Ctrl-C): a trade waiting in its thread stops too
+        await endpoint.close(f"it gave up starting: {exc}")
+        executor.shutdown(wait=False)
+        raise
+    return await _become(where, endpoint, peers, executor, warm, settings)
+
+
+async def _open_joining(address: str, timeout: float, settings: Settings) -> Ring:
+    """connect(join=address): ask to be admitted into a running ring, and become a
+    member once the members admit() it (admission.py)."""
+    executor = ThreadPoolExecutor(1, thread_name_prefix="ringlib-newcomer")
+    warm = asyncio.get_running_loop().run_in_executor(executor, _warm_kernels)
+    try:
+        keys = Keys.load(settings.curve_key) if settings.curve_key else None
+        endpoint, peers, generation = await admission.ask(address, keys, settings, timeout)
+    except BaseException:
+        executor.shutdown(wait=False)
+        raise
+    rank = endpoint.rank
+    local = sum(same_host(a, peers[rank]) for a in peers[:rank])
+    where = Placement(rank, len(peers), local, peers, None, f"admitted at {address}")
+    return await _become(where, endpoint, peers, executor, warm, settings, generation,
+                         first_barrier=timeout)
+
+
+async def _become(where: Placement, endpoint: Endpoint, peers: list[str],
+                  executor: ThreadPoolExecutor, warm: Awaitable[None], settings: Settings,
+                  generation: int = 0, first_barrier: float | None = None) -> Ring:
+    """The Ring of a rank whose endpoint has met its peers: its fast paths met, its
+    timeline started where asked, after the first barrier of an admitted newcomer (the
+    members' sign that it is in: see admission.py). On failure, whatever it holds is let
+    go."""
+    ring = None
+    try:
+        await warm
+        ring = Ring(where, endpoint, peers, executor, settings)
+        ring.generation = ring.flight.generation = generation
+        await ring._meet()
+        if first_barrier is not None:
+            await ring.barrier(timeout=first_barrier)
+        if settings.timeline:
+            await ring.start_timeline(settings.timeline)
+    except BaseException as exc:
         if ring is not None:
             ring._drop_fast_paths()
         await endpoint.close(f"it gave up starting: {exc}")

@@ -30,18 +30,21 @@ def ringlib_env(rank: int, world: int, peers: list[str]) -> dict[str, str]:
             "RINGLIB_PEERS": ",".join(peers)}
 
 
-def run_ranks(args: list[str], envs: list[dict[str, str]], timeout: float = 180,
-              expendable: frozenset[int] = frozenset()) -> list[Finished]:
-    """Start one process per env (added to a clean copy of os.environ), wait for all but
+def run_ranks(args: list[str] | list[list[str]], envs: list[dict[str, str]],
+              timeout: float = 180, expendable: frozenset[int] = frozenset()
+              ) -> list[Finished]:
+    """Start one process per env (added to a clean copy of os.environ), each running
+    python with `args` (or with its own, given a list of them), wait for all but
     the `expendable` ranks (killed or stopped on purpose), and kill every one still
     running once those are done, or if one fails or the time runs out."""
     # Tuning variables of the caller's (RINGLIB_SEGMENT_BYTES, ...) stay out too: a test
     # passes the ones it means in `envs`.
     base = {k: v for k, v in without_placement(os.environ).items()
             if not k.startswith("RINGLIB_")}
-    procs = [processes.start([sys.executable, *args], {**base, **env}, text=True,
+    argvs = args if args and isinstance(args[0], list) else [args] * len(envs)
+    procs = [processes.start([sys.executable, *argv], {**base, **env}, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for env in envs]
+             for argv, env in zip(argvs, envs)]
     deadline = time.monotonic() + timeout
     try:
         while True:

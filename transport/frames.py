@@ -63,6 +63,8 @@ class Kind(enum.IntEnum):
     DOORBELL = 12  # a record waits in a shared-memory link (shared.py)
     WAITING = 13   # a rank has long waited for the receiver's piece of a collective
     CLOCK = 14     # a question for a peer's clock (step 0) or its answer (step 1, sig: ns)
+    ADMIT = 15     # a newcomer asks a member to be admitted (payload: its address)
+    WELCOME = 16   # rank 0 tells an admitted newcomer its ring (runtime/admission.py)
 
 
 # The kinds an endpoint stamps with its token; HELLO carries it to the peers, which check

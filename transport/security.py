@@ -13,6 +13,8 @@ ring's sockets.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
 
 from ringlib.errors import Unauthorized
 
@@ -123,4 +126,39 @@ class Gate:
         """Stop the handler's thread, then say how many refusals went unlogged (the
         thread is the only other user of the count)."""
         self._auth.stop()
+        self._refusals.flush()
+
+
+class Handshakes:
+    """Logs the CurveZMQ handshakes that fail at a receiving socket: a client with another
+    key pair than the ring's fails before the ZAP handler hears of it (it cannot even
+    encrypt its first words for the ring's public key), so only the socket's monitor sees
+    it, and it does not say who the client was."""
+
+    EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH |
+              zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+    def __init__(self, socket: zmq.Socket, me: str) -> None:
+        self._socket, self._me = socket, me
+        self._monitor = socket.get_monitor_socket(self.EVENTS)
+        self._refusals = LimitedLog(log)
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+            except zmq.ZMQError:
+                return
+            self._refusals.warning("%s refused a connection whose CurveZMQ handshake failed "
+                                   "(%s): a client without the ring's key", self._me,
+                                   zmq.Event(event["event"]).name)
+
+    async def close(self) -> None:
+        """Stop watching; before the socket closes."""
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        with contextlib.suppress(zmq.ZMQError):
+            self._socket.disable_monitor()
+        self._monitor.close(0)
         self._refusals.flush()

@@ -27,7 +27,7 @@ from ringlib.errors import RendezvousError, RingClosed, Unauthorized
 from . import addresses
 from .context import context, gate, hold, let_go
 from .roster import Roster
-from .security import Keys
+from .security import Handshakes, Keys
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class ZmqLinks:
                 raise Unauthorized(f"rank {roster.rank}: ZeroMQ refused the CurveZMQ keys: "
                                    f"{exc}") from None
             gate().admit(keys)
+        self._handshakes: Handshakes | None = None  # see bind()
         hold()  # nothing below fails: close() lets go
         # The same socket as a plain one, for reads that do not yield to the event loop.
         self._pull_now = zmq.Socket.shadow(self._pull.underlying)
@@ -74,6 +75,8 @@ class ZmqLinks:
             self._bind(also)
         address = self._bind(address)
         self._reader = asyncio.get_running_loop().create_task(self._read())
+        if self.keys is not None:
+            self._handshakes = Handshakes(self._pull, f"rank {self._roster.rank} ({address})")
         return address
 
     def _bind(self, address: str) -> str:
@@ -191,6 +194,8 @@ class ZmqLinks:
         CLOSE_LINGER_MS for it. Without that, a process that exits right after its last
         collective could take with it the small messages its neighbours still wait for."""
         await self.stop_reading()
+        if self._handshakes is not None:
+            await self._handshakes.close()
         self._pull.close(0)
         address = self._roster.address
         if address and address.startswith("ipc://"):
