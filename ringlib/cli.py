@@ -22,6 +22,7 @@ BENCHMARKS = {
     "netem": "netem",
     "loopback": "loopback",
     "hosts": "hosts",
+    "admission": "admission",
 }
 
 

@@ -5,8 +5,8 @@ ADDRESS to be admitted (ADMIT, said again every ASK_EVERY_S until it is welcomed
 members let newcomers in only when they call admit()). Each member's Doorway notes who
 asked it. admit() is a collective of the members, in five steps:
 
-  1. an all-reduce of how many newcomers each member heard: if none did, that is all it
-     costs;
+  1. an all-reduce of how many newcomers each member heard (Ring.admit): if none did,
+     that is all it costs;
   2. each member binds a fresh address, and an all-gather trades (fresh address,
      newcomers heard), from which every member computes the same table: the members in
      rank order, then the newcomers, in the order in which the lowest-ranked member that
@@ -73,8 +73,11 @@ class Doorway:
         log.info("%s: the newcomer at %s asks to be admitted", self._me(), address)
 
     def waiting(self, members: list[str]) -> list[str]:
-        """The newcomers that asked and are not `members` already, in order."""
-        return [a for a in self._asked if a not in members]
+        """The newcomers that asked and are not `members` already, in order. Safe from a
+        thread other than the loop's, which notes them: the copy is made in one step."""
+        if not self._asked:
+            return []
+        return [a for a in list(self._asked) if a not in members]
 
     def forget(self, newcomers: list[str]) -> None:
         """Admitted, or given up on (those alive ask again)."""
@@ -82,17 +85,14 @@ class Doorway:
             self._asked.pop(address, None)
 
 
-async def admit(ring: Any, doorway: Doorway, timeout: float,
-                ) -> tuple[Endpoint, list[str], list[str]] | None:
-    """Steps 1-5 above, on `ring` (a Ring whose endpoint is up): the fresh endpoint, the
-    new table and the newcomers admitted; None if nobody waits. The caller leaves the old
-    ring for the new one. Raises RendezvousError if the members could not meet the
-    newcomers, with the old ring untouched."""
-    mine = doorway.waiting(ring.peers)
-    most = int((await ring.all_reduce(np.array([len(mine)], np.int64), op="max",
-                                      timeout=timeout))[0])
-    if most == 0:
-        return None
+async def admit(ring: Any, doorway: Doorway, mine: list[str], most: int, timeout: float,
+                ) -> tuple[Endpoint, list[str], list[str]]:
+    """Steps 2-5 above, on `ring` (a Ring whose endpoint is up), once step 1 found that
+    some member heard newcomers (`most`, the most any heard; `mine`, those this one
+    heard, as step 1 counted them): the fresh endpoint, the new table and the newcomers
+    admitted. The old endpoint is closed then; the caller goes on in the new ring. Raises
+    RendezvousError if the members could not meet the newcomers, with the old ring
+    untouched."""
     old: Endpoint = ring._endpoint
     new = Endpoint(old.rank, old.keys)
     try:

@@ -23,6 +23,8 @@ import re
 import threading
 from typing import Any, Callable, Coroutine, TypeVar
 
+import numpy as np
+
 from ringlib.errors import RingClosed, UsageError
 
 from ringlib.collectives.compiled import Pending
@@ -208,7 +210,16 @@ class BlockingRing:
     send = _blocking(Ring.send)
     recv = _blocking(Ring.recv)
     reform = _blocking(Ring.reform)
-    admit = _blocking(Ring.admit)
+    _grow = _blocking(Ring._grow)
+
+    def admit(self, *, timeout: float | None = None) -> int:
+        """Let in the newcomers waiting, and return how many joined (see Ring.admit). Its
+        first step, an all-reduce of the count, runs here as any small one does, so that
+        admit() costs no more than that when nobody waits."""
+        mine = self.ring._asked()
+        most = int(self.all_reduce(np.array([len(mine)], np.int64), op="max",
+                                   timeout=timeout)[0])
+        return self._grow(mine, most, timeout=timeout) if most else 0
 
     def waiting(self) -> int:
         """How many newcomers asked this member to be admitted (see Ring.waiting)."""

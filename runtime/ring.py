@@ -554,15 +554,24 @@ class Ring:
         count above 0, broadcast the state to carry on from (say from rank 0): the
         newcomers wait for it. RendezvousError if the newcomers could not be met (one died
         while being admitted, say): the ring is then as it was. `timeout` bounds each step
-        (default: connect()'s start-up timeout). See runtime/admission.py.
+        (default: the ring's collective_timeout for the count, connect()'s start-up
+        timeout for the rest). See runtime/admission.py.
         """
         if self._alone(None):
             return 0
-        limit = connect_timeout(timeout)
-        grown = await admission.admit(self, self._doorway, limit)
-        if grown is None:
+        mine = self._asked()
+        most = await self.all_reduce(np.array([len(mine)], np.int64), op="max",
+                                     timeout=timeout)
+        return await self._grow(mine, int(most[0]), timeout=timeout)
+
+    async def _grow(self, mine: list[str], most: int, *, timeout: float | None = None) -> int:
+        """admit() once its first step counted `most` newcomers at some member (`mine`
+        here): the rest of it, if there is any."""
+        if most == 0:
             return 0
-        endpoint, peers, newcomers = grown
+        limit = connect_timeout(timeout)
+        endpoint, peers, newcomers = await admission.admit(self, self._doorway, mine, most,
+                                                           limit)
         await self._renew(endpoint, peers, "admit")
         await self.barrier(timeout=limit)  # the newcomers' sign that they are in
         return len(newcomers)
@@ -570,7 +579,11 @@ class Ring:
     def waiting(self) -> int:
         """How many newcomers asked this member to be admitted and wait, without a word to
         the others: a loop may call admit() only when some member's count is above 0."""
-        return len(self._doorway.waiting(self.peers))
+        return len(self._asked())
+
+    def _asked(self) -> list[str]:
+        """The newcomers that asked this member, and wait."""
+        return self._doorway.waiting(self.peers)
 
     async def _renew(self, endpoint: Endpoint | None, peers: list[str], change: str) -> None:
         """Go on in the ring of `endpoint` (None: a ring of one) and `peers`, after a

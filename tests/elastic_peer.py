@@ -15,6 +15,8 @@ dies: the newcomer SIGKILLs itself once welcomed, before it meets the ring; the 
     float64).
 two: two newcomers ask two different members at once; the members wait until both have
     asked, admit both, and every rank of the 5 prints the ring's table.
+replace: a newcomer asks; then the member named "victim" SIGKILLs itself, and the
+    survivors' reform() both drops it and lets the newcomer in.
 """
 
 from __future__ import annotations
@@ -144,6 +146,25 @@ def two(seed: int, name: str) -> None:
     out = ring.all_reduce(np.array([float(ring.rank)]))
     assert out[0] == sum(range(ring.world_size)), f"seed {seed}: {out}"
     print(f"{name} rank {ring.rank} table {','.join(ring.peers)}", flush=True)
+    ring.close()
+
+
+def replace(seed: int, name: str) -> None:
+    if name == "newcomer":
+        ring = ringlib.init(timeout=30)
+    else:
+        ring = ringlib.init()
+        wait_for_newcomers(ring, 1)
+        if name == "victim":
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            ring.all_reduce(np.ones(4))
+        except ringlib.PeerLost:
+            ring.reform(timeout=20)  # drops the victim, lets the newcomer in
+    out = ring.all_reduce(np.array([float(ring.rank)]))
+    assert out[0] == sum(range(ring.world_size)), f"seed {seed}: {out}"
+    print(f"{name} rank {ring.rank} world {ring.world_size} generation {ring.generation} "
+          f"table {','.join(ring.peers)}", flush=True)
     ring.close()
 
 

@@ -115,6 +115,21 @@ def test_two_newcomers_asking_different_members_take_the_same_ranks_everywhere(s
     assert all(ranks[f"m{r}"] == r for r in range(3)), log
 
 
+def test_reform_drops_a_lost_member_and_admits_a_waiting_newcomer_in_one_call(seed):
+    finished, _ = run("replace", seed, 3, [("newcomer", {"RINGLIB_JOIN": "{1}"})],
+                      names=["m0", "m1", "victim"], expendable=frozenset({2}))
+    log = report(finished)
+    assert finished[2].returncode == -9, log
+    alive = [f for i, f in enumerate(finished) if i != 2]
+    assert all(f.returncode == 0 for f in alive), log
+    ends = [re.search(r"(\S+) rank (\d) world (\d) generation (\d) table (\S+)", f.stdout).groups()
+            for f in alive]
+    assert [(name, rank) for name, rank, *_ in ends] == [("m0", "0"), ("m1", "1"),
+                                                         ("newcomer", "2")], log
+    assert {(world, generation) for _, _, world, generation, _ in ends} == {("3", "2")}, log
+    assert len({table for *_, table in ends}) == 1, log
+
+
 def test_join_refuses_a_rank_given_with_it_and_a_bad_address():
     import ringlib
     with pytest.raises(ringlib.InvalidArgument, match="give join alone"):
