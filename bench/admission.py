@@ -6,8 +6,9 @@ newcomer takes, on this host.
 Each trial starts -n members (`ringlib launch`) and then one newcomer (`ringlib launch
 --join`), once the members are done with their first part: they time admit() with nobody waiting against a
 plain 8-byte all-reduce, in alternating blocks of 100 calls of each, through the blocking
-API a training loop calls; then they wait until the newcomer has asked, and time from
-admit() to the end of the grown ring's first collective (an 8-byte all-reduce). Rank 0
+API a training loop calls; then they wait until the newcomer has asked, and SETTLE_S more
+(so that its own start-up is over), and time from admit() to the end of the grown
+ring's first collective (an 8-byte all-reduce). Rank 0
 prints its figures as a JSON line; this process prints medians over the trials.
 """
 
@@ -28,6 +29,7 @@ import numpy as np
 from .results import write_json
 
 BLOCK = 100  # calls of each kind in a row, taking turns
+SETTLE_S = 3.0  # how long the newcomer waits, once it asked, before the members admit it
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,6 +65,7 @@ def member(args: argparse.Namespace) -> None:
         os.rename(Path(args.dir, "address.tmp"), Path(args.dir, "address"))
     while ring.all_reduce(np.array([ring.waiting()], np.int64), op="sum")[0] < 1:
         time.sleep(0.01)
+    time.sleep(SETTLE_S)  # the newcomer's own start-up (imports, kernels) is not admission
     ring.barrier()
     start = time.perf_counter()
     joined = ring.admit()
