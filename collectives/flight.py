@@ -55,23 +55,45 @@ class FlightRecorder:
     def __init__(self, rank: int, kept: int = KEPT, directory: str | None = None) -> None:
         self.rank = rank
         self.generation = 0  # the ring's, stamped on what the timeline sees
-        self.entries: collections.deque[Entry] = collections.deque(maxlen=kept)
         self.directory = directory
-        self.timeline: Any = None  # a runtime Timeline, which records each closed entry
+        self._timeline: Any = None
         self._dumped: set[int] = set()  # ids of the failures already written out
+        self.entries: collections.deque[Entry] = collections.deque(maxlen=0)
+        self.keep(kept)
+
+    def keep(self, kept: int) -> None:
+        """Keep the last `kept` collectives from now on (0: none, and record nothing
+        unless a timeline is on)."""
+        self.entries = collections.deque(self.entries, maxlen=kept)
+        self._append = self.entries.append
+        self._recording = kept > 0 or self._timeline is not None
+
+    @property
+    def timeline(self) -> Any:
+        """A runtime Timeline that records each closed entry, or None."""
+        return self._timeline
+
+    @timeline.setter
+    def timeline(self, timeline: Any) -> None:
+        self._timeline = timeline
+        self._recording = self.entries.maxlen > 0 or timeline is not None
 
     def opened(self, seq: int, sig: str, nbytes: int, source: Source | None,
-               algorithm: str = "") -> Entry:
-        """Remember a collective that has just taken its number."""
+               algorithm: str = "") -> Entry | None:
+        """Remember a collective that has just taken its number (None: nothing records)."""
+        if not self._recording:
+            return None
         entry = [seq, sig, nbytes, algorithm, _clock(), 0, "running", None, source]
-        self.entries.append(entry)
+        self._append(entry)
         return entry
 
-    def closed(self, entry: Entry, exc: BaseException | None = None) -> None:
+    def closed(self, entry: Entry | None, exc: BaseException | None = None) -> None:
         """A collective ended: done, or failed with `exc`; a failure users must diagnose
         (DUMPED_ON) writes the recorder out, once for each failure."""
+        if entry is None:
+            return
         entry[ENDED] = _clock()
-        if exc is None and self.timeline is None:
+        if exc is None and self._timeline is None:
             entry[OUTCOME], entry[SOURCE] = "done", None
             return
         if exc is None:
@@ -81,8 +103,8 @@ class FlightRecorder:
             if entry[SOURCE] is not None:
                 entry[WAITED] = entry[SOURCE].waiting_on()
         entry[SOURCE] = None
-        if self.timeline is not None:
-            self.timeline.collective(entry, self.generation, exc)
+        if self._timeline is not None:
+            self._timeline.collective(entry, self.generation, exc)
         if isinstance(exc, DUMPED_ON) and id(exc) not in self._dumped:
             if len(self._dumped) > KEPT:
                 self._dumped.clear()

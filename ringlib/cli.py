@@ -23,6 +23,7 @@ BENCHMARKS = {
     "loopback": "loopback",
     "hosts": "hosts",
     "admission": "admission",
+    "observing": "observing",
 }
 
 

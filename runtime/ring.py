@@ -111,7 +111,7 @@ class Ring:
         self.settings = settings
         self._executor = executor
         self._loop = asyncio.get_running_loop()
-        self.flight = FlightRecorder(self.rank, directory=settings.flight_dir)
+        self.flight = FlightRecorder(self.rank, settings.flight_kept, settings.flight_dir)
         self.timeline: Timeline | None = None  # see start_timeline()
         signals.watch(self.flight)
         signals.install()
@@ -721,8 +721,8 @@ def connect(rank: int | None = None, world_size: int | None = None,
     settings: any of the ring's tunables, the fields of Settings (collective_timeout,
         segment_bytes, small_bytes, spin_us, direct_bytes, heartbeat_s, peer_timeout,
         curve_key, shm_bytes, compiled_bytes, mesh_bytes, hierarchical, ifname, timeline,
-        flight_dir), each
-        defaulting to its `RINGLIB_*` variable; see Settings.
+        flight_dir, flight_kept), each defaulting to its `RINGLIB_*` variable; see
+        Settings.
     """
     timeout = connect_timeout(timeout)
     tunables = Settings(**settings)

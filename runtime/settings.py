@@ -78,6 +78,9 @@ class Settings:
     flight_dir: a directory where a rank also writes its flight recorder (its last
         collectives) when one fails or it gets SIGUSR1; the log gets it anyway
         (RINGLIB_FLIGHT_DIR; default none).
+    flight_kept: how many of its last collectives a rank's flight recorder keeps
+        (RINGLIB_FLIGHT_KEPT, default 256); 0 turns it off, and saves the record each
+        collective costs (bench/observing.py measures it).
     """
 
     collective_timeout: float = COLLECTIVE_TIMEOUT
@@ -105,13 +108,14 @@ class Settings:
                                  or None)
     flight_dir: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_FLIGHT_DIR")
                                    or None)
+    flight_kept: int = field(default_factory=lambda: _env_number("RINGLIB_FLIGHT_KEPT", 256))
 
     def __post_init__(self) -> None:
         if self.segment_bytes is None:
             object.__setattr__(self, "segment_bytes", SEGMENT_BYTES if self.curve_key is None
                                else CURVE_SEGMENT_BYTES)
         for name in ("small_bytes", "spin_us", "direct_bytes", "shm_bytes", "compiled_bytes",
-                     "mesh_bytes"):
+                     "mesh_bytes", "flight_kept"):
             _whole(name, getattr(self, name), 0)
         _whole("segment_bytes", self.segment_bytes, 1)
         seconds("collective_timeout", self.collective_timeout)

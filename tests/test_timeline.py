@@ -165,3 +165,22 @@ def test_trace_and_launch_refuse_what_is_not_a_trace_or_a_directory(tmp_path):
                            str(tmp_path / "file" / "x"), "--", "true"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--timeline" in done.stderr, done.stderr
+
+
+def test_the_flight_recorder_keeps_what_it_is_told_and_nothing_when_off(tmp_path):
+    """RINGLIB_FLIGHT_KEPT's recorder: the newest `kept`; 0 records nothing, unless a
+    timeline is on, which sees every collective as it closes."""
+    from ringlib.collectives.flight import FlightRecorder
+    recorder = FlightRecorder(0, kept=3)
+    for seq in range(5):
+        recorder.closed(recorder.opened(seq, "all_reduce float32[2] sum", 8, None))
+    assert [e[0] for e in recorder.entries] == [2, 3, 4]
+    recorder.keep(0)
+    assert recorder.opened(5, "barrier", 0, None) is None and not recorder.entries
+    recorder.closed(None)  # a collective opened while off closes as nothing
+    timeline = Timeline(str(tmp_path / "t.json"), 0)
+    recorder.timeline = timeline
+    recorder.closed(recorder.opened(6, "barrier", 0, None))
+    timeline.close()
+    assert any(e["name"] == "ringlib:barrier" for e in trace(tmp_path / "t.json"))
+    assert not recorder.entries
