@@ -9,7 +9,8 @@ in flight at once never overlap wrongly), with its phases nested in it; instants
 PeerLost, MismatchError and re-forms; other parts (gradient buckets, pipeline stages) add
 complete spans on threads of their own.
 
-Events are kept in memory, the oldest dropped past `cap`, and the file is written whole
+Events are kept in memory, the oldest dropped past `cap` (a collective, with its kernel's
+phase, counts as one: it is kept as one tuple), and the file is written whole
 to a temporary name and renamed over the last one, every FLUSH_S while events come, when
 the timeline stops, and at exit (normal, an exception, Ctrl-C, SIGTERM: runtime/signals.py):
 whenever the process ends, the file is valid JSON.
@@ -29,9 +30,11 @@ from ringlib.collectives import flight
 from ringlib.collectives.flight import Entry
 from ringlib.ops import Op
 
-# The events a timeline keeps (RINGLIB_TIMELINE_EVENTS): about 110 bytes each on disk, and
-# writing 100,000 takes about half a second of one core, holding the GIL.
-EVENTS = 100_000
+# The events a timeline keeps (RINGLIB_TIMELINE_EVENTS; a collective counts as one, and
+# writes 2 to 4): about 110 bytes each written, and writing 100,000 takes 0.5-1 s of one
+# core, CHUNK events at a time.
+EVENTS = 50_000
+CHUNK = 2000
 FLUSH_S = 10.0    # how often new events are written out (RINGLIB_TIMELINE_FLUSH_S)
 # Threads (tid) of a rank's process in the trace.
 COLLECTIVES, LINKS, GRADIENTS, PIPELINE = 1, 2, 3, 10
@@ -56,8 +59,9 @@ class Timeline:
     def __init__(self, path: str, rank: int, cap: int | None = None) -> None:
         self.path, self.rank = path, rank
         cap = cap if cap is not None else int(os.environ.get("RINGLIB_TIMELINE_EVENTS", EVENTS))
-        self._events: collections.deque[dict] = collections.deque(maxlen=max(1, cap))
+        self._events: collections.deque[dict | tuple] = collections.deque(maxlen=max(1, cap))
         self._count = 0  # events recorded, dropped ones too
+        self._signatures: dict[str, tuple] = {}  # sig -> _about(sig), for the hot path
         self._base_ns = time.time_ns() - time.monotonic_ns()
         self.offset_us = 0.0  # to add for rank 0's clock (clock.py)
         self.clock = "this host's wall clock"
@@ -76,31 +80,39 @@ class Timeline:
         """A time of the monotonic clock (ns) as this trace's microseconds."""
         return (monotonic_ns + self._base_ns) / 1000.0
 
-    def _add(self, event: dict) -> None:
+    def _add(self, event: dict | tuple) -> None:
         self._events.append(event)
         self._count += 1
 
     def collective(self, entry: Entry, generation: int, exc: BaseException | None) -> None:
-        """A collective that ended (a flight Entry): its span, and an instant if it failed."""
-        words = entry[flight.SIG].split()
-        seq = entry[flight.SEQ]
-        name, ident = f"ringlib:{words[0]}", f"{generation}.{seq}"
-        args = {"seq": seq, "generation": generation, "bytes": entry[flight.NBYTES],
-                "signature": entry[flight.SIG], "outcome": entry[flight.OUTCOME],
-                **_described(words)}
-        args.setdefault("algorithm", entry[flight.ALGORITHM])
-        start, end = self.us(entry[flight.STARTED]), self.us(entry[flight.ENDED])
-        self._add({"ph": "b", "cat": "collective", "name": name, "id": ident, "pid": self.rank,
-                   "tid": COLLECTIVES, "ts": start, "args": args})
-        if args.get("algorithm", "").startswith(("compiled", "mesh")):
-            kernel = "compiled kernel" if args["algorithm"].startswith("compiled") else "mesh"
-            self._async_phase(ident, f"{kernel}: write, wait for the peers, reduce", start,
-                              end, {"waited for": entry[flight.WAITED]})
-        self._add({"ph": "e", "cat": "collective", "name": name, "id": ident, "pid": self.rank,
-                   "tid": COLLECTIVES, "ts": end,
-                   "args": {"duration_us": end - start, "outcome": entry[flight.OUTCOME]}})
+        """A collective that ended (a flight Entry): its span, and an instant if it failed.
+        Kept as one tuple, made into events when the file is written: this runs for every
+        collective, the write only now and then."""
+        sig = entry[flight.SIG]
+        known = self._signatures.get(sig)
+        if known is None:
+            known = self._signatures[sig] = _about(sig, entry[flight.ALGORITHM])
+        self._add((known, generation, entry[flight.SEQ], entry[flight.NBYTES],
+                   entry[flight.OUTCOME], entry[flight.STARTED], entry[flight.ENDED],
+                   entry[flight.WAITED]))
         if exc is not None:
-            self.instant(type(exc).__name__, {"seq": seq, "error": str(exc)})
+            self.instant(type(exc).__name__, {"seq": entry[flight.SEQ], "error": str(exc)})
+
+    def _expanded(self, record: tuple, shift: float) -> list[dict]:
+        """A collective() record as its events: the span, and its kernel's phase."""
+        (name, described, kernel), generation, seq, nbytes, outcome, began, ended, waited = \
+            record
+        ident, start, end = f"{generation}.{seq}", self.us(began) + shift, self.us(ended) + shift
+        common = {"cat": "collective", "name": name, "id": ident, "pid": self.rank,
+                  "tid": COLLECTIVES}
+        events = [{"ph": "b", **common, "ts": start,
+                   "args": {"seq": seq, "generation": generation, "bytes": nbytes,
+                            "outcome": outcome, **described}}]
+        if kernel is not None:
+            phase = {**common, "name": kernel}
+            events += [{"ph": "b", **phase, "ts": start, "args": {"waited for": waited}},
+                       {"ph": "e", **phase, "ts": end}]
+        return events + [{"ph": "e", **common, "ts": end, "args": {"outcome": outcome}}]
 
     def phase(self, seq: int, name: str, began_ns: int, ended_ns: int, args: dict,
               generation: int | None = None) -> None:
@@ -148,14 +160,20 @@ class Timeline:
             count = self._count
             if count == self._written:
                 return
-            shift = self.offset_us
-            events = [dict(e, ts=e["ts"] + shift) for e in list(self._events)]
-            document = {"traceEvents": self._names() + events, "displayTimeUnit": "ms",
-                        "otherData": {"rank": self.rank, "pid": os.getpid(),
-                                      "clock": self.clock, "clock_offset_us": shift,
-                                      "events_dropped": max(0, count - len(events))}}
+            shift, kept = self.offset_us, list(self._events)
+            events: list[dict] = []
+            for e in kept:
+                if type(e) is tuple:
+                    events += self._expanded(e, shift)
+                else:
+                    events.append(dict(e, ts=e["ts"] + shift))
+            rest = {"displayTimeUnit": "ms",
+                    "otherData": {"rank": self.rank, "pid": os.getpid(), "clock": self.clock,
+                                  "clock_offset_us": shift,
+                                  "events_dropped": max(0, count - len(kept))}}
             temporary = f"{self.path}.{os.getpid()}.tmp"
-            text = json.dumps(document, separators=(",", ":"))  # the C encoder: dump() is not
+            text = ('{"traceEvents":[' + ",".join(_encoded(self._names() + events)) + "],"
+                    + _compact(rest)[1:])
             with open(temporary, "w") as out:
                 out.write(text)
             os.replace(temporary, self.path)
@@ -181,9 +199,23 @@ class Timeline:
         self.write()
 
 
-def _described(words: list[str]) -> dict:
-    """What a signature says, by field: dtype, shape, op, root and algorithm."""
-    described: dict[str, Any] = {}
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))  # the C encoder: dump() is not
+
+
+def _encoded(events: list[dict]) -> list[str]:
+    """`events` as JSON array members, CHUNK at a time: the encoder holds the GIL for a
+    whole call, and the ring's loop thread (its heartbeats) must get its turns meanwhile."""
+    return [_compact(events[i:i + CHUNK])[1:-1] for i in range(0, len(events), CHUNK)]
+
+
+def _about(sig: str, algorithm: str) -> tuple[str, dict, str | None]:
+    """What a timeline writes of every collective of signature `sig`, worked out once:
+    its span's name; its args by field (signature, dtype, shape, op, root, thread,
+    algorithm); and the name of its one phase where a kernel runs it whole (compiled
+    path, mesh), else None."""
+    words = sig.split()
+    described: dict[str, Any] = {"signature": sig}
     for word in words[1:]:
         if "[" in word:
             described["dtype"], described["shape"] = word.split("[")[0], "[" + word.split("[")[1]
@@ -195,7 +227,12 @@ def _described(words: list[str]) -> dict:
             described["op"] = word
         else:
             described["algorithm"] = word
-    return described
+    described.setdefault("algorithm", algorithm)
+    kernel = None
+    if described["algorithm"].startswith(("compiled", "mesh")):
+        kernel = ("compiled kernel" if described["algorithm"].startswith("compiled")
+                  else "mesh") + ": write, wait for the peers, reduce"
+    return f"ringlib:{words[0]}", described, kernel
 
 
 def write_all() -> None:
