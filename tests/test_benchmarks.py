@@ -204,3 +204,20 @@ def test_the_two_host_benchmark_compares_hierarchical_flat_and_gloo_and_counts_b
     assert all(re.fullmatch(r"[\d.]+|-", rows[s][-1]) for s in rows), done.stdout  # +mem MiB
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "rlh" not in listed, f"namespaces left behind: {listed}"
+
+
+@pytest.mark.timeout(120)
+def test_the_admission_benchmark_times_an_idle_admit_beside_an_all_reduce_and_a_join(tmp_path):
+    run = bench(tmp_path, "admission", "-n", "2", "--trials", "1", "--calls", "100",
+                "--json", str(tmp_path / "a.json"))
+    assert re.search(rf"admit\(\)/all_reduce +{NUMBER} ", run.stdout), run.stdout
+    assert re.search(rf"admitting one newcomer +{NUMBER} ms", run.stdout), run.stdout
+    (trial,) = json.loads((tmp_path / "a.json").read_text())["trials"]
+    assert trial["admit_idle_us"] > 0 and trial["to_first_collective_ms"] >= trial["admit_ms"]
+
+
+@pytest.mark.timeout(120)
+def test_the_observing_benchmark_times_the_recorder_and_the_timeline_on_both_apis(tmp_path):
+    run = bench(tmp_path, "observing", "--sizes", "8B", "--calls", "100")
+    for api in ("blocking", "asyncio"):
+        assert re.search(rf"^ +{api} +8 B( +{NUMBER}){{5}}$", run.stdout, re.M), run.stdout
