@@ -603,11 +603,12 @@ class Ring:
 
     async def start_timeline(self, path: str) -> None:
         """Record this rank's timeline to `path` from now on ("{rank}" in it replaced by
-        the rank; a directory gets trace-{rank}.json), with times on rank 0's clock
-        (runtime/timeline.py); a timeline already on is stopped first. Each rank starts
+        the rank; a path without it not ending in .json is a directory that gets
+        trace-{rank}.json), with times on rank 0's clock (runtime/timeline.py); a
+        timeline already on is stopped first. Each rank starts
         its own: call it on those whose timeline is wanted."""
         self.stop_timeline()
-        where = path_for(os.fspath(path), self.rank)
+        where = path_for(os.fspath(path), self.rank, self.world_size)
         try:
             timeline = Timeline(where, self.rank)
         except OSError as exc:

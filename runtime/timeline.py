@@ -28,6 +28,7 @@ from typing import Any
 
 from ringlib.collectives import flight
 from ringlib.collectives.flight import Entry
+from ringlib.errors import InvalidArgument
 from ringlib.ops import Op
 
 # The events a timeline keeps (RINGLIB_TIMELINE_EVENTS; a collective counts as one, and
@@ -45,11 +46,15 @@ _live: weakref.WeakSet[Timeline] = weakref.WeakSet()
 _OPS = frozenset(op.value for op in Op)  # the words of a signature that name its op
 
 
-def path_for(template: str, rank: int) -> str:
-    """`template` with {rank} replaced by the rank; a directory (or a path ending in /)
-    gets trace-{rank}.json in it."""
-    if template.endswith(os.sep) or os.path.isdir(template):
+def path_for(template: str, rank: int, world_size: int) -> str:
+    """`template` with {rank} replaced by the rank; a path without {rank} that does not
+    end in .json is a directory (made if need be) that gets trace-{rank}.json. One file
+    for several ranks would have them overwrite each other's traces: refused."""
+    if "{rank}" not in template and not template.endswith(".json"):
         template = os.path.join(template, "trace-{rank}.json")
+    elif "{rank}" not in template and world_size > 1:
+        raise InvalidArgument(f"rank {rank}: the timeline {template} is one file for "
+                              f"{world_size} ranks: put {{rank}} in its name, or name a directory")
     return template.replace("{rank}", str(rank))
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from leftovers import assert_none_left, tagged_env
-from ringlib.runtime.timeline import Timeline
+from ring_harness import run_ring
+from ringlib import InvalidArgument
+from ringlib.runtime.timeline import Timeline, path_for
 from ringlib.runtime.trace_files import collectives
 
 pytestmark = pytest.mark.timeout(180)
@@ -80,12 +82,14 @@ def test_the_timeline_starts_and_stops_at_run_time(tmp_path):
         assert names.count("ringlib:all_reduce") == 3
 
 
-def test_a_rank_ended_by_an_exception_or_by_sigterm_leaves_a_valid_trace(tmp_path):
+@pytest.mark.parametrize("ending", ["die", "interrupt"])
+def test_a_rank_ended_by_an_exception_ctrl_c_or_sigterm_leaves_a_valid_trace(tmp_path, ending):
     # No periodic write: what is on disk comes from the exit and SIGTERM handlers.
-    done = launch(tmp_path, 2, "die", "--timeline", str(tmp_path / "traces"),
+    done = launch(tmp_path, 2, ending, "--timeline", str(tmp_path / "traces"),
                   RINGLIB_TIMELINE_FLUSH_S="3600")
-    assert done.returncode == 1, done.stderr  # rank 1's RuntimeError; rank 0 got SIGTERM
-    assert "rank 1 fails on purpose" in done.stderr
+    # rank 1's RuntimeError or KeyboardInterrupt; rank 0 got SIGTERM from the launcher
+    assert done.returncode == (1 if ending == "die" else 130), done.stderr
+    assert ("rank 1 fails on purpose" if ending == "die" else "KeyboardInterrupt") in done.stderr
     for rank in range(2):
         names = {e["name"] for e in trace(tmp_path / "traces" / f"trace-{rank}.json")}
         assert {f"ringlib:{k}" for k in KINDS} <= names, f"rank {rank}: {sorted(names)}"
@@ -108,6 +112,63 @@ def test_the_merge_aligns_the_ranks_and_the_summary_names_the_late_one(tmp_path)
         ends.setdefault(s["key"], []).append(s["start"] + s["duration"])
     # All three finish an all-reduce together, after the late rank came (0.3 s late).
     assert all(len(e) == 3 and max(e) - min(e) < 50_000 for e in ends.values()), ends
+
+
+def test_a_rank_on_another_host_measures_its_clock_against_rank_0s(tmp_path):
+    """Rank 2 on its own loopback address counts as another host: its timeline takes
+    the offset it measured to rank 0 (CLOCK questions), and the merge still aligns."""
+    traces = tmp_path / "traces"
+    finished = run_ring("late", 3, "tcp", 0, {"RINGLIB_TIMELINE": str(traces)},
+                        timeout=90, peer=Path(PEER), hosts=2)
+    assert all(f.returncode == 0 for f in finished), [f.stderr[-2000:] for f in finished]
+    clocks = [json.loads((traces / f"trace-{r}.json").read_text())["otherData"]["clock"]
+              for r in range(3)]
+    assert clocks[2] == "rank 0's, measured at start" and "one host" in clocks[1], clocks
+    ends: dict[tuple, list[float]] = {}
+    for s in collectives([e for r in range(3) for e in trace(traces / f"trace-{r}.json")]):
+        ends.setdefault(s["key"], []).append(s["start"] + s["duration"])
+    assert len(ends) == 5 and all(len(e) == 3 and max(e) - min(e) < 50_000
+                                  for e in ends.values()), ends
+
+
+def test_gradient_buckets_and_pipeline_micro_batches_are_on_the_timeline(tmp_path):
+    done = launch(tmp_path, 2, "work", "--timeline", str(tmp_path / "traces"))
+    assert done.returncode == 0, f"seed {done.seed}: {done.stderr}"
+    flows: dict[str, list[str]] = {}
+    for rank in range(2):
+        events = trace(tmp_path / "traces" / f"trace-{rank}.json")
+        names = [e["name"] for e in events]
+        ready = [n for n in names if n.endswith(" ready")]
+        reduced = [n for n in names if n.startswith("bucket ") and n.endswith("all-reduce")]
+        assert len(ready) >= 2 and len(reduced) == len(ready), f"rank {rank}: {names}"
+        assert "synchronize() wait" in names
+        stages = {n.split(" #")[0] for n in names if " #" in n}
+        assert {"compute", "send"} <= stages and ("wait for input" in stages or rank == 0)
+        for e in events:
+            if e["ph"] in "sf" and e.get("name") == "micro-batch":
+                flows.setdefault(e["id"], []).append(e["ph"])
+        counts = [e for e in events if e["ph"] == "C"]
+        assert bool(counts) == (rank == 0), "rank 0 counts the micro-batches in flight"
+    # Every arrow starts on one rank and ends on the other: 4 micro-batches there and back.
+    assert len(flows) >= 8 and all(sorted(v) == ["f", "s"] for v in flows.values()), flows
+
+
+def test_a_lost_peer_dumps_the_recorder_and_marks_the_loss_and_the_reform(tmp_path):
+    traces, flights = tmp_path / "traces", tmp_path / "flight"
+    env = {"RINGLIB_TIMELINE": str(traces / "trace-{rank}.json"),
+           "RINGLIB_FLIGHT_DIR": str(flights),
+           "RINGLIB_PEER_TIMEOUT": "1.5", "RINGLIB_HEARTBEAT_S": "0.25"}
+    finished = run_ring("lost", 3, "tcp", 0, env, timeout=90, peer=Path(PEER),
+                        expendable=frozenset({2}))
+    log = "\n".join(f"--- rank {f.rank} exit {f.returncode}\n{f.stdout}{f.stderr[-2000:]}"
+                    for f in finished)
+    for rank in (0, 1):
+        assert finished[rank].returncode == 0, log
+        assert f"rank {rank} lost a peer" in finished[rank].stdout, log
+        assert "PeerLost" in "".join(p.read_text() for p in flights.glob(f"flight-rank{rank}-*"))
+        names = [e["name"] for e in trace(traces / f"trace-{rank}.json") if e["ph"] == "i"]
+        assert "PeerLost" in names and "reform" in names, f"rank {rank}: {names}"
+        assert names.index("PeerLost") < names.index("reform")
 
 
 def test_the_flight_recorder_dumps_on_a_timeout_and_on_sigusr1(tmp_path):
@@ -184,3 +245,11 @@ def test_the_flight_recorder_keeps_what_it_is_told_and_nothing_when_off(tmp_path
     timeline.close()
     assert any(e["name"] == "ringlib:barrier" for e in trace(tmp_path / "t.json"))
     assert not recorder.entries
+
+
+def test_a_timeline_path_names_each_ranks_file_and_refuses_one_file_for_several():
+    assert path_for("/t/trace-{rank}.json", 3, 4) == "/t/trace-3.json"
+    assert path_for("/t/traces", 3, 4) == "/t/traces/trace-3.json"  # a directory
+    assert path_for("/t/one.json", 0, 1) == "/t/one.json"
+    with pytest.raises(InvalidArgument, match=r"rank 1: .*one.json is one file for 2 ranks"):
+        path_for("/t/one.json", 1, 2)
