@@ -58,6 +58,19 @@ def unpack(meta: dict[str, Any], buffers: list[Any]) -> Activation:
     return rebuild(meta["structure"], meta["keys"], tensors)
 
 
+def owned(out: Activation, inp: Activation) -> Activation:
+    """`out`, with any of its tensors that lie in the memory of `inp`'s (a stage that
+    returned its input, or a view of it) copied out, so that `inp`'s may be given back."""
+    if out is None:
+        return out
+    inputs = {t.untyped_storage().data_ptr() for t in flatten(inp)[2]}
+    structure, keys, tensors = flatten(out)
+    if not any(t.untyped_storage().data_ptr() in inputs for t in tensors):
+        return out
+    return rebuild(structure, keys, [t.clone() if t.untyped_storage().data_ptr() in inputs
+                                     else t for t in tensors])
+
+
 def split(act: Activation, rows: int) -> list[Activation]:
     """Micro-batches of at most `rows` rows each (the last may be smaller)."""
     structure, keys, tensors = flatten(act)

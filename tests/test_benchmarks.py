@@ -179,16 +179,24 @@ def test_the_ddp_benchmark_compares_ddp_on_ringlib_with_gloo_and_compute_on_both
 
 
 @pytest.mark.timeout(120)
-def test_the_pipeline_benchmark_compares_the_pipeline_with_one_process(tmp_path):
+def test_the_pipeline_benchmark_compares_the_pipeline_with_one_process_and_torch(tmp_path):
     tag, env = tagged_env(tmp_path / "tmp")
-    run = subprocess.run([sys.executable, "-m", "ringlib", "bench", "pipeline", "--width", "64",
-                          "--layers", "2", "--batches", "2", "--rounds", "1"], env=env,
-                         cwd=tmp_path, capture_output=True, text=True, timeout=110)
+    run = subprocess.run([sys.executable, "-m", "ringlib", "bench", "pipeline", "--stages", "3",
+                          "--width", "64", "--layers", "3", "--batch", "8", "--micro-batch",
+                          "4", "--batches", "2", "--rounds", "1", "--compare", "torch"],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=110)
     assert run.returncode == 0, run.stderr
     assert re.search(r"whole model, one process +\d+$", run.stdout, re.M), run.stdout
-    assert re.search(r"2-stage pipeline, 2 peers +\d+ +[\d.]+x$", run.stdout, re.M)
-    assert re.search(r"micro-batch latency through the pipeline: p50 [\d.]+ ms", run.stdout)
+    for api in (r"asyncio arun\(\)", r"blocking run\(\)"):
+        assert re.search(rf"ringlib pipeline, 3 peers, {api} +\d+ +[\d.]+x alone, [\d.]+x "
+                         "torch$", run.stdout, re.M), run.stdout
+    assert re.search(r"ScheduleGPipe +\d+ +[\d.]+x alone$", run.stdout, re.M), run.stdout
+    assert re.search(r"one at a time: p50 [\d.]+ ms, p99 [\d.]+ ms; in the full pipe", run.stdout)
+    assert "--stages 3" in run.stdout and "--compare torch" in run.stdout
     assert_none_left(tag)
+    wrong = subprocess.run([sys.executable, "-m", "ringlib", "bench", "pipeline", "--compare",
+                            "mpi"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "cannot compare with mpi; known: torch" in wrong.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),

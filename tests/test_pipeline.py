@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import re
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -173,6 +176,31 @@ async def test_backpressure_bounds_what_waits_at_a_slow_stage():
         await server
     assert outputs[0].shape == (40, 3)
     assert max(waiting) <= 2 * 2, f"messages kept at the slow stage: {max(waiting)}"
+
+
+@pytest.mark.parametrize("ranks,link,env", [
+    (2, "shared", {}), (3, "shared", {}), (3, "tcp", {"RINGLIB_SHM_BYTES": "0"}),
+    # a ring of 256 KiB holds 16 micro-batches: one never released would fill it
+    (3, "small ring", {"RINGLIB_SHM_BYTES": str(256 << 10)})])
+def test_processes_stream_activations_through_shared_memory_or_tcp_and_equal_the_model(
+        ranks, link, env):
+    seed = int.from_bytes(os.urandom(4), "little")
+    with tempfile.TemporaryDirectory(prefix="rl-") as ipc:
+        peers = local_addresses(ranks, "tcp", ipc)
+        envs = [{**ringlib_env(r, ranks, peers), **env} for r in range(ranks)]
+        finished = run_ranks([str(PEER), "equal", str(seed)], envs, timeout=90)
+    log = f"seed {seed}, {link}: " + "\n".join(f.stdout + f.stderr[-1500:] for f in finished)
+    assert all(f.returncode == 0 for f in finished), log
+    assert "outputs equal" in finished[0].stdout, log
+    for f in finished[1:]:
+        inputs = re.search(r"inputs in shared memory: (\d+) of (\d+); last (\w+)", f.stdout)
+        placed, total, last = int(inputs[1]), int(inputs[2]), inputs[3] == "True"
+        assert total >= 40, log
+        if link == "tcp":
+            assert placed == 0, log
+        else:  # every input read in place, to the last: what was read was given back
+            assert placed == total and last, log
+    assert all("held at the end: 0" in f.stdout for f in finished), log
 
 
 def test_a_stage_process_that_dies_gives_rank_0_a_clear_error(tmp_path):

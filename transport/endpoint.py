@@ -199,7 +199,8 @@ class Endpoint:
         self.liveness.watch(ranks, interval, timeout, self.zmq.secure)
 
     async def send(self, to: int, header: Header, payload: Any = None,
-                   deadline: float | None = None, writable: bool = False) -> Any:
+                   deadline: float | None = None, writable: bool = False,
+                   held: bool = False) -> Any:
         """Queue one message for rank `to` over the best link to it; the payload buffer
         is shared, not copied, when large. The header's nbytes is set to the payload's
         length. Returns a tracker, done once the payload buffer may change again, or None
@@ -209,7 +210,8 @@ class Endpoint:
         Collective payloads to a peer on this host go through shared memory, and large
         arrays by address to a peer that can read this process (single_copy.py), with a
         Released tracker; `writable` ones always do where the peer can, and the peer may
-        write into them until it releases them.
+        write into them until it releases them. A `held` stream payload (one its receiver
+        releases when done with it) goes through shared memory too, copied in.
         """
         if self._closed:
             raise RingClosed(f"rank {self.rank}: endpoint is closed")
@@ -218,12 +220,12 @@ class Endpoint:
         nbytes = 0 if payload is None else memoryview(payload).nbytes
         if header.nbytes != nbytes:
             header = frames.sized(header, nbytes)
-        if header.kind == DATA:
-            written = self._write_shared(to, header, payload, nbytes, writable)
+        if header.kind != DATA:
+            header = self._stamped(header)
+        if header.kind == DATA or held:
+            written = self._write_shared(to, header, payload, nbytes, writable, not held)
             if written is not None:
                 return written[0]
-        else:
-            header = self._stamped(header)
         if self._plain and nbytes <= self.direct_bytes and \
                 self.direct.send(to, encode(header), payload):
             return None
@@ -231,12 +233,13 @@ class Endpoint:
         return await self.zmq.send(to, parts, deadline, self.inbox.unless_failed)
 
     def _write_shared(self, to: int, header: Header, payload: Any, nbytes: int,
-                      writable: bool) -> tuple[Any] | None:
-        """(tracker,) if the shared-memory link to `to` took the message, else None."""
+                      writable: bool, may_lend: bool) -> tuple[Any] | None:
+        """(tracker,) if the shared-memory link to `to` took the message, else None;
+        `may_lend`: a large array may go by address (the caller awaits the tracker)."""
         writer = self.shared.writer_to(to)
         if writer is None:
             return None
-        by_address = writer.single_copy and isinstance(payload, np.ndarray) and \
+        by_address = may_lend and writer.single_copy and isinstance(payload, np.ndarray) and \
             (writable or 0 < self.single_copy_bytes <= nbytes)
         written = writer.write(pack(header), payload, by_address, writable)
         if written is None:
@@ -299,8 +302,8 @@ class Endpoint:
         """
         if spin <= 0 or not self._may_poll or self._closed:
             return self.inbox.take(key)
-        # Collective payloads from a peer on this host come through its ring (and only
-        # those: streams stay on the sockets).
+        # Collective payloads from a peer on this host come through its ring (streams'
+        # tensors may too, but nobody spins for those).
         shared = key.kind == DATA and key.sender in self.shared.readers
         if shared:
             self.shared.poll(key.sender)  # its message is often there already
@@ -353,7 +356,7 @@ class Endpoint:
         if h.nbytes != nbytes:
             return self._drop(f"{h.kind.name} from rank {h.sender} has {nbytes} payload bytes "
                               f"under a header of {h.nbytes}", payload)
-        if isinstance(payload, HELD) and h.kind != DATA:
+        if isinstance(payload, HELD) and h.kind != DATA and h.kind != Kind.STREAM:
             return self._drop(f"{h.kind.name} from rank {h.sender} in shared memory", payload)
         if h.kind in CHECKED and h.sig != self.roster.tokens.get(h.sender):
             return self._drop(f"{h.kind.name} from rank {h.sender} without its token: a "

@@ -301,6 +301,10 @@ class Reader:
             payload = SharedPayload(self._view[start:start + payload_len], self, entry)
         self._deliver(self._view[body:body + header_len], payload)
 
+    def held(self) -> int:
+        """Records delivered and not released yet."""
+        return sum(not released for _, released in self._pending)
+
     def release(self, entry: list) -> None:
         entry[1] = True
         if self._words is None:

@@ -143,6 +143,10 @@ class SharedLinks:
         writer = self.writer_to(rank)
         return writer is not None and writer.single_copy and rank in self._reads_memory
 
+    def held(self) -> int:
+        """Records received from every peer and not released yet."""
+        return sum(reader.held() for reader in self.readers.values())
+
     def poll(self, rank: int | None = None) -> None:
         """Deliver what the segments of every peer (or of `rank`) hold now."""
         if rank is not None:
