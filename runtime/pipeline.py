@@ -19,6 +19,14 @@ are the tensors' bytes, sent without copying over the sockets or copied once int
 shared-memory link to a neighbour on this host, whose stage reads its input in place
 there and releases it once its output is sent (an output that is a view of its input is
 copied out first).
+
+Losing a stage: a Pipeline given `build` (each rank's stage for any ring size) survives
+the loss of any rank but 0. Every survivor meets PeerLost on its stream, re-forms the ring
+(Ring.reform), builds its stage of the smaller ring, and opens a new stream; rank 0 says
+from which micro-batch on the stream resumes (the first whose output it has not got),
+and re-sends those micro-batches from their inputs, which it keeps until their outputs
+come. So run() yields every output once, in order. Without `build`, PeerLost is raised,
+naming the stage.
 """
 
 from __future__ import annotations
@@ -26,11 +34,12 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, NamedTuple
 
 import msgpack
+import numpy as np
 
-from ringlib.errors import CollectiveTimeout, RingClosed, StageError
+from ringlib.errors import CollectiveTimeout, InvalidArgument, PeerLost, RingClosed, StageError
 
 from ringlib.transport.shared import discard
 
@@ -43,30 +52,52 @@ from .timeline import PIPELINE
 INLINE_S = 0.02  # a stage faster than this runs on the event loop's thread
 
 
+class _Lost(NamedTuple):
+    """The feeder met PeerLost in ring generation `generation`."""
+    error: PeerLost
+    generation: int
+
+
 class Pipeline:
     """One rank's stage in a pipeline over `ring` (a Ring, or the BlockingRing of init()).
 
     stage: a torch module, an ONNX model path, or any callable on activations.
+    build: instead of `stage`, build(rank, world_size) gives this rank's stage in a ring
+        of world_size ranks (say a cut of a model every rank can make); then the pipeline
+        survives losing a stage, re-split over the survivors.
     micro_batch: rows per micro-batch. max_in_flight: micro-batches in the pipe at once.
-    timeout: seconds rank 0 waits for an output before it gives up on the other stages.
+    timeout: seconds rank 0 waits for an output before it gives up on the other stages,
+        and the survivors of a loss wait for each other.
     """
 
-    def __init__(self, ring: Ring | BlockingRing, stage: Any, micro_batch: int = 8,
-                 max_in_flight: int = 4, timeout: float = 60.0) -> None:
+    def __init__(self, ring: Ring | BlockingRing, stage: Any = None, micro_batch: int = 8,
+                 max_in_flight: int = 4, timeout: float = 60.0, *,
+                 build: Callable[[int, int], Any] | None = None) -> None:
+        if (stage is None) == (build is None):
+            raise InvalidArgument("a Pipeline takes a stage, or build(rank, world_size) "
+                                  "that makes one: exactly one of them")
         self._blocking = ring if isinstance(ring, BlockingRing) else None
         self.ring: Ring = ring.ring if self._blocking else ring
-        self.stage = as_stage(stage)
+        self._build = build
         self.micro_batch, self.max_in_flight, self.timeout = micro_batch, max_in_flight, timeout
+        self._take_places()
+        self.stage = as_stage(stage if build is None else build(self.rank, self.world_size))
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"ringlib-stage{self.rank}")
+        self._sent = 0        # rank 0: micro-batch ids sent so far; others: ids handled
+        self._received = 0    # rank 0: outputs received so far
+        self._planned = 0     # rank 0: ids given to micro-batches so far
+        self._inputs: dict[int, tuple[int, Activation]] = {}  # rank 0: id -> (batch, input)
+        self._local: dict[int, asyncio.Future] = {}  # a ring of one: outputs by id
+        self._inline = False  # whether the last micro-batch took less than INLINE_S
+        self._feeder: asyncio.Future | None = None
+        self._closed = False
+
+    def _take_places(self) -> None:
+        """This rank's place in the ring, its neighbours and a stream of its own."""
         self.rank, self.world_size = self.ring.rank, self.ring.world_size
         self._left = (self.rank - 1) % self.world_size
         self._right = (self.rank + 1) % self.world_size
         self._stream = self.ring.new_stream()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"ringlib-stage{self.rank}")
-        self._sent = 0        # rank 0: micro-batch ids sent so far; others: ids handled
-        self._received = 0    # rank 0: outputs received so far
-        self._local: dict[int, asyncio.Future] = {}  # a ring of one: outputs by id
-        self._inline = False  # whether the last micro-batch took less than INLINE_S
-        self._closed = False
 
     # --- rank 0 ----------------------------------------------------------------------
 
@@ -78,15 +109,25 @@ class Pipeline:
         await self._drain()
         plan: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(self.max_in_flight)
-        feeder = asyncio.ensure_future(self._feed(batches, plan, slots))
+        source = enumerate(batches)
+        self._feeder = asyncio.ensure_future(self._feed(source, plan, slots))
         try:
             while (item := await plan.get()) is not None:
+                if isinstance(item, _Lost):
+                    if item.generation == self.ring.generation:  # not recovered from yet
+                        await self._recover(item.error, source, plan, slots)
+                    continue
                 if isinstance(item, Exception):  # the feeder failed: a bad batch, say
                     raise item
                 batch, ids = item
                 parts, held = [], []
                 for i in ids:
-                    part, payloads = await self._collect(i, batch, slots)
+                    while True:
+                        try:
+                            part, payloads = await self._collect(i, batch, slots)
+                            break
+                        except PeerLost as exc:
+                            await self._recover(exc, source, plan, slots)
                     parts.append(part)
                     held += payloads
                 failed = next((p for p in parts if isinstance(p, StageError)), None)
@@ -99,33 +140,64 @@ class Pipeline:
                     yield failed
                 else:
                     raise failed
-            await feeder
+            await self._feeder
         finally:
-            feeder.cancel()
-            await asyncio.gather(feeder, return_exceptions=True)
+            await self._stop_feeder()
 
-    async def _feed(self, batches: Iterable[Activation], plan: asyncio.Queue,
+    async def _stop_feeder(self) -> None:
+        if self._feeder is not None:
+            self._feeder.cancel()
+            await asyncio.gather(self._feeder, return_exceptions=True)
+            self._feeder = None
+
+    async def _feed(self, source: Iterator[tuple[int, Activation]], plan: asyncio.Queue,
                     slots: asyncio.Semaphore) -> None:
         try:
-            await self._feed_all(batches, plan, slots)
+            await self._feed_all(source, plan, slots)
+        except PeerLost as exc:
+            await plan.put(_Lost(exc, self.ring.generation))
+            return
         except Exception as exc:
             await plan.put(exc)
             return
         await plan.put(None)
 
-    async def _feed_all(self, batches: Iterable[Activation], plan: asyncio.Queue,
+    async def _feed_all(self, source: Iterator[tuple[int, Activation]], plan: asyncio.Queue,
                         slots: asyncio.Semaphore) -> None:
-        for batch, whole in enumerate(batches):
+        await self._send_planned(slots)  # what a loss interrupted
+        for batch, whole in source:
             micro = split(whole, self.micro_batch)
-            ids = list(range(self._sent, self._sent + len(micro)))
+            ids = list(range(self._planned, self._planned + len(micro)))
+            self._planned += len(micro)
+            self._inputs.update((i, (batch, part)) for i, part in zip(ids, micro))
             await plan.put((batch, ids))
-            for i, part in zip(ids, micro):
-                await slots.acquire()
-                result = await self._compute(i, batch, part)
-                self._sent = i + 1
-                # Once id i is taken it must go out whole, even if this run is abandoned:
-                # the next run drains its output.
-                await asyncio.shield(self._send(i, *result))
+            await self._send_planned(slots)
+
+    async def _send_planned(self, slots: asyncio.Semaphore) -> None:
+        """Run stage 0 on every micro-batch given an id but not sent yet, and send it."""
+        while self._sent < self._planned:
+            i = self._sent
+            await slots.acquire()
+            result = await self._compute(i, *self._inputs[i])
+            self._sent = i + 1
+            # Once id i is taken it must go out whole, even if this run is abandoned:
+            # the next run drains its output.
+            await asyncio.shield(self._send(i, *result))
+
+    async def _recover(self, lost: PeerLost, source: Iterator[tuple[int, Activation]],
+                       plan: asyncio.Queue, slots: asyncio.Semaphore) -> None:
+        """Rank 0, after `lost`: re-form with the survivors, re-send every micro-batch
+        whose output had not come, and feed on from where the batches were."""
+        await self._stop_feeder()
+        while True:
+            await self._reform(lost)
+            try:
+                for i in range(self._received, self._sent):
+                    await self._send(i, *await self._compute(i, *self._inputs[i]))
+                break
+            except PeerLost as again:
+                lost = again
+        self._feeder = asyncio.ensure_future(self._feed(source, plan, slots))
 
     async def _collect(self, i: int, batch: int, slots: asyncio.Semaphore
                        ) -> tuple[Activation | StageError, list]:
@@ -138,6 +210,7 @@ class Pipeline:
                 f"{self.timeout:g} s; a stage on ranks 1..{self.world_size - 1} "
                 f"({', '.join(self.ring.peers[1:])}) may have died or hung") from None
         self._received = i + 1
+        del self._inputs[i]
         slots.release()
         if meta.get("error"):
             return StageError(meta["error"], meta["rank"], batch), held
@@ -146,9 +219,13 @@ class Pipeline:
     async def _drain(self) -> None:
         """Receive and drop the outputs of micro-batches still in the pipe from an earlier
         run that stopped early, so that ids line up again."""
+        for i in range(self._sent, self._planned):  # given ids but never sent
+            del self._inputs[i]
+        self._planned = self._sent
         while self._received < self._sent:
             for payload in (await asyncio.wait_for(self._receive(self._received), self.timeout))[2]:
                 discard(payload)
+            del self._inputs[self._received]
             self._received += 1
 
     async def aclose(self) -> None:
@@ -169,18 +246,49 @@ class Pipeline:
         if self.rank == 0:
             raise RingClosed("rank 0 drives the pipeline with run(); the others serve()")
         while True:
-            meta, act, held = await self._receive(self._sent)
-            if meta.get("stop") or meta.get("error"):
-                await self._send(self._sent, meta, None)
-            else:
-                meta, out = await self._compute(self._sent, meta["batch"], act)
-                await self._send(self._sent, meta, owned(out, act) if held else out)
-            for payload in held:
-                discard(payload)
-            self._sent += 1
-            if meta.get("stop"):
+            try:
+                stop = await self._serve_one()
+            except PeerLost as exc:
+                await self._reform(exc)
+                continue
+            if stop:
                 self._finish()
                 return
+
+    async def _serve_one(self) -> bool:
+        """Take the next micro-batch from the left, pass its output right; whether it
+        was the word to stop."""
+        meta, act, held = await self._receive(self._sent)
+        if meta.get("stop") or meta.get("error"):
+            await self._send(self._sent, meta, None)
+        else:
+            meta, out = await self._compute(self._sent, meta["batch"], act)
+            await self._send(self._sent, meta, owned(out, act) if held else out)
+        for payload in held:
+            discard(payload)
+        self._sent += 1
+        return bool(meta.get("stop"))
+
+    async def _reform(self, lost: PeerLost) -> None:
+        """After `lost`, with `build`: re-form the ring with the survivors, build this
+        rank's stage of it, open a new stream, and agree on the micro-batch it resumes
+        from (rank 0's first missing output). Without `build`, or with rank 0 lost,
+        raise PeerLost naming the stage."""
+        if self._build is None or (lost.rank == 0 and self.rank != 0):
+            what = ("the pipeline's head" if lost.rank == 0 else
+                    f"the stage on rank {lost.rank} ({lost.address})")
+            hint = "" if lost.rank == 0 else \
+                "; Pipeline(build=...) re-splits the model over the survivors"
+            raise PeerLost(f"pipeline on rank {self.rank}: {what} was lost{hint}: {lost}",
+                           lost.rank, lost.address) from lost
+        await self.ring.reform(timeout=self.timeout)
+        self._take_places()
+        self.stage = as_stage(self._build(self.rank, self.world_size))
+        self._inline = False
+        start = np.array([self._received], np.int64)
+        await self.ring.broadcast(start, root=0)
+        if self.rank != 0:
+            self._sent = int(start[0])
 
     # --- both ----------------------------------------------------------------------
 

@@ -8,9 +8,13 @@ equal  a seeded MLP cut into one stage per rank but the last, whose stage writes
        checks every batch against the whole model in float64. Each serving rank prints
        where its inputs lay (shared memory or not), and every rank how many records it
        still holds in its shared-memory links at the end.
+survive  the same MLP on 4 ranks, stages made by build(rank, world_size); rank 2 SIGKILLs
+         itself in its stage after KILL_AFTER micro-batches; rank 0 checks every batch.
+lost     the same without build: the survivors get PeerLost naming the stage.
 """
 
 import os
+import signal
 import sys
 
 import numpy as np
@@ -19,6 +23,9 @@ import torch
 import ringlib
 from ringlib.runtime.pipeline import Pipeline
 from ringlib.runtime.splitting import split_sequential
+from ringlib.runtime.stages import TorchStage
+
+KILL_AFTER = 7
 
 
 def in_shared_memory(tensor: torch.Tensor) -> bool:
@@ -41,6 +48,7 @@ def mlp(seed: int) -> torch.nn.Sequential:
 
 
 def equal(ring, seed: int) -> None:
+    """One stage a rank; the last writes into its input in place and returns it."""
     model = mlp(seed)
     parts = split_sequential(model, ring.world_size - 1) if ring.world_size > 2 else [model]
     seen = []
@@ -58,9 +66,7 @@ def equal(ring, seed: int) -> None:
         parts[0] if ring.rank == 0 else middle(parts[ring.rank])
     pipe = Pipeline(ring, stage, micro_batch=16, max_in_flight=6)
     if ring.rank == 0:
-        rng = np.random.default_rng(seed)
-        batches = [torch.from_numpy(rng.standard_normal((int(rows), 256)).astype(np.float32))
-                   for rows in rng.integers(1, 70, 40)]
+        batches = batches_of(seed)
         reference = mlp(seed).double()
         with torch.inference_mode():
             for batch, out in zip(batches, pipe.run(batches), strict=True):
@@ -73,6 +79,47 @@ def equal(ring, seed: int) -> None:
         print(f"inputs in shared memory: {sum(seen)} of {len(seen)}; last {seen[-1]}",
               flush=True)
     print(f"held at the end: {ring.ring.endpoint.shared.held()}", flush=True)
+
+
+def batches_of(seed: int) -> list[torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    return [torch.from_numpy(rng.standard_normal((int(rows), 256)).astype(np.float32))
+            for rows in rng.integers(1, 70, 40)]
+
+
+def survive(ring, seed: int, rebuilds: bool) -> None:
+    """Rank 2 dies mid-run; with `rebuilds`, the others re-split the model and finish."""
+    served, victim_process = [], ring.rank == 2
+
+    def build(rank: int, world_size: int):
+        stage = TorchStage(split_sequential(mlp(seed), world_size)[rank])
+        if not victim_process:
+            return stage
+
+        def victim(x: torch.Tensor) -> torch.Tensor:
+            served.append(1)
+            if len(served) > KILL_AFTER:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return stage(x)
+        return victim
+    options = {"build": build} if rebuilds else {"stage": build(ring.rank, ring.world_size)}
+    pipe = Pipeline(ring, micro_batch=16, max_in_flight=4, timeout=30, **options)
+    try:
+        if ring.rank == 0:
+            batches, reference = batches_of(seed), mlp(seed).double()
+            outputs = list(pipe.run(batches))  # every one, once, in order
+            with torch.inference_mode():
+                for batch, out in zip(batches, outputs, strict=True):
+                    torch.testing.assert_close(out.double(), reference(batch.double()),
+                                               rtol=1e-4, atol=1e-4)
+            pipe.close()
+            print(f"outputs equal; world {ring.world_size}, generation {ring.generation}",
+                  flush=True)
+        else:
+            pipe.serve()
+            print(f"served to the end as rank {ring.rank} of {ring.world_size}", flush=True)
+    except ringlib.PeerLost as exc:
+        print(f"PeerLost: {exc}", flush=True)
 
 
 def die(ring) -> None:
@@ -96,7 +143,12 @@ def die(ring) -> None:
 
 def main(mode: str, seed: int) -> None:
     with ringlib.init() as ring:
-        equal(ring, seed) if mode == "equal" else die(ring)
+        if mode == "equal":
+            equal(ring, seed)
+        elif mode in ("survive", "lost"):
+            survive(ring, seed, mode == "survive")
+        else:
+            die(ring)
 
 
 if __name__ == "__main__":

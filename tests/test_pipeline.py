@@ -27,6 +27,7 @@ from ringlib.transport.addresses import local_addresses
 
 pytestmark = pytest.mark.timeout(120)
 PEER = Path(__file__).with_name("pipeline_peer.py")
+FAST = {"RINGLIB_PEER_TIMEOUT": "1.5", "RINGLIB_HEARTBEAT_S": "0.25"}
 
 
 def mlp(seed: int) -> torch.nn.Sequential:
@@ -201,6 +202,35 @@ def test_processes_stream_activations_through_shared_memory_or_tcp_and_equal_the
         else:  # every input read in place, to the last: what was read was given back
             assert placed == total and last, log
     assert all("held at the end: 0" in f.stdout for f in finished), log
+
+
+def run_survivors(mode: str) -> tuple[list, str, int]:
+    seed = int.from_bytes(os.urandom(4), "little")
+    with tempfile.TemporaryDirectory(prefix="rl-") as ipc:
+        peers = local_addresses(4, "tcp", ipc)
+        envs = [{**ringlib_env(r, 4, peers), **FAST} for r in range(4)]
+        finished = run_ranks([str(PEER), mode, str(seed)], envs, timeout=90,
+                             expendable=frozenset({2}))
+    log = f"seed {seed}: " + "\n".join(f"--- rank {f.rank} exit {f.returncode}\n"
+                                       f"{f.stdout}{f.stderr[-1500:]}" for f in finished)
+    return finished, log, seed
+
+
+def test_a_stage_killed_mid_run_is_re_split_over_the_survivors_and_run_completes():
+    finished, log, _ = run_survivors("survive")
+    assert finished[2].returncode == -9, log
+    assert all(finished[r].returncode == 0 for r in (0, 1, 3)), log
+    assert "outputs equal; world 3, generation 1" in finished[0].stdout, log
+    assert "served to the end as rank 1 of 3" in finished[1].stdout, log
+    assert "served to the end as rank 2 of 3" in finished[3].stdout, log
+
+
+def test_a_stage_lost_without_build_raises_peer_lost_naming_it():
+    finished, log, _ = run_survivors("lost")
+    for r in (0, 1, 3):
+        assert "PeerLost: pipeline on rank" in finished[r].stdout, log
+    assert "the stage on rank 2" in finished[0].stdout and "Pipeline(build=...)" in \
+        finished[0].stdout, log
 
 
 def test_a_stage_process_that_dies_gives_rank_0_a_clear_error(tmp_path):
