@@ -2,7 +2,7 @@
 
     from ringlib.pipeline import Pipeline, TorchStage, OnnxStage, split_sequential
     ring = ringlib.init()
-    parts = split_sequential(model, ring.world_size)
+    parts = split_sequential(model, ring.world_size)  # or split_traced(model, example, at=[...])
     pipe = Pipeline(ring, TorchStage(parts[ring.rank]), micro_batch=8, max_in_flight=4)
     if ring.rank == 0:
         for out in pipe.run(batches): ...
@@ -12,9 +12,11 @@
 """
 
 from ringlib.errors import StageError
+from ringlib.runtime.onnx_splitting import split_onnx
 from ringlib.runtime.pipeline import Pipeline
 from ringlib.runtime.splitting import split_sequential
 from ringlib.runtime.stages import OnnxStage, TorchStage, as_stage, export_onnx
+from ringlib.runtime.traced_splitting import split_traced
 
 __all__ = ["OnnxStage", "Pipeline", "StageError", "TorchStage", "as_stage", "export_onnx",
-           "split_sequential"]
+           "split_onnx", "split_sequential", "split_traced"]

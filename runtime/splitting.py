@@ -8,18 +8,19 @@ or forward times, and split_sequential slices the model at the cuts.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ringlib.errors import InvalidArgument
 
 BALANCES = ("params", "time")
-TIMED_RUNS = 3  # per layer, after one warm-up run; the fastest one counts
+TIMED_RUNS = 3  # per layer (or graph node), after one warm-up run; the fastest one counts
 
 
 def cut_points(costs: Sequence[float], parts: int) -> list[int]:
@@ -72,21 +73,27 @@ def layer_costs(model: torch.nn.Sequential, balance: str = "params",
 
 def _forward_times(model: torch.nn.Sequential, example: torch.Tensor) -> list[float]:
     """Seconds each layer takes on the activation the layers before it produce."""
-    synchronize = torch.cuda.synchronize if example.is_cuda else (lambda: None)
     times, x = [], example
     with torch.inference_mode():
         for layer in model:
             y = layer(x)  # warm-up: first calls allocate memory and pick kernels
-            fastest = math.inf
-            for _ in range(TIMED_RUNS):
-                synchronize()
-                start = time.perf_counter()
-                y = layer(x)
-                synchronize()
-                fastest = min(fastest, time.perf_counter() - start)
-            times.append(fastest)
+            times.append(fastest_seconds(functools.partial(layer, x), example.is_cuda))
             x = y
     return times
+
+
+def fastest_seconds(run: Callable[[], object], cuda: bool = False) -> float:
+    """The fastest of TIMED_RUNS calls of `run` (already warmed up), waiting for CUDA's
+    queued work around each call when `cuda`."""
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
+    fastest = math.inf
+    for _ in range(TIMED_RUNS):
+        synchronize()
+        start = time.perf_counter()
+        run()
+        synchronize()
+        fastest = min(fastest, time.perf_counter() - start)
+    return fastest
 
 
 def split_sequential(model: torch.nn.Sequential, parts: int, balance: str = "params",
