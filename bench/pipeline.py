@@ -12,15 +12,19 @@ asyncio API (`arun`) and through the blocking one (`run`), fed `--batches` batch
 `--batch` rows in micro-batches of `--micro-batch`; with `--compare torch`, torch's
 forward-only ScheduleGPipe on a Gloo group in the same processes, one `eval()` a batch.
 Latency per micro-batch is measured twice: one micro-batch at a time through an idle
-pipeline (what a lone request waits), and in the full pipe (with queueing). A last kind
-of round sends the same activations through identity stages: the transport's cost of a
-round trip around the ring.
+pipeline (what a lone request waits), and in the full pipe (with queueing). A serving
+round sends requests of 1 to 8 rows at random (Poisson) times, at half the pipeline's
+measured rows/s, through Serving (gathered up to a micro-batch, or 2 ms), and reports
+each request's latency. A last kind of round sends the same activations through
+identity stages: the transport's cost of a round trip around the ring.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import random
 import statistics
 import sys
 import time
@@ -104,8 +108,6 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 async def _serve(*pipes) -> None:
-    import asyncio
-
     await asyncio.gather(*(pipe.aserve() for pipe in pipes))
 
 
@@ -134,9 +136,30 @@ def _lead(ring, whole, piped, echo, rival, batches: list, args: argparse.Namespa
             rounds["torch"].append(rival.seconds(batches))
         alone_latency += loop.run(_one_at_a_time(piped, micro[:16]))
         rounds["echo"].append(loop.run(_through(echo, micro))[0] / len(micro))
+    rows_per_s = len(micro) * args.micro_batch / statistics.median(rounds["asyncio"])
+    served = loop.run(_requests(piped, args, rows_per_s / 2, 4 * len(micro)))
     return {**{k: statistics.median(v) for k, v in rounds.items() if v},
             "latency": _percentiles(alone_latency), "full_latency": _percentiles(full_latency),
+            "serving": {**_percentiles(served), "rate": rows_per_s / 2},
             "samples": sum(len(b) for b in batches)}
+
+
+async def _requests(pipe, args: argparse.Namespace, rows_per_s: float, count: int) -> list:
+    """Requests of 1 to 8 rows at Poisson times, `rows_per_s` on average, through Serving;
+    each one's latency."""
+    import torch
+
+    from ringlib.pipeline import Serving
+
+    serving, rng = Serving(pipe, max_rows=args.micro_batch, max_wait=0.002), random.Random(0)
+    answers = []
+    for _ in range(count):
+        await asyncio.sleep(rng.expovariate(rows_per_s / 4.5))
+        answers.append(asyncio.ensure_future(
+            serving.asubmit(torch.randn(rng.randint(1, 8), args.width))))
+    await asyncio.gather(*answers)
+    await serving.aclose()
+    return list(serving.latencies)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -207,6 +230,9 @@ def report(result: dict, args: argparse.Namespace) -> str:
         f"p99 {result['latency']['p99'] * 1e3:.2f} ms; in the full pipe: p50 "
         f"{result['full_latency']['p50'] * 1e3:.1f} ms, p99 "
         f"{result['full_latency']['p99'] * 1e3:.1f} ms",
+        f"  serving requests of 1-8 rows at {result['serving']['rate']:.0f} rows/s (half the "
+        f"pipeline's): latency p50 {result['serving']['p50'] * 1e3:.2f} ms, p99 "
+        f"{result['serving']['p99'] * 1e3:.2f} ms",
         f"  transport, identity stages: {result['echo'] * 1e6:.0f} us per micro-batch round "
         f"trip (rank 0 -> ... -> {n - 1} -> 0, {args.micro_batch}x{args.width} float32)",
         f"command: ringlib bench pipeline --stages {n} --width {args.width} --layers "

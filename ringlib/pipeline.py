@@ -14,9 +14,10 @@
 from ringlib.errors import StageError
 from ringlib.runtime.onnx_splitting import split_onnx
 from ringlib.runtime.pipeline import Pipeline
+from ringlib.runtime.serving import Serving
 from ringlib.runtime.splitting import split_sequential
 from ringlib.runtime.stages import OnnxStage, TorchStage, as_stage, export_onnx
 from ringlib.runtime.traced_splitting import split_traced
 
-__all__ = ["OnnxStage", "Pipeline", "StageError", "TorchStage", "as_stage", "export_onnx",
+__all__ = ["OnnxStage", "Pipeline", "Serving", "StageError", "TorchStage", "as_stage", "export_onnx",
            "split_onnx", "split_sequential", "split_traced"]

@@ -71,13 +71,21 @@ def owned(out: Activation, inp: Activation) -> Activation:
                                      else t for t in tensors])
 
 
-def split(act: Activation, rows: int) -> list[Activation]:
-    """Micro-batches of at most `rows` rows each (the last may be smaller)."""
-    structure, keys, tensors = flatten(act)
+def count_rows(act: Activation) -> int:
+    """The first dimension that every tensor of `act` shares: its rows."""
+    tensors = flatten(act)[2]
     sizes = {t.shape[0] if t.dim() else None for t in tensors}
     if len(sizes) != 1 or None in sizes:
         raise InvalidArgument(f"every tensor of a batch needs the same first dimension, got "
                               f"shapes {[tuple(t.shape) for t in tensors]}")
+    return sizes.pop()
+
+
+def split(act: Activation, rows: int | list[int]) -> list[Activation]:
+    """Micro-batches of at most `rows` rows each (the last may be smaller), or of the
+    given list of row counts."""
+    structure, keys, tensors = flatten(act)
+    count_rows(act)
     pieces = [t.split(rows) for t in tensors]
     return [rebuild(structure, keys, list(parts)) for parts in zip(*pieces)]
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, NamedTuple
 
 import msgpack
 import numpy as np
@@ -46,6 +46,7 @@ from ringlib.transport.shared import discard
 from .activations import Activation, join, owned, pack, split, unpack
 from .blocking import BlockingRing
 from .ring import Ring
+from .sources import Source
 from .stages import as_stage
 from .timeline import PIPELINE
 
@@ -101,15 +102,16 @@ class Pipeline:
 
     # --- rank 0 ----------------------------------------------------------------------
 
-    async def arun(self, batches: Iterable[Activation], *,
+    async def arun(self, batches: Iterable[Activation] | AsyncIterable[Activation], *,
                    return_exceptions: bool = False) -> AsyncIterator[Activation | StageError]:
-        """The outputs of `batches`, in input order. A batch that a stage failed on raises
-        StageError (or is yielded as one with return_exceptions); the pipeline serves on."""
+        """The outputs of `batches` (an iterable, or an async one), in input order. A
+        batch that a stage failed on raises StageError (or is yielded as one with
+        return_exceptions); the pipeline serves on."""
         self._check_head()
         await self._drain()
         plan: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(self.max_in_flight)
-        source = enumerate(batches)
+        source = Source(batches)
         self._feeder = asyncio.ensure_future(self._feed(source, plan, slots))
         try:
             while (item := await plan.get()) is not None:
@@ -143,6 +145,7 @@ class Pipeline:
             await self._feeder
         finally:
             await self._stop_feeder()
+            source.close()
 
     async def _stop_feeder(self) -> None:
         if self._feeder is not None:
@@ -150,7 +153,7 @@ class Pipeline:
             await asyncio.gather(self._feeder, return_exceptions=True)
             self._feeder = None
 
-    async def _feed(self, source: Iterator[tuple[int, Activation]], plan: asyncio.Queue,
+    async def _feed(self, source: Source, plan: asyncio.Queue,
                     slots: asyncio.Semaphore) -> None:
         try:
             await self._feed_all(source, plan, slots)
@@ -162,10 +165,11 @@ class Pipeline:
             return
         await plan.put(None)
 
-    async def _feed_all(self, source: Iterator[tuple[int, Activation]], plan: asyncio.Queue,
+    async def _feed_all(self, source: Source, plan: asyncio.Queue,
                         slots: asyncio.Semaphore) -> None:
         await self._send_planned(slots)  # what a loss interrupted
-        for batch, whole in source:
+        while (numbered := await source.next()) is not None:
+            batch, whole = numbered
             micro = split(whole, self.micro_batch)
             ids = list(range(self._planned, self._planned + len(micro)))
             self._planned += len(micro)
@@ -184,7 +188,7 @@ class Pipeline:
             # the next run drains its output.
             await asyncio.shield(self._send(i, *result))
 
-    async def _recover(self, lost: PeerLost, source: Iterator[tuple[int, Activation]],
+    async def _recover(self, lost: PeerLost, source: Source,
                        plan: asyncio.Queue, slots: asyncio.Semaphore) -> None:
         """Rank 0, after `lost`: re-form with the survivors, re-send every micro-batch
         whose output had not come, and feed on from where the batches were."""

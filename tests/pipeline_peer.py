@@ -11,11 +11,14 @@ equal  a seeded MLP cut into one stage per rank but the last, whose stage writes
 survive  the same MLP on 4 ranks, stages made by build(rank, world_size); rank 2 SIGKILLs
          itself in its stage after KILL_AFTER micro-batches; rank 0 checks every batch.
 lost     the same without build: the survivors get PeerLost naming the stage.
+serve    rank 0 serves requests that 4 threads submit at random times through the
+         blocking facade, each checked against the whole model in float64.
 """
 
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -122,6 +125,40 @@ def survive(ring, seed: int, rebuilds: bool) -> None:
         print(f"PeerLost: {exc}", flush=True)
 
 
+def serve(ring, seed: int) -> None:
+    import random
+    import threading
+
+    from ringlib.runtime.serving import Serving
+    parts = split_sequential(mlp(seed), ring.world_size)
+    pipe = Pipeline(ring, parts[ring.rank], micro_batch=8)
+    if ring.rank != 0:
+        pipe.serve()
+        return
+    serving, reference, failures = Serving(pipe, max_rows=24, max_wait=0.002), \
+        mlp(seed).double(), []
+
+    def client(n: int) -> None:
+        rng = random.Random(seed + n)
+        for _ in range(15):
+            time.sleep(rng.random() * 0.01)
+            x = torch.randn(rng.randint(1, 12), 256)
+            y = serving.submit(x).result(timeout=30)
+            with torch.inference_mode():
+                if not torch.allclose(y.double(), reference(x.double()), rtol=1e-4, atol=1e-4):
+                    failures.append(n)
+    clients = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for c in clients:
+        c.start()
+    for c in clients:
+        c.join()
+    serving.close()
+    pipe.close()
+    latencies = sorted(serving.latencies)
+    print(f"served {len(latencies)} requests, {len(failures)} wrong; latency p50 "
+          f"{latencies[len(latencies) // 2] * 1e3:.2f} ms", flush=True)
+
+
 def die(ring) -> None:
     if ring.rank == 0:
         pipe = Pipeline(ring, lambda x: x, micro_batch=1, timeout=3)
@@ -145,6 +182,8 @@ def main(mode: str, seed: int) -> None:
     with ringlib.init() as ring:
         if mode == "equal":
             equal(ring, seed)
+        elif mode == "serve":
+            serve(ring, seed)
         elif mode in ("survive", "lost"):
             survive(ring, seed, mode == "survive")
         else:

@@ -21,6 +21,7 @@ import ringlib
 from ring_harness import ringlib_env, run_ranks
 from ringlib import StageError
 from ringlib.runtime.pipeline import Pipeline
+from ringlib.runtime.serving import Serving
 from ringlib.runtime.splitting import split_sequential
 from ringlib.runtime.stages import OnnxStage, TorchStage, export_onnx
 from ringlib.transport.addresses import local_addresses
@@ -233,6 +234,17 @@ def test_a_stage_lost_without_build_raises_peer_lost_naming_it():
         finished[0].stdout, log
 
 
+def test_serving_in_processes_answers_threads_through_the_blocking_facade():
+    seed = int.from_bytes(os.urandom(4), "little")
+    with tempfile.TemporaryDirectory(prefix="rl-") as ipc:
+        peers = local_addresses(2, "tcp", ipc)
+        finished = run_ranks([str(PEER), "serve", str(seed)],
+                             [ringlib_env(r, 2, peers) for r in range(2)], timeout=90)
+    log = f"seed {seed}: " + "\n".join(f.stdout + f.stderr[-1500:] for f in finished)
+    assert all(f.returncode == 0 for f in finished), log
+    assert "served 60 requests, 0 wrong" in finished[0].stdout, log
+
+
 def test_a_stage_process_that_dies_gives_rank_0_a_clear_error(tmp_path):
     peers = local_addresses(2, "tcp", "")
     envs = [ringlib_env(r, 2, peers) for r in range(2)]
@@ -251,5 +263,58 @@ async def test_a_batch_that_is_not_an_activation_fails_without_a_hang():
             async for _ in head.arun([torch.ones(2, 3), "not a tensor"]):
                 pass
         assert [tuple(o.shape) async for o in head.arun([torch.ones(4, 3)])] == [(4, 3)]
+        await head.aclose()
+        await server
+
+
+async def test_serving_gathers_requests_arriving_at_random_times_and_answers_each():
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    model = mlp(seed)
+    parts = split_sequential(model, 2)
+    reference = mlp(seed).double()
+    async with ring_of(2) as rings:
+        head, tail = Pipeline(rings[0], parts[0], micro_batch=8), Pipeline(rings[1], parts[1])
+        server = asyncio.ensure_future(tail.aserve())
+        serving = Serving(head, max_rows=16, max_wait=0.003)
+        answered: list[int] = []
+
+        async def client(n: int) -> None:
+            await asyncio.sleep(rng.random() * 0.05)
+            x = torch.randn(rng.randint(1, 9), 12)
+            y = await serving.asubmit(x)
+            answered.append(n)
+            with torch.inference_mode():
+                torch.testing.assert_close(y.double(), reference(x.double()), rtol=1e-5,
+                                           atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
+        started = []
+        for n in range(60):
+            started.append(asyncio.ensure_future(client(n)))
+            await asyncio.sleep(0)
+        await asyncio.gather(*started)
+        await serving.aclose()
+        with pytest.raises(ringlib.RingClosed):
+            await serving.asubmit(torch.ones(1, 12))
+        await head.aclose()
+        await server
+    assert len(serving.latencies) == 60 and min(serving.latencies) > 0, f"seed {seed}"
+    assert sorted(answered) == list(range(60))
+
+
+async def test_serving_refuses_requests_that_do_not_stack_and_serves_on():
+    async with ring_of(2) as rings:
+        head, tail = Pipeline(rings[0], lambda x: x), Pipeline(rings[1], lambda x: x * 2)
+        server = asyncio.ensure_future(tail.aserve())
+        serving = Serving(head, max_rows=100, max_wait=0.05)
+        good, bad = (asyncio.ensure_future(serving.asubmit(torch.ones(2, 3))),
+                     asyncio.ensure_future(serving.asubmit(torch.ones(2, 4))))
+        with pytest.raises(ringlib.InvalidArgument, match="requests batched together differ"):
+            await bad
+        with pytest.raises(ringlib.InvalidArgument):
+            await good  # gathered with the bad one
+        assert (await serving.asubmit(torch.ones(3, 4)) == 2).all()
+        with pytest.raises(ringlib.InvalidArgument, match="same first dimension"):
+            await serving.asubmit((torch.ones(2, 3), torch.ones(3, 3)))
+        await serving.aclose()
         await head.aclose()
         await server
