@@ -1,9 +1,14 @@
-"""Network namespaces for tests that need hosts of their own: `ip` commands and veth
-pairs (root and iproute2; the fixtures that use them skip, saying so, without)."""
+"""Namespaces for tests that need hosts of their own: network namespaces with `ip`
+commands and veth pairs (root and iproute2; the fixtures that use them skip, saying so,
+without), and mount namespaces with a /dev/shm of their own (root and unshare)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+
+from ringlib.transport import segment_names
 
 
 def ip(*args: str) -> None:
@@ -21,3 +26,17 @@ def veth(names: list[str], pair: str, subnet: str, device: str | None = None) ->
             ip("-n", name, "link", "set", f"{pair}{end}", "name", device)
         ip("-n", name, "addr", "add", f"{subnet}.{1 + (end == 'b')}/24", "dev", here)
         ip("-n", name, "link", "set", here, "up")
+
+
+def namespaced(command: list[str]) -> list[str]:
+    """`command` in a mount namespace of its own, with a /dev/shm of its own: another host,
+    as far as shared memory goes."""
+    script = f"mount -t tmpfs tmpfs {segment_names.DIRECTORY} && exec \"$@\""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
+
+
+def can_unshare() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(namespaced(["true"]), capture_output=True)
+    return probe.returncode == 0

@@ -8,6 +8,8 @@ import contextlib
 import os
 import random
 import re
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -18,7 +20,8 @@ import pytest
 import torch
 
 import ringlib
-from ring_harness import ringlib_env, run_ranks
+from netns import can_unshare, namespaced
+from ring_harness import Finished, ringlib_env, run_ranks
 from ringlib import StageError
 from ringlib.runtime.pipeline import Pipeline
 from ringlib.runtime.serving import Serving
@@ -180,6 +183,22 @@ async def test_backpressure_bounds_what_waits_at_a_slow_stage():
     assert max(waiting) <= 2 * 2, f"messages kept at the slow stage: {max(waiting)}"
 
 
+def in_place(finished: list, log: str) -> list[bool]:
+    """For each serving rank: whether it read every input in place (in shared memory)
+    to the last, which it can only if it gave back what it read; False if it read none
+    there."""
+    assert all(f.returncode == 0 for f in finished), log
+    assert "outputs equal" in finished[0].stdout, log
+    assert all("held at the end: 0" in f.stdout for f in finished), log
+    seen = []
+    for f in finished[1:]:
+        inputs = re.search(r"inputs in shared memory: (\d+) of (\d+); last (\w+)", f.stdout)
+        placed, total, last = int(inputs[1]), int(inputs[2]), inputs[3] == "True"
+        assert total >= 40 and placed in (0, total) and last == (placed == total), log
+        seen.append(placed == total)
+    return seen
+
+
 @pytest.mark.parametrize("ranks,link,env", [
     (2, "shared", {}), (3, "shared", {}), (3, "tcp", {"RINGLIB_SHM_BYTES": "0"}),
     # a ring of 256 KiB holds 16 micro-batches: one never released would fill it
@@ -192,17 +211,33 @@ def test_processes_stream_activations_through_shared_memory_or_tcp_and_equal_the
         envs = [{**ringlib_env(r, ranks, peers), **env} for r in range(ranks)]
         finished = run_ranks([str(PEER), "equal", str(seed)], envs, timeout=90)
     log = f"seed {seed}, {link}: " + "\n".join(f.stdout + f.stderr[-1500:] for f in finished)
-    assert all(f.returncode == 0 for f in finished), log
-    assert "outputs equal" in finished[0].stdout, log
-    for f in finished[1:]:
-        inputs = re.search(r"inputs in shared memory: (\d+) of (\d+); last (\w+)", f.stdout)
-        placed, total, last = int(inputs[1]), int(inputs[2]), inputs[3] == "True"
-        assert total >= 40, log
-        if link == "tcp":
-            assert placed == 0, log
-        else:  # every input read in place, to the last: what was read was given back
-            assert placed == total and last, log
-    assert all("held at the end: 0" in f.stdout for f in finished), log
+    assert in_place(finished, log) == [link != "tcp"] * (ranks - 1), log
+
+
+@pytest.mark.skipif(not can_unshare(), reason="needs root and unshare to give ranks a "
+                    "/dev/shm of their own (a second host as far as shared memory goes)")
+def test_a_pipeline_over_two_hosts_takes_shared_memory_within_each_and_tcp_across(tmp_path):
+    """Ranks 0, 1 share this /dev/shm, ranks 2, 3 another: 0 -> 1 and 2 -> 3 go through
+    shared memory, 1 -> 2 and 3 -> 0 over tcp."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    peers = local_addresses(4, "tcp", "")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RINGLIB_")}
+    envs = [{**base, **ringlib_env(r, 4, peers)} for r in range(4)]
+    logs = [tmp_path / f"r{r}.log" for r in range(4)]
+    rank = [sys.executable, str(PEER), "equal", str(seed)]
+    run_2, run_3 = (f"RINGLIB_RANK={r} {' '.join(rank)} > {logs[r]} 2>&1" for r in (2, 3))
+    host_b = f"{run_2} & two=$!; {run_3}; three=$?; wait $two && exit $three"  # both 0, or not
+    procs = [subprocess.Popen(rank, env=envs[r], stdout=open(logs[r], "w"),
+                              stderr=subprocess.STDOUT) for r in (0, 1)]
+    procs.append(subprocess.Popen(namespaced(["sh", "-c", host_b]), env=envs[2]))
+    try:
+        codes = [p.wait(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    finished = [Finished(r, codes[min(r, 2)], logs[r].read_text(), "") for r in range(4)]
+    log = f"seed {seed}: " + "\n".join(f"--- rank {f.rank}\n{f.stdout}" for f in finished)
+    assert in_place(finished, log) == [True, False, True], log
 
 
 def run_survivors(mode: str) -> tuple[list, str, int]:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from leftovers import assert_none_left, tagged_env
+from netns import can_unshare, namespaced
 from ring_harness import ringlib_env, run_ranks
 from ringlib.errors import ProtocolError
 from ringlib.transport import segment_names, shared
@@ -267,20 +268,6 @@ def test_offers_made_in_another_pid_namespace_are_never_taken_for_orphans():
     finally:
         for name in names.values():
             segment_names.unlink(name)
-
-
-def namespaced(command: list[str]) -> list[str]:
-    """`command` in a mount namespace of its own, with a /dev/shm of its own: another host,
-    as far as shared memory goes."""
-    script = f"mount -t tmpfs tmpfs {segment_names.DIRECTORY} && exec \"$@\""
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
-
-
-def can_unshare() -> bool:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(namespaced(["true"]), capture_output=True)
-    return probe.returncode == 0
 
 
 @pytest.mark.skipif(not can_unshare(), reason="needs root and unshare to give ranks a "
