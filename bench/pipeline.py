@@ -12,7 +12,7 @@ asyncio API (`arun`) and through the blocking one (`run`), fed `--batches` batch
 `--batch` rows in micro-batches of `--micro-batch`; with `--compare torch`, torch's
 forward-only ScheduleGPipe on a Gloo group in the same processes, one `eval()` a batch.
 Latency per micro-batch is measured twice: one micro-batch at a time through an idle
-pipeline (what a lone request waits), and in the full pipe (with queueing). A serving
+pipeline (what a lone request waits), and a batch's in the full pipe (with queueing). A serving
 round sends requests of 1 to 8 rows at random (Poisson) times, at half the pipeline's
 measured rows/s, through Serving (gathered up to a micro-batch, or 2 ms), and reports
 each request's latency. A last kind of round sends the same activations through
@@ -125,7 +125,7 @@ def _lead(ring, whole, piped, echo, rival, batches: list, args: argparse.Namespa
     alone_latency, full_latency = [], []
     for _ in range(args.rounds):
         rounds["alone"].append(_alone(whole, batches))
-        seconds, latencies = loop.run(_through(piped, micro))
+        seconds, latencies = loop.run(_through(piped, batches))
         rounds["asyncio"].append(seconds)
         full_latency += latencies
         start = time.perf_counter()
@@ -136,7 +136,7 @@ def _lead(ring, whole, piped, echo, rival, batches: list, args: argparse.Namespa
             rounds["torch"].append(rival.seconds(batches))
         alone_latency += loop.run(_one_at_a_time(piped, micro[:16]))
         rounds["echo"].append(loop.run(_through(echo, micro))[0] / len(micro))
-    rows_per_s = len(micro) * args.micro_batch / statistics.median(rounds["asyncio"])
+    rows_per_s = sum(len(b) for b in batches) / statistics.median(rounds["asyncio"])
     served = loop.run(_requests(piped, args, rows_per_s / 2, 4 * len(micro)))
     return {**{k: statistics.median(v) for k, v in rounds.items() if v},
             "latency": _percentiles(alone_latency), "full_latency": _percentiles(full_latency),
@@ -177,13 +177,12 @@ def _alone(whole, batches: list) -> float:
     return time.perf_counter() - start
 
 
-async def _through(pipe, micro: list) -> tuple[float, list[float]]:
-    """Seconds for all micro-batches fed as batches of their own, and each one's time
-    from entering to leaving the pipe."""
+async def _through(pipe, batches: list) -> tuple[float, list[float]]:
+    """Seconds for all batches, and each one's time from entering to leaving the pipe."""
     entered: list[float] = []
 
     def feed() -> Iterator:
-        for part in micro:
+        for part in batches:
             entered.append(time.perf_counter())
             yield part
     start, latencies = time.perf_counter(), []
@@ -227,7 +226,7 @@ def report(result: dict, args: argparse.Namespace) -> str:
                      f"   {rate / alone:.2f}x alone")
     lines += [
         f"  micro-batch latency, one at a time: p50 {result['latency']['p50'] * 1e3:.2f} ms, "
-        f"p99 {result['latency']['p99'] * 1e3:.2f} ms; in the full pipe: p50 "
+        f"p99 {result['latency']['p99'] * 1e3:.2f} ms; a batch's in the full pipe: p50 "
         f"{result['full_latency']['p50'] * 1e3:.1f} ms, p99 "
         f"{result['full_latency']['p99'] * 1e3:.1f} ms",
         f"  serving requests of 1-8 rows at {result['serving']['rate']:.0f} rows/s (half the "

@@ -339,7 +339,7 @@ class Pipeline:
         if act is not None:
             description, buffers = pack(act)
             meta = {**meta, **description}
-        await self._stream.send(self._right, i, 0, msgpack.packb(meta))
+        await self._stream.send(self._right, i, 0, msgpack.packb(meta), held=True)
         for part, buffer in enumerate(buffers, start=1):
             await self._stream.send(self._right, i, part, buffer, "uint8", held=True)
         self._record("send", i, began, "out", to=self._right)
@@ -352,7 +352,9 @@ class Pipeline:
             del self._local[i]
             return (*result, [])
         began = time.monotonic_ns()
-        meta = msgpack.unpackb((await self._stream.recv(self._left, i, 0)).payload.bytes)
+        description = (await self._stream.recv(self._left, i, 0)).payload
+        meta = msgpack.unpackb(description.buffer)
+        discard(description)
         held = [(await self._stream.recv(self._left, i, part)).payload
                 for part in range(1, len(meta.get("dtypes", ())) + 1)]
         self._record("wait for input", i, began, "in", frm=self._left)
