@@ -31,6 +31,7 @@ import time
 from datetime import timedelta
 from typing import Any, Iterator
 
+from .options import names_among
 from .ranks import collect, exit_with_parent
 
 COMPARED = ("torch",)
@@ -242,15 +243,6 @@ def report(result: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def _compared(text: str) -> list[str]:
-    names = [n for n in text.split(",") if n]
-    unknown = sorted(set(names) - set(COMPARED))
-    if unknown:
-        raise argparse.ArgumentTypeError(f"cannot compare with {', '.join(unknown)}; "
-                                         f"known: {', '.join(COMPARED)}")
-    return names
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ringlib bench pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch", type=int, default=32, help="divides --batch")
     parser.add_argument("--batches", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--compare", type=_compared, default=[], metavar="torch",
+    parser.add_argument("--compare", type=names_among(COMPARED, "system to compare with"), default=[], metavar="torch",
                         help="also run torch.distributed.pipelining's ScheduleGPipe")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--store-port", type=int, help=argparse.SUPPRESS)

@@ -40,6 +40,7 @@ from ringlib.dtypes import BY_NAME
 from ringlib.transport.addresses import free_tcp_ports, local_addresses
 from ringlib.transport.security import generate
 
+from .options import names_among
 from .ranks import WorkerFailed, exit_with_parent, mpirun_missing, run_ranks
 from .results import plot, write_json
 from .sweep_rank import SETTINGS, TURN_CALLS, run_worker
@@ -186,15 +187,6 @@ def _progress(total: int, what: str) -> Any:
 
 # --- command line --------------------------------------------------------------------
 
-def _systems(text: str) -> list[str]:
-    names = [n for n in text.split(",") if n]
-    unknown = sorted(set(names) - set(SYSTEMS))
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown system {', '.join(unknown)}; "
-                                         f"choose from {', '.join(SYSTEMS)}")
-    return list(dict.fromkeys(names))
-
-
 def parser(collective: str = "allreduce") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"ringlib bench {collective}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,7 +200,7 @@ def parser(collective: str = "allreduce") -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=None,
                    help="samples per size (default: about 2.5 s worth, 5..2000)")
     p.add_argument("--warmup", type=int, default=2, help="untimed turns per size (default: 2)")
-    p.add_argument("--compare", type=_systems, default=[],
+    p.add_argument("--compare", type=names_among(SYSTEMS, "system"), default=[],
                    help="also time these systems in the same processes: gloo "
                         "(torch.distributed), mpi (mpi4py; the ranks then run under mpirun), "
                         "curve (ringlib with CurveZMQ on every link, a second ring)")

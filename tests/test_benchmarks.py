@@ -198,7 +198,7 @@ def test_the_pipeline_benchmark_compares_the_pipeline_with_one_process_and_torch
     assert_none_left(tag)
     wrong = subprocess.run([sys.executable, "-m", "ringlib", "bench", "pipeline", "--compare",
                             "mpi"], capture_output=True, text=True, timeout=60)
-    assert wrong.returncode == 2 and "cannot compare with mpi; known: torch" in wrong.stderr
+    assert wrong.returncode == 2 and "unknown system to compare with mpi; choose from torch" in wrong.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
