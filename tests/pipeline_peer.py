@@ -4,7 +4,7 @@ RINGLIB_*.
 die    rank 1 serves one micro-batch and then its process ends; rank 0 must get a clear
        error instead of waiting forever, and prints it.
 equal  a seeded MLP cut into one stage per rank but the last, whose stage writes into its
-       input in place and returns it (so its output lies in its input's memory); rank 0
+       input in place and returns it (equal-onnx: rank 1's part runs as ONNX) (so its output lies in its input's memory); rank 0
        checks every batch against the whole model in float64. Each serving rank prints
        where its inputs lay (shared memory or not), and every rank how many records it
        still holds in its shared-memory links at the end.
@@ -16,8 +16,10 @@ serve    rank 0 serves requests that 4 threads submit at random times through th
 """
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -26,7 +28,7 @@ import torch
 import ringlib
 from ringlib.runtime.pipeline import Pipeline
 from ringlib.runtime.splitting import split_sequential
-from ringlib.runtime.stages import TorchStage
+from ringlib.runtime.stages import OnnxStage, TorchStage, export_onnx
 
 KILL_AFTER = 7
 
@@ -50,8 +52,9 @@ def mlp(seed: int) -> torch.nn.Sequential:
                                torch.nn.Linear(256, 256))
 
 
-def equal(ring, seed: int) -> None:
-    """One stage a rank; the last writes into its input in place and returns it."""
+def equal(ring, seed: int, onnx: bool) -> None:
+    """One stage a rank; the last writes into its input in place and returns it; with
+    `onnx`, rank 1 runs its part exported to ONNX, by onnxruntime."""
     model = mlp(seed)
     parts = split_sequential(model, ring.world_size - 1) if ring.world_size > 2 else [model]
     seen = []
@@ -65,6 +68,11 @@ def equal(ring, seed: int) -> None:
             seen.append(in_shared_memory(x))
             return part(x)
         return stage
+    if onnx and ring.rank == 1:
+        exported = export_onnx(parts[1], torch.randn(2, 256),
+                               os.path.join(tempfile.mkdtemp(prefix="rl-onnx-"), "stage.onnx"))
+        parts[1] = OnnxStage(exported)
+        shutil.rmtree(exported.parent)  # onnxruntime has read it
     stage = last if ring.rank == ring.world_size - 1 else \
         parts[0] if ring.rank == 0 else middle(parts[ring.rank])
     pipe = Pipeline(ring, stage, micro_batch=16, max_in_flight=6)
@@ -180,8 +188,8 @@ def die(ring) -> None:
 
 def main(mode: str, seed: int) -> None:
     with ringlib.init() as ring:
-        if mode == "equal":
-            equal(ring, seed)
+        if mode in ("equal", "equal-onnx"):
+            equal(ring, seed, mode == "equal-onnx")
         elif mode == "serve":
             serve(ring, seed)
         elif mode in ("survive", "lost"):

@@ -202,16 +202,18 @@ def in_place(finished: list, log: str) -> list[bool]:
 @pytest.mark.parametrize("ranks,link,env", [
     (2, "shared", {}), (3, "shared", {}), (3, "tcp", {"RINGLIB_SHM_BYTES": "0"}),
     # a ring of 256 KiB holds 16 micro-batches: one never released would fill it
-    (3, "small ring", {"RINGLIB_SHM_BYTES": str(256 << 10)})])
+    (3, "small ring", {"RINGLIB_SHM_BYTES": str(256 << 10)}),
+    (3, "shared, rank 1 ONNX", {}), (3, "tcp, rank 1 ONNX", {"RINGLIB_SHM_BYTES": "0"})])
 def test_processes_stream_activations_through_shared_memory_or_tcp_and_equal_the_model(
         ranks, link, env):
     seed = int.from_bytes(os.urandom(4), "little")
+    mode = "equal-onnx" if "ONNX" in link else "equal"
     with tempfile.TemporaryDirectory(prefix="rl-") as ipc:
         peers = local_addresses(ranks, "tcp", ipc)
         envs = [{**ringlib_env(r, ranks, peers), **env} for r in range(ranks)]
-        finished = run_ranks([str(PEER), "equal", str(seed)], envs, timeout=90)
+        finished = run_ranks([str(PEER), mode, str(seed)], envs, timeout=90)
     log = f"seed {seed}, {link}: " + "\n".join(f.stdout + f.stderr[-1500:] for f in finished)
-    assert in_place(finished, log) == [link != "tcp"] * (ranks - 1), log
+    assert in_place(finished, log) == [not link.startswith("tcp")] * (ranks - 1), log
 
 
 @pytest.mark.skipif(not can_unshare(), reason="needs root and unshare to give ranks a "
