@@ -2,7 +2,8 @@
 
     ringlib launch -n N [--hosts h1:2,h2:2 | --hostfile FILE] [--rsh 'ssh {host}']
                    [--transport tcp|ipc] [--port P] [--ifname NAME] [--timeout S]
-                   [--keys FILE] [--timeline DIR] [--join ADDRESS] -- COMMAND ARGS...
+                   [--keys FILE] [--timeline DIR] [--join ADDRESS] [--elastic]
+                   -- COMMAND ARGS...
 
 Every rank gets RINGLIB_RANK, RINGLIB_LOCAL_RANK, RINGLIB_WORLD_SIZE and RINGLIB_PEERS,
 so that ringlib.connect() and ringlib.init() need no arguments; with --keys, also
@@ -16,7 +17,9 @@ newcomers to a running ring, which take the ranks its members give them (admissi
 Each output line comes
 out whole, prefixed with its rank, on the stream it was written to. When a rank fails,
 the others get SIGTERM, then SIGKILL after a grace period, and the launcher exits with
-the failed rank's code (128 + N for signal N). SIGINT and SIGTERM to the launcher are
+the failed rank's code (128 + N for signal N). With --elastic a rank that fails is
+reported and the others go on (they re-form: Ring.reform()); the launcher exits 0 once
+every rank has ended if any ended with 0, else with the first failure's code. SIGINT and SIGTERM to the launcher are
 passed to every rank, and end it the same way. At the end it removes the shared-memory
 segments that ranks on this host killed midway left in /dev/shm (RINGLIB_JOB names them);
 a janitor process (janitor.py) does that, and stops whatever the ranks started, even
@@ -144,15 +147,18 @@ def _bracketed(address: str) -> str:
 
 
 class Supervisor:
-    """Runs the ranks to the end; the first failure or signal stops all of them.
-    started(pid) hears of each rank's process (its group's id) as it starts, and
-    reaped(pid) once the rank has exited and its group was killed."""
+    """Runs the ranks to the end; the first failure or signal stops all of them (with
+    `elastic`, a failure stops only the rank that failed). started(pid) hears of each
+    rank's process (its group's id) as it starts, and reaped(pid) once the rank has
+    exited and its group was killed."""
 
     def __init__(self, ranks: list[Rank], grace: float = GRACE_S,
                  started: Callable[[int], None] = lambda pid: None,
-                 reaped: Callable[[int], None] = lambda pid: None) -> None:
+                 reaped: Callable[[int], None] = lambda pid: None,
+                 elastic: bool = False) -> None:
         self.ranks = ranks
         self.grace = grace
+        self.elastic = elastic
         self._started, self._reaped = started, reaped
         self.failed: Rank | None = None
         self.signalled: int | None = None
@@ -202,9 +208,14 @@ class Supervisor:
         code = await rank.process.wait()
         signal_group(rank.process.pid, signal.SIGKILL)  # what the rank left running
         self._reaped(rank.process.pid)
-        if code != 0 and self.failed is None and self.signalled is None:
+        if code == 0 or self.signalled is not None:
+            return
+        if self.elastic:
+            self._report(rank, "the others go on (--elastic)")
+        if self.failed is None:
             self.failed = rank
-            self._stopping = asyncio.ensure_future(self._stop_all(signal.SIGTERM))
+            if not self.elastic:
+                self._stopping = asyncio.ensure_future(self._stop_all(signal.SIGTERM))
 
     def _on_signal(self, signum: int) -> None:
         if self.signalled is None:
@@ -226,8 +237,12 @@ class Supervisor:
                 signal_group(rank.process.pid, signal.SIGKILL)
 
     def _exit_code(self) -> int:
+        if self.elastic and self.signalled is None and \
+                any(r.process.returncode == 0 for r in self.ranks):
+            return 0
         if self.failed is not None:
-            self._report(self.failed)
+            if not self.elastic:
+                self._report(self.failed, "the other ranks were stopped")
             return _as_exit_code(self.failed.process.returncode)
         if self.signalled is not None:
             print(f"ringlib launch: stopped by {signal.Signals(self.signalled).name}; "
@@ -235,11 +250,11 @@ class Supervisor:
             return 128 + self.signalled
         return 0
 
-    def _report(self, rank: Rank) -> None:
+    def _report(self, rank: Rank, then: str) -> None:
         code = rank.process.returncode
         how = (f"was killed by {signal.Signals(-code).name}" if code < 0
                else f"exited with code {code}")
-        lines = [f"ringlib launch: {rank.name} {how}; the other ranks were stopped"]
+        lines = [f"ringlib launch: {rank.name} {how}; {then}"]
         if rank.tail:
             lines.append(f"ringlib launch: last lines of {rank.who}'s stderr:")
             lines += [f"    {line}" for line in rank.tail]
@@ -288,6 +303,9 @@ def parser() -> argparse.ArgumentParser:
                    help="start the ranks as newcomers to the running ring of the member at "
                         "ADDRESS (its ring.address), admitted when the members call admit() "
                         "or reform(); sets RINGLIB_JOIN")
+    p.add_argument("--elastic", action="store_true",
+                   help="a rank that fails does not stop the others, which re-form "
+                        "(reform()); exit 0 if any rank ended with 0")
     p.add_argument("--grace", type=float, default=GRACE_S,
                    help="seconds between SIGTERM and SIGKILL when stopping (default: %(default)s)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
@@ -309,7 +327,7 @@ def launch(seats: list[Seat], command: list[str], transport: str = "tcp",
            port: int | None = None, rsh: str = "ssh {host}", timeout: float | None = None,
            keys: str | None = None, grace: float = GRACE_S,
            ifname: str | None = None, timeline: str | None = None,
-           join: str | None = None) -> int:
+           join: str | None = None, elastic: bool = False) -> int:
     """Run `command` as the ranks on `seats` (see plan()) to the end; return the exit
     code. What the job made on this host goes with it: its private directory, and the
     shared-memory segments of ranks killed midway. Raises RendezvousError for a plan that
@@ -321,7 +339,7 @@ def launch(seats: list[Seat], command: list[str], transport: str = "tcp",
         ranks, reservation = plan(seats, command, transport, port, rsh, workdir, timeout, keys,
                                   ifname, timeline, join)
         return asyncio.run(Supervisor(ranks, grace, lambda pid: _tell(janitor, pid),
-                                      lambda pid: _tell(janitor, -pid)).run())
+                                      lambda pid: _tell(janitor, -pid), elastic).run())
     finally:
         if reservation is not None:
             reservation.close()
@@ -372,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise InvalidArgument(f"--timeline {args.timeline}: {exc.strerror}") from None
         join = addresses.check(args.join) if args.join else None
         return launch(seat(args.ranks, hosts), command, args.transport, args.port, args.rsh,
-                      args.timeout, keys, args.grace, args.ifname, timeline, join)
+                      args.timeout, keys, args.grace, args.ifname, timeline, join,
+                      args.elastic)
     except (RendezvousError, Unauthorized, InvalidArgument) as exc:
         print(f"ringlib launch: {exc}", file=sys.stderr)
         return 2

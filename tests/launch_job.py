@@ -3,6 +3,8 @@
 sum          all-reduce rank+1 and print the sum (and whether CurveZMQ is on)
 fail R CODE  after an all-reduce, rank R exits with CODE; the others sleep
 kill R       after an all-reduce, rank R kills itself with SIGKILL; the others sleep
+survive R    after an all-reduce, rank R kills itself with SIGKILL; the others meet
+             PeerLost, re-form and all-reduce again
 sleep        print "ready", then sleep
 orphans      as sleep, but each rank first starts a child of its own and offers a
              shared-memory segment nobody takes: what a launcher killed outright leaves
@@ -36,8 +38,16 @@ def main(mode: str, args: list[str]) -> int:
         if mode == "fail" and ring.rank == int(args[0]):
             print(f"rank {ring.rank} gives up", file=sys.stderr, flush=True)
             return int(args[1])
-        if mode == "kill" and ring.rank == int(args[0]):
+        if mode in ("kill", "survive") and ring.rank == int(args[0]):
             os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "survive":
+            try:
+                ring.all_reduce(x)
+            except ringlib.PeerLost:
+                ring.reform()
+            x = np.full(3, ring.rank + 1.0)
+            ring.all_reduce(x)
+            print(f"re-formed: rank {ring.rank} of {ring.world_size} sum {x[0]:g}", flush=True)
         if mode == "orphans":
             from ringlib.transport import segment_names, shared
 

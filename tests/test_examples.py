@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -75,3 +76,16 @@ def test_pipeline_inference_matches_the_whole_model(ranks, flags):
                       r"max \|difference\| from the whole model: ([\d.e+-]+)", run.stdout)
     assert match, run.stdout
     assert float(match[1]) <= (1e-5 if flags else 1e-6)
+
+
+def test_pipeline_inference_survives_losing_a_stage_under_an_elastic_launch():
+    env = {**os.environ, "RINGLIB_PEER_TIMEOUT": "1.5", "RINGLIB_HEARTBEAT_S": "0.25"}
+    run = subprocess.run([sys.executable, "-m", "ringlib", "launch", "-n", "3", "--elastic",
+                          "--", sys.executable, PIPELINE, "--lose-rank", "2"],
+                         env=env, capture_output=True, text=True, timeout=100)
+    assert run.returncode == 0, run.stderr
+    assert "rank 2 on localhost was killed by SIGKILL; the others go on" in run.stderr
+    match = re.search(r"\[0\] 20 batches of 32 through 2 torch stages in [\d.]+ s on the "
+                      r"re-formed ring \(generation 1\); max \|difference\| from the whole "
+                      r"model: ([\d.e+-]+)", run.stdout)
+    assert match and float(match[1]) <= 1e-6, run.stdout

@@ -64,6 +64,22 @@ def test_a_failing_rank_stops_the_others_and_its_code_is_the_launchers(tmp_path)
     assert "    rank 1 gives up" in done.stderr  # the last lines of its stderr
 
 
+def test_elastic_a_rank_killed_leaves_the_others_to_re_form_and_finish(tmp_path):
+    tag, env = tagged_env(tmp_path / "tmp", RINGLIB_PEER_TIMEOUT="1.5", RINGLIB_HEARTBEAT_S="0.25")
+    done = subprocess.run([*LAUNCH, "-n", "3", "--elastic", "--", sys.executable, JOB,
+                           "survive", "1"], env=env, capture_output=True, text=True, timeout=90)
+    assert_none_left(tag)
+    assert done.returncode == 0, done.stderr
+    assert "rank 1 on localhost was killed by SIGKILL; the others go on (--elastic)" in \
+        done.stderr
+    assert sorted(re.findall(r"re-formed: rank (\d) of 2 sum 3", done.stdout)) == ["0", "1"], \
+        done.stdout
+    # All failing: the first failure's code, as without --elastic.
+    done, _ = launch(tmp_path, "-n", "2", "--elastic", "--", sys.executable, "-c",
+                     "import os, sys; sys.exit(3 + int(os.environ['RINGLIB_RANK']))")
+    assert done.returncode in (3, 4) and done.stderr.count("the others go on") == 2, done.stderr
+
+
 def test_a_rank_killed_by_a_signal_gives_128_plus_the_signal(tmp_path):
     done, _ = launch(tmp_path, "-n", "3", "--grace", "1", "--", sys.executable, JOB, "kill", "2")
     assert done.returncode == 128 + signal.SIGKILL
