@@ -14,13 +14,14 @@ advertises the named interface's address on its host; with --timeline, RINGLIB_T
 so that each rank writes its trace to DIR/trace-RANK.json (`ringlib trace` merges them);
 with --join ADDRESS, RINGLIB_JOIN alone instead of a rank and a table: the processes are
 newcomers to a running ring, which take the ranks its members give them (admission.py).
-Each output line comes
-out whole, prefixed with its rank, on the stream it was written to. When a rank fails,
-the others get SIGTERM, then SIGKILL after a grace period, and the launcher exits with
-the failed rank's code (128 + N for signal N). With --elastic a rank that fails is
-reported and the others go on (they re-form: Ring.reform()); the launcher exits 0 once
-every rank has ended if any ended with 0, else with the first failure's code. SIGINT and SIGTERM to the launcher are
-passed to every rank, and end it the same way. At the end it removes the shared-memory
+
+Each output line comes out whole, prefixed with its rank, on the stream it was written
+to. When a rank fails, the others get SIGTERM, then SIGKILL after a grace period, and the
+launcher exits with the failed rank's code (128 + N for signal N). With --elastic a rank
+that fails is reported and the others go on (they re-form: Ring.reform()); the launcher
+exits 0 once every rank has ended if any ended with 0, else with the first failure's
+code. SIGINT and SIGTERM to the launcher are passed to every rank, and end it the same
+way. At the end it removes the shared-memory
 segments that ranks on this host killed midway left in /dev/shm (RINGLIB_JOB names them);
 a janitor process (janitor.py) does that, and stops whatever the ranks started, even
 when the launcher itself is killed outright.
