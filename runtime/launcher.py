@@ -21,10 +21,10 @@ launcher exits with the failed rank's code (128 + N for signal N). With --elasti
 that fails is reported and the others go on (they re-form: Ring.reform()); the launcher
 exits 0 once every rank has ended if any ended with 0, else with the first failure's
 code. SIGINT and SIGTERM to the launcher are passed to every rank, and end it the same
-way. At the end it removes the shared-memory
-segments that ranks on this host killed midway left in /dev/shm (RINGLIB_JOB names them);
-a janitor process (janitor.py) does that, and stops whatever the ranks started, even
-when the launcher itself is killed outright.
+way. At the end it removes the shared-memory segments that ranks on this host killed
+midway left in /dev/shm (RINGLIB_JOB names them); a janitor process (janitor.py) does
+that, and stops whatever the ranks started, even when the launcher itself is killed
+outright.
 """
 
 from __future__ import annotations
