@@ -207,7 +207,8 @@ class Pipeline:
                        ) -> tuple[Activation | StageError, list]:
         """Micro-batch `i`'s output (or the error a stage met), and the payloads it lies on."""
         try:
-            meta, act, held = await asyncio.wait_for(self._receive(i), self.timeout)
+            async with asyncio.timeout(self.timeout):  # wait_for would make a task of it
+                meta, act, held = await self._receive(i)
         except TimeoutError:
             raise CollectiveTimeout(
                 f"pipeline on rank 0: no output for batch {batch} (micro-batch {i}) within "
