@@ -40,7 +40,6 @@ import msgpack
 import numpy as np
 
 from ringlib.errors import CollectiveTimeout, InvalidArgument, PeerLost, RingClosed, StageError
-
 from ringlib.transport.shared import discard
 
 from .activations import Activation, join, owned, pack, split, unpack
