@@ -13,6 +13,7 @@ survive  the same MLP on 4 ranks, stages made by build(rank, world_size); rank 2
 lost     the same without build: the survivors get PeerLost naming the stage.
 serve    rank 0 serves requests that 4 threads submit at random times through the
          blocking facade, each checked against the whole model in float64.
+serve-lose  the same on 4 ranks, with build, and rank 2 SIGKILLs itself midway.
 """
 
 import os
@@ -98,8 +99,9 @@ def batches_of(seed: int) -> list[torch.Tensor]:
             for rows in rng.integers(1, 70, 40)]
 
 
-def survive(ring, seed: int, rebuilds: bool) -> None:
-    """Rank 2 dies mid-run; with `rebuilds`, the others re-split the model and finish."""
+def builder(ring, seed: int):
+    """build(rank, world_size) for the MLP's stages; in rank 2's process, a stage that
+    SIGKILLs the process after KILL_AFTER micro-batches."""
     served, victim_process = [], ring.rank == 2
 
     def build(rank: int, world_size: int):
@@ -113,6 +115,12 @@ def survive(ring, seed: int, rebuilds: bool) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return stage(x)
         return victim
+    return build
+
+
+def survive(ring, seed: int, rebuilds: bool) -> None:
+    """Rank 2 dies mid-run; with `rebuilds`, the others re-split the model and finish."""
+    build = builder(ring, seed)
     options = {"build": build} if rebuilds else {"stage": build(ring.rank, ring.world_size)}
     pipe = Pipeline(ring, micro_batch=16, max_in_flight=4, timeout=30, **options)
     try:
@@ -133,13 +141,16 @@ def survive(ring, seed: int, rebuilds: bool) -> None:
         print(f"PeerLost: {exc}", flush=True)
 
 
-def serve(ring, seed: int) -> None:
+def serve(ring, seed: int, lose: bool) -> None:
+    """Threads submit requests through the blocking facade; with `lose`, rank 2 dies
+    midway and the pipeline re-splits over the others."""
     import random
     import threading
 
     from ringlib.runtime.serving import Serving
-    parts = split_sequential(mlp(seed), ring.world_size)
-    pipe = Pipeline(ring, parts[ring.rank], micro_batch=8)
+    pipe = Pipeline(ring, build=builder(ring, seed) if lose else
+                    lambda rank, world_size: split_sequential(mlp(seed), world_size)[rank],
+                    micro_batch=8, timeout=30)
     if ring.rank != 0:
         pipe.serve()
         return
@@ -163,8 +174,9 @@ def serve(ring, seed: int) -> None:
     serving.close()
     pipe.close()
     latencies = sorted(serving.latencies)
-    print(f"served {len(latencies)} requests, {len(failures)} wrong; latency p50 "
-          f"{latencies[len(latencies) // 2] * 1e3:.2f} ms", flush=True)
+    print(f"served {len(latencies)} requests, {len(failures)} wrong, world "
+          f"{ring.world_size}; latency p50 {latencies[len(latencies) // 2] * 1e3:.2f} ms",
+          flush=True)
 
 
 def die(ring) -> None:
@@ -190,8 +202,8 @@ def main(mode: str, seed: int) -> None:
     with ringlib.init() as ring:
         if mode in ("equal", "equal-onnx"):
             equal(ring, seed, mode == "equal-onnx")
-        elif mode == "serve":
-            serve(ring, seed)
+        elif mode in ("serve", "serve-lose"):
+            serve(ring, seed, mode == "serve-lose")
         elif mode in ("survive", "lost"):
             survive(ring, seed, mode == "survive")
         else:

@@ -279,7 +279,14 @@ def test_serving_in_processes_answers_threads_through_the_blocking_facade():
                              [ringlib_env(r, 2, peers) for r in range(2)], timeout=90)
     log = f"seed {seed}: " + "\n".join(f.stdout + f.stderr[-1500:] for f in finished)
     assert all(f.returncode == 0 for f in finished), log
-    assert "served 60 requests, 0 wrong" in finished[0].stdout, log
+    assert "served 60 requests, 0 wrong, world 2" in finished[0].stdout, log
+
+
+def test_serving_goes_on_through_a_lost_stage_and_answers_every_request():
+    finished, log, _ = run_survivors("serve-lose")
+    assert finished[2].returncode == -9, log
+    assert all(finished[r].returncode == 0 for r in (0, 1, 3)), log
+    assert "served 60 requests, 0 wrong, world 3" in finished[0].stdout, log
 
 
 def test_a_stage_process_that_dies_gives_rank_0_a_clear_error(tmp_path):
