@@ -222,12 +222,22 @@ class Pipeline:
 
     async def _drain(self) -> None:
         """Receive and drop the outputs of micro-batches still in the pipe from an earlier
-        run that stopped early, so that ids line up again."""
+        run that stopped early, so that ids line up again. A loss meanwhile: nobody wants
+        those outputs, so the re-formed pipeline resumes after them."""
         for i in range(self._sent, self._planned):  # given ids but never sent
             del self._inputs[i]
         self._planned = self._sent
         while self._received < self._sent:
-            for payload in (await asyncio.wait_for(self._receive(self._received), self.timeout))[2]:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    held = (await self._receive(self._received))[2]
+            except PeerLost as exc:
+                for i in range(self._received, self._sent):
+                    del self._inputs[i]
+                self._received = self._sent
+                await self._reform(exc)
+                return
+            for payload in held:
                 discard(payload)
             del self._inputs[self._received]
             self._received += 1

@@ -14,6 +14,9 @@ lost     the same without build: the survivors get PeerLost naming the stage.
 serve    rank 0 serves requests that 4 threads submit at random times through the
          blocking facade, each checked against the whole model in float64.
 serve-lose  the same on 4 ranks, with build, and rank 2 SIGKILLs itself midway.
+abandon  4 ranks, with build: rank 0 stops a run after its first batch; rank 2 dies on its
+         fifth micro-batch, one of those left in the pipe; rank 0's next run drains,
+         meets the loss, and runs on the re-formed ring.
 """
 
 import os
@@ -99,9 +102,9 @@ def batches_of(seed: int) -> list[torch.Tensor]:
             for rows in rng.integers(1, 70, 40)]
 
 
-def builder(ring, seed: int):
+def builder(ring, seed: int, kill_after: int = KILL_AFTER):
     """build(rank, world_size) for the MLP's stages; in rank 2's process, a stage that
-    SIGKILLs the process after KILL_AFTER micro-batches."""
+    SIGKILLs the process after `kill_after` micro-batches."""
     served, victim_process = [], ring.rank == 2
 
     def build(rank: int, world_size: int):
@@ -111,7 +114,8 @@ def builder(ring, seed: int):
 
         def victim(x: torch.Tensor) -> torch.Tensor:
             served.append(1)
-            if len(served) > KILL_AFTER:
+            if len(served) > kill_after:
+                time.sleep(0.5)  # rank 0 has abandoned its run meanwhile (abandon)
                 os.kill(os.getpid(), signal.SIGKILL)
             return stage(x)
         return victim
@@ -139,6 +143,25 @@ def survive(ring, seed: int, rebuilds: bool) -> None:
             print(f"served to the end as rank {ring.rank} of {ring.world_size}", flush=True)
     except ringlib.PeerLost as exc:
         print(f"PeerLost: {exc}", flush=True)
+
+
+def abandon(ring, seed: int) -> None:
+    pipe = Pipeline(ring, build=builder(ring, seed, kill_after=4), micro_batch=16,
+                    max_in_flight=4, timeout=30)
+    if ring.rank != 0:
+        pipe.serve()
+        print(f"served to the end as rank {ring.rank} of {ring.world_size}", flush=True)
+        return
+    batches, reference = batches_of(seed), mlp(seed).double()
+    for _ in pipe.run([torch.ones(64, 256)] * 3):
+        break  # its other micro-batches are left in the pipe
+    outputs = list(pipe.run(batches))
+    with torch.inference_mode():
+        for batch, out in zip(batches, outputs, strict=True):
+            torch.testing.assert_close(out.double(), reference(batch.double()),
+                                       rtol=1e-4, atol=1e-4)
+    pipe.close()
+    print(f"outputs equal; world {ring.world_size}, generation {ring.generation}", flush=True)
 
 
 def serve(ring, seed: int, lose: bool) -> None:
@@ -202,6 +225,8 @@ def main(mode: str, seed: int) -> None:
     with ringlib.init() as ring:
         if mode in ("equal", "equal-onnx"):
             equal(ring, seed, mode == "equal-onnx")
+        elif mode == "abandon":
+            abandon(ring, seed)
         elif mode in ("serve", "serve-lose"):
             serve(ring, seed, mode == "serve-lose")
         elif mode in ("survive", "lost"):

@@ -263,6 +263,13 @@ def test_a_stage_killed_mid_run_is_re_split_over_the_survivors_and_run_completes
     assert "served to the end as rank 2 of 3" in finished[3].stdout, log
 
 
+def test_a_stage_lost_while_an_abandoned_run_drains_leaves_the_next_run_whole():
+    finished, log, _ = run_survivors("abandon")
+    assert finished[2].returncode == -9, log
+    assert all(finished[r].returncode == 0 for r in (0, 1, 3)), log
+    assert "outputs equal; world 3, generation 1" in finished[0].stdout, log
+
+
 def test_a_stage_lost_without_build_raises_peer_lost_naming_it():
     finished, log, _ = run_survivors("lost")
     for r in (0, 1, 3):
