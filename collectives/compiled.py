@@ -234,6 +234,7 @@ class Pending:
         self.done = True
         self._path._sessions.flight.closed(self._entry, failure)
         if failure is not None:
+            self._path._sessions.moot(self.seq)
             self._path.later(self._path._sessions.failed, self.seq)
         if self._finished is not None and not self._finished.done():
             self._finished.set_result(None)

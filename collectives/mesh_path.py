@@ -255,6 +255,7 @@ class MeshPending:
         if self._path.closed:
             self._path.later(self._path.mesh.close)
         if failure is not None:
+            self._path.sessions.moot(self.seq)
             self._path.later(self._path.sessions.failed, self.seq)
         if self._finished is not None and not self._finished.done():
             self._path.later(lambda: self._finished.done() or self._finished.set_result(None))

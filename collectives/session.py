@@ -184,7 +184,15 @@ class Sessions:
     def failed(self, seq: int) -> None:
         """Collective `seq` failed here: its late messages must not pile up, and what
         another rank said of it is moot."""
+        self.moot(seq)
         self.abandon(seq)
+
+    def moot(self, seq: int) -> None:
+        """Collective `seq` failed here: from now on, what another rank says of it is moot
+        (raise_late_mismatch must not raise it on the next collective, which may run
+        before the loop gets to failed()). Dict operations only: safe from a blocking
+        ring's caller's thread."""
+        self._failed.setdefault(seq, None)
         self._notices.pop(seq, None)
 
     def finished(self, seq: int) -> None:
