@@ -92,7 +92,10 @@ def owned(out: Activation, inp: Activation) -> Activation:
 
 def count_rows(act: Activation) -> int:
     """The first dimension that every tensor of `act` shares: its rows."""
-    tensors = flatten(act)[2]
+    return _rows_of(flatten(act)[2])
+
+
+def _rows_of(tensors: list[torch.Tensor]) -> int:
     sizes = {t.shape[0] if t.dim() else None for t in tensors}
     if len(sizes) != 1 or None in sizes:
         raise InvalidArgument(f"every tensor of a batch needs the same first dimension, got "
@@ -104,7 +107,7 @@ def split(act: Activation, rows: int | list[int]) -> list[Activation]:
     """Micro-batches of at most `rows` rows each (the last may be smaller), or of the
     given list of row counts."""
     structure, keys, tensors = flatten(act)
-    count_rows(act)
+    _rows_of(tensors)  # raises for tensors that do not share a first dimension
     pieces = [t.split(rows) for t in tensors]
     return [rebuild(structure, keys, list(parts)) for parts in zip(*pieces)]
 
