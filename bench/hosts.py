@@ -12,6 +12,7 @@ the veth's own transmit counters (both directions), read before and after each r
 any round. Needs root and iproute2 (`ip netns`) and util-linux (`unshare`).
 
     ringlib bench hosts [--ranks-per-host 2] [--size 16MiB] [--iters 20] [--rounds 3]
+                        [--timeline DIR]
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def crossed(hosts: list[tuple[str, str]]) -> int:
 
 
 def run(system: str, hosts: list[tuple[str, str]], per_host: int, size: int,
-        iters: int) -> dict:
+        iters: int, timeline: str | None = None) -> dict:
     """One system's run on both hosts: rank 0's JSON, with the bytes that crossed."""
     world = per_host * len(hosts)
     port = 29000 + secrets.randbelow(20000)
@@ -87,6 +88,8 @@ def run(system: str, hosts: list[tuple[str, str]], per_host: int, size: int,
                RINGLIB_HIERARCHICAL="0" if system == "flat" else "1",
                MASTER_ADDR=hosts[0][1], MASTER_PORT=str(port + world),
                GLOO_SOCKET_IFNAME=DEVICE)
+    if timeline and system != "gloo":
+        env["RINGLIB_TIMELINE"] = os.path.join(timeline, system, "trace-{rank}.json")
     worker = [sys.executable, "-m", "ringlib.bench.hosts", "--worker", system, str(size),
               str(iters)]
     before = crossed(hosts)
@@ -163,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=parse_size, default=parse_size("16MiB"))
     p.add_argument("--iters", type=int, default=20, help="timed calls per run (default: 20)")
     p.add_argument("--rounds", type=int, default=3, help="runs of each system (default: 3)")
+    p.add_argument("--timeline", metavar="DIR",
+                   help="ringlib's ranks write their timelines to DIR/SYSTEM/trace-RANK.json "
+                        "(the last round's; see `ringlib trace`)")
     args = p.parse_args(argv)
     if args.ranks_per_host < 1 or args.iters < 1 or args.rounds < 1:
         p.error("--ranks-per-host, --iters and --rounds must be 1 or more")
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.rounds):
                 for system in SYSTEMS:
                     results[system].append(run(system, hosts, args.ranks_per_host, args.size,
-                                               args.iters))
+                                               args.iters, args.timeline))
     except KeyboardInterrupt:
         raise SystemExit("bench hosts interrupted; ranks stopped, namespaces deleted") from None
     world = 2 * args.ranks_per_host

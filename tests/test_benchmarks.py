@@ -27,6 +27,9 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(),
 BENCH = [sys.executable, "-m", "ringlib", "bench", "allreduce"]
 HAVE_MPI = shutil.which("mpirun") is not None and importlib.util.find_spec("mpi4py") is not None
 NUMBER = r"[\d.]+"
+needs_hosts = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
+    reason="two hosts are network and mount namespaces: needs root, iproute2 and unshare")
 
 
 def row(size: str, count: int, iters: int, algo: str, compared: int = 0) -> str:
@@ -201,19 +204,59 @@ def test_the_pipeline_benchmark_compares_the_pipeline_with_one_process_and_torch
     assert wrong.returncode == 2 and "unknown system to compare with mpi; choose from torch" in wrong.stderr
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"),
-                    reason="two hosts are network and mount namespaces: needs root, "
-                           "iproute2 and unshare")
+@needs_hosts
 def test_the_two_host_benchmark_compares_hierarchical_flat_and_gloo_and_counts_bytes(tmp_path):
-    done = bench(tmp_path, "hosts", "--rounds", "1", "--iters", "2", "--size", "1MiB")
+    """With the timelines of ringlib's ranks, which show the hierarchy's phases."""
+    done = bench(tmp_path, "hosts", "--rounds", "1", "--iters", "2", "--size", "1MiB",
+                 "--timeline", str(tmp_path / "tl"))
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()
             if line.split()[:1] and line.split()[0] in ("hierarchical", "flat", "gloo")}
     assert [rows[s][1] for s in ("hierarchical", "flat")] == ["hierarchical", "ring"], done.stdout
     # 2 hosts of 2: the flat ring carries 1.5x S across, the hierarchical one S (its least)
     assert float(rows["hierarchical"][-2]) < float(rows["flat"][-2]), done.stdout
     assert all(re.fullmatch(r"[\d.]+|-", rows[s][-1]) for s in rows), done.stdout  # +mem MiB
+    for system in ("hierarchical", "flat"):
+        for rank in range(4):
+            events = json.loads((tmp_path / "tl" / system / f"trace-{rank}.json").read_text())
+            names = {e["name"] for e in events["traceEvents"]}
+            assert "ringlib:all_reduce" in names, (system, rank, names)
+            assert any(n.startswith("wait for rank") for n in names), (system, rank, names)
+    hierarchical = json.loads((tmp_path / "tl" / "hierarchical" / "trace-0.json").read_text())
+    waited = {e["name"] for e in hierarchical["traceEvents"] if e["name"].startswith("wait")}
+    assert waited == {"wait for rank 1", "wait for rank 2"}, waited  # its host's, its slice's
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "rlh" not in listed, f"namespaces left behind: {listed}"
+
+
+@pytest.mark.timeout(60)
+def test_the_loopback_floor_is_timed_over_several_sockets_and_with_zerocopy_sends(tmp_path):
+    run = bench(tmp_path, "loopback", "--sizes", "8B,1MiB", "--iters", "3", "--rounds", "2",
+                "--sockets", "1,2", "--zerocopy")
+    for way in ("1 socket", "2 sockets", "1 socket, zerocopy", "2 sockets, zerocopy"):
+        for size in ("8 B", "1 MiB"):
+            copied = r"\d+%" if "zerocopy" in way else "-"
+            line = rf"^ *{way} +{size} +{NUMBER}/{NUMBER} +{NUMBER} +{copied}$"
+            assert re.search(line, run.stdout, re.M), (line, run.stdout)
+
+
+@needs_hosts
+def test_the_loopback_floor_between_two_hosts_runs_over_veth_and_deletes_them(tmp_path):
+    run = bench(tmp_path, "loopback", "--hosts", "--sizes", "64KiB,1MiB", "--iters", "3")
+    assert "two network namespaces joined by veth" in run.stdout, run.stdout
+    assert re.search(rf"^ *1 socket +1 MiB +{NUMBER} +{NUMBER} +-$", run.stdout, re.M), run.stdout
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "rlh" not in listed, f"namespaces left behind: {listed}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sockets", "0"], "connection counts must be 1 or more"),
+    (["--transport", "ipc", "--zerocopy"], "--zerocopy and --hosts need --transport tcp"),
+    (["--rounds", "0"], "--iters and --rounds must be 1 or more"),
+])
+def test_the_loopback_floor_refuses_bad_arguments(args, message):
+    run = subprocess.run([sys.executable, "-m", "ringlib", "bench", "loopback", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
 
 
 @pytest.mark.timeout(120)
