@@ -26,7 +26,9 @@ the loss of any rank but 0. Every survivor meets PeerLost on its stream, re-form
 from which micro-batch on the stream resumes (the first whose output it has not got),
 and re-sends those micro-batches from their inputs, which it keeps until their outputs
 come. So run() yields every output once, in order. Without `build`, PeerLost is raised,
-naming the stage.
+naming the stage. Newcomers waiting to join are not let in by that re-form (they would
+run no stage of this pipeline): they wait for the members' next admit(), after which a
+new Pipeline built on every rank takes them in.
 """
 
 from __future__ import annotations
@@ -295,7 +297,7 @@ class Pipeline:
                 "; Pipeline(build=...) re-splits the model over the survivors"
             raise PeerLost(f"pipeline on rank {self.rank}: {what} was lost{hint}: {lost}",
                            lost.rank, lost.address) from lost
-        await self.ring.reform(timeout=self.timeout)
+        await self.ring.reform(timeout=self.timeout, admit=False)
         self._take_places()
         self.stage = as_stage(self._build(self.rank, self.world_size))
         self._inline = False

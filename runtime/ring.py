@@ -155,8 +155,10 @@ class Ring:
 
     def new_stream(self) -> Stream | None:
         """A new stream between this rank and others (a pipeline), outside the collectives;
-        ranks that open their streams in the same order agree on their numbers, as they
-        do on collectives'. None in a ring of one, which has nobody to stream to."""
+        ranks that open their streams in the same order since the ring's last change of
+        membership agree on their numbers, as they do on collectives' (so a newcomer's
+        first stream meets the members' next one). None in a ring of one, which has
+        nobody to stream to."""
         number = next(self._streams)
         return None if self._endpoint is None else Stream(self._endpoint, number)
 
@@ -516,7 +518,7 @@ class Ring:
             plan.algorithm)
         return session.run(algorithm, *args)
 
-    async def reform(self, *, timeout: float | None = None) -> None:
+    async def reform(self, *, timeout: float | None = None, admit: bool = True) -> None:
         """After PeerLost: build a new ring of the ranks still alive and carry on in it.
 
         Every survivor must call it. They agree on who is left, take new ranks 0..M-1 in
@@ -524,8 +526,10 @@ class Ring:
         and meet as connect() does. Survivors may have finished different numbers of
         collectives when the loss struck: broadcast the state to carry on from (say from
         the new rank 0) before training on. Newcomers waiting to join are admitted too
-        (admit()); one that cannot be met is logged, and the re-formed ring stands.
-        `timeout` bounds the wait for the others (default: connect()'s start-up timeout).
+        (admit()); one that cannot be met is logged, and the re-formed ring stands. With
+        `admit=False` they wait on for a later admit() (a Pipeline re-forms so: a newcomer
+        runs no stage of the pipeline in flight). `timeout` bounds the wait for the others
+        (default: connect()'s start-up timeout).
         """
         if self._closed:
             raise RingClosed(f"rank {self.rank}: the ring is closed")
@@ -538,7 +542,7 @@ class Ring:
                                        self.settings, limit)
         self._attempt = None
         await self._renew(endpoint, peers, "reform")
-        if self._endpoint is not None:
+        if admit and self._endpoint is not None:
             try:
                 await self.admit(timeout=limit)
             except RendezvousError as exc:  # the re-formed ring stands: that is reform's job
@@ -593,6 +597,7 @@ class Ring:
         self.rank = endpoint.rank if endpoint is not None else 0
         self._drop_fast_paths()
         self._use(endpoint)
+        self._streams = itertools.count()  # a fresh endpoint: no older stream reaches it
         self.generation += 1
         self.flight.rank, self.flight.generation = self.rank, self.generation
         if self.timeline is not None:

@@ -14,6 +14,10 @@ lost     the same without build: the survivors get PeerLost naming the stage.
 serve    rank 0 serves requests that 4 threads submit at random times through the
          blocking facade, each checked against the whole model in float64.
 serve-lose  the same on 4 ranks, with build, and rank 2 SIGKILLs itself midway.
+regrow   4 members and a newcomer that asks member 0 to join before the run: rank 2
+         dies mid-run, the survivors finish it on 3 ranks with the newcomer still waiting,
+         then admit() it, and a new pipeline of 4 (built on every rank, the newcomer's
+         too) gives the unsplit model's outputs.
 abandon  4 ranks, with build: rank 0 stops a run after its first batch; rank 2 dies on its
          fifth micro-batch, one of those left in the pipe; rank 0's next run drains,
          meets the loss, and runs on the re-formed ring.
@@ -145,6 +149,42 @@ def survive(ring, seed: int, rebuilds: bool) -> None:
         print(f"PeerLost: {exc}", flush=True)
 
 
+def check_run(pipe: Pipeline, seed: int) -> None:
+    """Rank 0: the seeded batches through `pipe`, every output against the model in float64."""
+    batches, reference = batches_of(seed), mlp(seed).double()
+    outputs = list(pipe.run(batches))
+    with torch.inference_mode():
+        for batch, out in zip(batches, outputs, strict=True):
+            torch.testing.assert_close(out.double(), reference(batch.double()),
+                                       rtol=1e-4, atol=1e-4)
+
+
+def regrow(ring, seed: int) -> None:
+    options = {"micro_batch": 16, "max_in_flight": 4, "timeout": 30}
+    if "RINGLIB_JOIN" not in os.environ:
+        pipe = Pipeline(ring, build=builder(ring, seed), **options)
+        if ring.rank == 0:
+            while ring.waiting() == 0:  # the newcomer asks before the loss
+                time.sleep(0.02)
+            check_run(pipe, seed)
+            pipe.close()
+        else:
+            pipe.serve()
+        print(f"after the loss: world {ring.world_size}, {ring.waiting()} waiting here",
+              flush=True)
+        print(f"admitted {ring.admit(timeout=30)}", flush=True)
+    pipe = Pipeline(ring, build=lambda rank, world_size: TorchStage(
+        split_sequential(mlp(seed), world_size)[rank]), **options)
+    if ring.rank == 0:
+        check_run(pipe, seed)
+        pipe.close()
+        print(f"outputs equal after regrowing; world {ring.world_size}, generation "
+              f"{ring.generation}", flush=True)
+    else:
+        pipe.serve()
+        print(f"served as rank {ring.rank} of {ring.world_size}", flush=True)
+
+
 def abandon(ring, seed: int) -> None:
     pipe = Pipeline(ring, build=builder(ring, seed, kill_after=4), micro_batch=16,
                     max_in_flight=4, timeout=30)
@@ -227,6 +267,8 @@ def main(mode: str, seed: int) -> None:
             equal(ring, seed, mode == "equal-onnx")
         elif mode == "abandon":
             abandon(ring, seed)
+        elif mode == "regrow":
+            regrow(ring, seed)
         elif mode in ("serve", "serve-lose"):
             serve(ring, seed, mode == "serve-lose")
         elif mode in ("survive", "lost"):

@@ -271,6 +271,26 @@ def test_a_stage_lost_while_an_abandoned_run_drains_leaves_the_next_run_whole():
     assert "outputs equal; world 3, generation 1" in finished[0].stdout, log
 
 
+def test_a_newcomer_waits_out_the_recovery_and_joins_the_next_pipeline():
+    """Without admit=False in the pipeline's re-form, the newcomer would be let in halfway
+    through the recovery, and the survivors' resume broadcast would wait for it."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    with tempfile.TemporaryDirectory(prefix="rl-") as ipc:
+        peers = local_addresses(4, "tcp", ipc)
+        envs = [{**ringlib_env(r, 4, peers), **FAST} for r in range(4)]
+        envs.append({**FAST, "RINGLIB_JOIN": peers[0]})
+        finished = run_ranks([str(PEER), "regrow", str(seed)], envs, timeout=90,
+                             expendable=frozenset({2}))
+    log = f"seed {seed}: " + "\n".join(f"--- process {f.rank} exit {f.returncode}\n"
+                                       f"{f.stdout}{f.stderr[-1500:]}" for f in finished)
+    assert finished[2].returncode == -signal.SIGKILL, log
+    assert all(finished[r].returncode == 0 for r in (0, 1, 3, 4)), log
+    assert "after the loss: world 3, 1 waiting here" in finished[0].stdout, log
+    assert all("admitted 1" in finished[r].stdout for r in (0, 1, 3)), log
+    assert "outputs equal after regrowing; world 4, generation 2" in finished[0].stdout, log
+    assert "served as rank 3 of 4" in finished[4].stdout, log
+
+
 def test_a_stage_lost_without_build_raises_peer_lost_naming_it():
     finished, log = run_survivors("lost")
     for r in (0, 1, 3):
