@@ -6,7 +6,9 @@ with onnx.utils.Extractor. A stage's inputs are the values that cross the cut be
 the same names, so OnnxStage(stage k)'s output tuple is OnnxStage(stage k+1)'s input
 tuple. The first stage takes the model's inputs and the last returns its outputs.
 Values made from constants alone (weights, Constant nodes) cross no cut: the extractor
-copies the nodes that make them into every stage that uses them.
+copies the nodes that make them into every stage that uses them. What the bodies of If,
+Loop and Scan nodes read from the graph around them counts as an input of their node,
+in the cuts and in the extraction.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def split_onnx(model: str | os.PathLike | onnx.ModelProto, at: list[str],
     cuts = cut_indices(at, starts)
     crossing = crossing_values(*_positions(proto.graph), cuts)
     # Shape inference gives the values inside the graph the types that stage inputs need.
-    extractor = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto))
+    extractor = _Extractor(onnx.shape_inference.infer_shapes(proto))
     _check_typed(extractor, at, crossing)
     initializers = {tensor.name for tensor in proto.graph.initializer}
     inputs = [[i.name for i in proto.graph.input if i.name not in initializers], *crossing]
@@ -65,7 +67,7 @@ def _positions(graph: onnx.GraphProto) -> tuple[dict[str, int], dict[str, list[i
                 for name in node.output if name and name not in constants)
     used: dict[str, list[int]] = {}
     for i, node in enumerate(nodes):
-        for name in node.input:
+        for name in _inputs(node):
             used.setdefault(name, []).append(i)
     for output in graph.output:
         used.setdefault(output.name, []).append(len(nodes))
@@ -78,17 +80,71 @@ def _constants(graph: onnx.GraphProto) -> set[str]:
     extractor copies what makes them into every stage that uses them."""
     constants = {tensor.name for tensor in graph.initializer}
     for node in graph.node:
-        inputs = [name for name in node.input if name]
+        inputs = _inputs(node)
         if node.op_type == "Constant" or (inputs and all(n in constants for n in inputs)):
             constants.update(node.output)
     return constants
 
 
+def _inputs(node: onnx.NodeProto) -> list[str]:
+    """A node's inputs, with the values its subgraphs (If, Loop, Scan bodies) read from
+    the graph around them."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs
+        for graph in graphs:
+            names += [name for name in _outer(graph) if name not in names]
+    return names
+
+
+def _outer(graph: onnx.GraphProto) -> list[str]:
+    """The values a subgraph reads that it does not make or take itself."""
+    made = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    outer: list[str] = []
+    for node in graph.node:
+        outer += [name for name in _inputs(node) if name not in made and name not in outer]
+        made.update(node.output)
+    return outer + [o.name for o in graph.output if o.name not in made and o.name not in outer]
+
+
+class _Extractor(onnx.utils.Extractor):
+    """onnx.utils.Extractor that follows what subgraphs read from around them: its own
+    walk goes by node.input alone, and would drop the nodes and weights they read."""
+
+    def _dfs_search_reachable_nodes(self, node_output_name: str, graph_input_names: set[str],
+                                    reachable: set[int]) -> None:
+        stack = [node_output_name]
+        while stack:
+            name = stack.pop()
+            if name in graph_input_names or name not in self.outmap:
+                continue
+            index = self.outmap[name]
+            if index not in reachable:
+                reachable.add(index)
+                stack += _inputs(self.graph.node[index])
+
+    def _collect_reachable_tensors(self, nodes: list[onnx.NodeProto]
+                                   ) -> tuple[list[onnx.TensorProto], list[onnx.ValueInfoProto]]:
+        super()._collect_reachable_tensors(nodes)  # its checks: no sparse initializers, ...
+        names = {name for node in nodes for name in [*_inputs(node), *node.output]}
+        return ([t for name, t in self.initializers.items() if name in names],
+                [v for name, v in self.value_infos.items() if name in names])
+
+
 def _check_typed(extractor: onnx.utils.Extractor, points: list[str],
                  crossing: list[list[str]]) -> None:
-    """Raise unless shape inference typed every value that crosses a cut."""
+    """Raise unless shape inference typed every value that crosses a cut, with a shape (of
+    known rank: a stage's inputs and outputs need one, as the ONNX checker says)."""
     for point, names in zip(points, crossing):
-        untyped = [name for name in names if name not in extractor.value_infos]
+        untyped = [name for name in names if not _shaped(extractor.value_infos.get(name))]
         if untyped:
             raise InvalidArgument(f"cannot cut at {point!r}: ONNX shape inference gives no "
-                                  f"type for {untyped}, which would cross the cut")
+                                  f"type and shape for {untyped}, which would cross the cut")
+
+
+def _shaped(info: onnx.ValueInfoProto | None) -> bool:
+    """Whether a value has a type, and a shape if it is a tensor."""
+    kind = info.type.WhichOneof("value") if info is not None else None
+    if kind is None:
+        return False
+    return kind != "tensor_type" or info.type.tensor_type.HasField("shape")

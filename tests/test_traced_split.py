@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -175,6 +176,69 @@ def test_onnx_split_takes_a_loaded_model_and_names_bad_points(tmp_path):
         split_onnx(proto, ["nope"], tmp_path)
     with pytest.raises(ringlib.InvalidArgument, match="runs before"):
         split_onnx(proto, [first_named(names, "/head"), first_named(names, "/stem")], tmp_path)
+
+
+def control_flow_model() -> onnx.ModelProto:
+    """y = -(c + 3a), a = relu(x), b = 2a, c = (a + b) w if sum(x) > 0 else a - b: an If
+    whose branches read a and b (and the weight w, used nowhere else) from the graph
+    around them, and a Loop whose body adds a to its carried value three times."""
+    from onnx import TensorProto, helper
+    tensor = helper.make_tensor_value_info
+
+    def branch(name: str, nodes: list) -> onnx.GraphProto:
+        return helper.make_graph(nodes, name, [], [tensor(nodes[-1].output[0],
+                                                          TensorProto.FLOAT, ["n", 4])])
+    then = branch("then", [helper.make_node("Add", ["a", "b"], ["t"]),
+                           helper.make_node("Mul", ["t", "w"], ["tw"])])
+    other = branch("else", [helper.make_node("Sub", ["a", "b"], ["e"])])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["going"], ["going_on"]),
+         helper.make_node("Add", ["carried", "a"], ["carried_on"])], "body",
+        [tensor("i", TensorProto.INT64, []), tensor("going", TensorProto.BOOL, []),
+         tensor("carried", TensorProto.FLOAT, None)],
+        [tensor("going_on", TensorProto.BOOL, []),
+         tensor("carried_on", TensorProto.FLOAT, ["n", 4])])
+    nodes = [helper.make_node("Relu", ["x"], ["a"], name="relu"),
+             helper.make_node("Mul", ["a", "two"], ["b"], name="double"),
+             helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["positive"], name="test"),
+             helper.make_node("If", ["positive"], ["c"], name="if", then_branch=then,
+                              else_branch=other),
+             helper.make_node("Loop", ["three", "", "c"], ["d"], name="loop", body=body),
+             helper.make_node("Neg", ["d"], ["y"], name="negate")]
+    weights = [helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+               helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+               helper.make_tensor("three", TensorProto.INT64, [], [3]),
+               helper.make_tensor("w", TensorProto.FLOAT, [4], [0.5, -1.0, 2.0, 3.0])]
+    graph = helper.make_graph(nodes, "control", [tensor("x", TensorProto.FLOAT, ["n", 4])],
+                              [tensor("y", TensorProto.FLOAT, ["n", 4])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.mark.parametrize("at", [["double"], ["sum"], ["test"], ["if"], ["loop"],
+                                ["double", "test", "loop"]])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_onnx_cuts_carry_what_if_and_loop_bodies_read_from_around_them(at, sign, rng, seed,
+                                                                        tmp_path):
+    """Without them in the cuts and the extraction, the stages would lack a and b (or the
+    nodes making them, or w): the checker refuses such a stage."""
+    x = sign * np.abs(rng.standard_normal((5, 4)))
+    a = np.maximum(x, 0)
+    w = np.array([0.5, -1.0, 2.0, 3.0])
+    c = (a + 2 * a) * w if x.sum() > 0 else a - 2 * a
+    expected = -(c + 3 * a)
+    paths = split_onnx(control_flow_model(), at, tmp_path)
+    out = chain([OnnxStage(path) for path in paths], torch.from_numpy(x.astype(np.float32)))
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5,
+                               err_msg=f"cut at {at}, seed {seed}")
+
+
+def test_an_onnx_cut_that_a_value_of_unknown_rank_would_cross_is_refused(tmp_path):
+    """Shape inference gives the Loop's output no shape; a stage taking it would fail the
+    checker (and onnxruntime could not say what it takes)."""
+    with pytest.raises(ringlib.InvalidArgument, match=r"cannot cut at 'negate': .* \['d'\]"):
+        split_onnx(control_flow_model(), ["if", "negate"], tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before any stage was written
 
 
 def test_crossing_values_carry_a_skip_and_open_cuts_avoid_a_blocking_value():
