@@ -1,10 +1,10 @@
 """Cut an ONNX model into pipeline stages at named nodes, one .onnx file per stage.
 
 Each stage is the run of the model's nodes from one split point to the next, extracted
-with onnx.utils.Extractor. A stage's inputs are the values that cross the cut before it
-(cuts.py) and its outputs those that cross the cut after it, in the same order and under
-the same names, so OnnxStage(stage k)'s output tuple is OnnxStage(stage k+1)'s input
-tuple. The first stage takes the model's inputs and the last returns its outputs.
+as onnx.utils.Extractor would (_Extractor says why not with it). A stage's inputs are
+the values that cross the cut before it (cuts.py) and its outputs those that cross the
+cut after it, in the same order and under the same names, so OnnxStage(stage k)'s
+output tuple is OnnxStage(stage k+1)'s input tuple. The first stage takes the model's inputs and the last returns its outputs.
 Values made from constants alone (weights, Constant nodes) cross no cut: the extractor
 copies the nodes that make them into every stage that uses them. What the bodies of If,
 Loop and Scan nodes read from the graph around them counts as an input of their node,
@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 
 import onnx
+import onnx.helper
 import onnx.shape_inference
-import onnx.utils
 
 from ringlib.errors import InvalidArgument
 
@@ -107,36 +107,48 @@ def _outer(graph: onnx.GraphProto) -> list[str]:
     return outer + [o.name for o in graph.output if o.name not in made and o.name not in outer]
 
 
-class _Extractor(onnx.utils.Extractor):
-    """onnx.utils.Extractor that follows what subgraphs read from around them: its own
-    walk goes by node.input alone, and would drop the nodes and weights they read."""
+class _Extractor:
+    """Stages out of one model: the nodes that make a stage's outputs from its inputs,
+    with the weights and types they use. onnx.utils.Extractor does the same by
+    node.input alone, so it drops the nodes and weights that If, Loop and Scan bodies
+    read from around them; and its helpers changed between onnx versions."""
 
-    def _dfs_search_reachable_nodes(self, node_output_name: str, graph_input_names: set[str],
-                                    reachable: set[int]) -> None:
-        stack = [node_output_name]
-        while stack:
-            name = stack.pop()
-            if name in graph_input_names or name not in self.outmap:
-                continue
-            index = self.outmap[name]
-            if index not in reachable:
-                reachable.add(index)
-                stack += _inputs(self.graph.node[index])
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model, graph = model, model.graph
+        if graph.sparse_initializer:
+            raise InvalidArgument("split_onnx: sparse initializers are not supported")
+        self.weights = {t.name: t for t in graph.initializer}
+        self.typed = {v.name: v for v in [*graph.value_info, *graph.input, *graph.output]}
+        self.maker = {name: i for i, node in enumerate(graph.node) for name in node.output
+                      if name}
 
-    def _collect_reachable_tensors(self, nodes: list[onnx.NodeProto]
-                                   ) -> tuple[list[onnx.TensorProto], list[onnx.ValueInfoProto]]:
-        super()._collect_reachable_tensors(nodes)  # its checks: no sparse initializers, ...
-        names = {name for node in nodes for name in [*_inputs(node), *node.output]}
-        return ([t for name, t in self.initializers.items() if name in names],
-                [v for name, v in self.value_infos.items() if name in names])
+    def extract_model(self, names_in: list[str], names_out: list[str]) -> onnx.ModelProto:
+        """The stage taking `names_in` and giving `names_out`, nodes in the model's order."""
+        graph, given, reached = self.model.graph, set(names_in), set()
+        wanted = list(names_out)
+        while wanted:
+            name = wanted.pop()
+            if name not in given and name in self.maker and self.maker[name] not in reached:
+                reached.add(self.maker[name])
+                wanted += _inputs(graph.node[self.maker[name]])
+        nodes = [graph.node[i] for i in sorted(reached)]
+        used = {name for node in nodes for name in [*_inputs(node), *node.output]}
+        stage = onnx.helper.make_graph(
+            nodes, f"{graph.name} stage", [self.typed[n] for n in names_in],
+            [self.typed[n] for n in names_out],
+            initializer=[t for name, t in self.weights.items() if name in used],
+            value_info=[v for name, v in self.typed.items() if name in used])
+        return onnx.helper.make_model(stage, ir_version=self.model.ir_version,
+                                      opset_imports=self.model.opset_import,
+                                      functions=self.model.functions)
 
 
-def _check_typed(extractor: onnx.utils.Extractor, points: list[str],
+def _check_typed(extractor: _Extractor, points: list[str],
                  crossing: list[list[str]]) -> None:
     """Raise unless shape inference typed every value that crosses a cut, with a shape (of
     known rank: a stage's inputs and outputs need one, as the ONNX checker says)."""
     for point, names in zip(points, crossing):
-        untyped = [name for name in names if not _shaped(extractor.value_infos.get(name))]
+        untyped = [name for name in names if not _shaped(extractor.typed.get(name))]
         if untyped:
             raise InvalidArgument(f"cannot cut at {point!r}: ONNX shape inference gives no "
                                   f"type and shape for {untyped}, which would cross the cut")
