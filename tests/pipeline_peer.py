@@ -14,6 +14,9 @@ lost     the same without build: the survivors get PeerLost naming the stage.
 serve    rank 0 serves requests that 4 threads submit at random times through the
          blocking facade, each checked against the whole model in float64.
 serve-lose  the same on 4 ranks, with build, and rank 2 SIGKILLs itself midway.
+stall    2 ranks: rank 1's stage is fast (so it runs on the event loop's thread) until
+         one micro-batch takes twice the peer timeout; rank 0 checks every output, and
+         rank 1 prints the thread the slow call ran on.
 regrow   4 members and a newcomer that asks member 0 to join before the run: rank 2
          dies mid-run, the survivors finish it on 3 ranks with the newcomer still waiting,
          then admit() it, and a new pipeline of 4 (built on every rank, the newcomer's
@@ -28,6 +31,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -159,6 +163,30 @@ def check_run(pipe: Pipeline, seed: int) -> None:
                                        rtol=1e-4, atol=1e-4)
 
 
+def stall(ring) -> None:
+    """A long call on the loop's thread: the heartbeats come from a thread of their own,
+    so nobody takes this rank for lost."""
+    calls, slow_on = [], []
+
+    def stage(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 8:
+            slow_on.append(threading.current_thread().name)
+            time.sleep(2 * ring.ring.settings.peer_timeout)  # the GIL free, as torch's ops leave it
+        return x * 2
+    pipe = Pipeline(ring, stage if ring.rank == 1 else (lambda x: x + 1), micro_batch=4,
+                    timeout=30)
+    if ring.rank == 0:
+        batches = [torch.full((8, 3), float(k)) for k in range(10)]
+        outputs = list(pipe.run(batches))
+        assert all(torch.equal(out, (b + 1) * 2) for b, out in zip(batches, outputs, strict=True))
+        pipe.close()
+        print(f"outputs equal, world {ring.world_size}, generation {ring.generation}", flush=True)
+    else:
+        pipe.serve()
+        print(f"the slow call ran on {slow_on}", flush=True)
+
+
 def regrow(ring, seed: int) -> None:
     options = {"micro_batch": 16, "max_in_flight": 4, "timeout": 30}
     if "RINGLIB_JOIN" not in os.environ:
@@ -267,6 +295,8 @@ def main(mode: str, seed: int) -> None:
             equal(ring, seed, mode == "equal-onnx")
         elif mode == "abandon":
             abandon(ring, seed)
+        elif mode == "stall":
+            stall(ring)
         elif mode == "regrow":
             regrow(ring, seed)
         elif mode in ("serve", "serve-lose"):

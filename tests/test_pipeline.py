@@ -291,6 +291,19 @@ def test_a_newcomer_waits_out_the_recovery_and_joins_the_next_pipeline():
     assert "served as rank 3 of 4" in finished[4].stdout, log
 
 
+def test_a_stage_on_the_loops_thread_that_stalls_past_the_peer_timeout_is_not_lost():
+    seed = int.from_bytes(os.urandom(4), "little")
+    with tempfile.TemporaryDirectory(prefix="rl-") as ipc:
+        peers = local_addresses(2, "tcp", ipc)
+        finished = run_ranks([str(PEER), "stall", str(seed)],
+                             [{**ringlib_env(r, 2, peers), **FAST} for r in range(2)], timeout=60)
+    log = "\n".join(f"--- rank {f.rank} exit {f.returncode}\n{f.stdout}{f.stderr[-1500:]}"
+                    for f in finished)
+    assert all(f.returncode == 0 for f in finished), log
+    assert "outputs equal, world 2, generation 0" in finished[0].stdout, log
+    assert "the slow call ran on ['ringlib-loop']" in finished[1].stdout, log
+
+
 def test_a_stage_lost_without_build_raises_peer_lost_naming_it():
     finished, log = run_survivors("lost")
     for r in (0, 1, 3):
