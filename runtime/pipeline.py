@@ -25,8 +25,10 @@ the loss of any rank but 0. Every survivor meets PeerLost on its stream, re-form
 (Ring.reform), builds its stage of the smaller ring, and opens a new stream; rank 0 says
 from which micro-batch on the stream resumes (the first whose output it has not got),
 and re-sends those micro-batches from their inputs, which it keeps until their outputs
-come. So run() yields every output once, in order. Without `build`, PeerLost is raised,
-naming the stage. Newcomers waiting to join are not let in by that re-form (they would
+come. So run() yields every output once, in order; close() sends its word to stop
+round the smaller ring the same way, and every rank waits in a barrier until all have it,
+so that none has left when a loss strikes. Without `build`, PeerLost is raised, naming
+the stage. Newcomers waiting to join are not let in by that re-form (they would
 run no stage of this pipeline): they wait for the members' next admit(), after which a
 new Pipeline built on every rank takes them in.
 """
@@ -245,14 +247,21 @@ class Pipeline:
             self._received += 1
 
     async def aclose(self) -> None:
-        """Rank 0: tell every stage to stop, and wait until the word has gone round."""
+        """Rank 0: tell every stage to stop, and wait until the word has gone round and
+        every rank has it (a barrier). A stage lost meanwhile, with `build`: the
+        survivors re-form, and the word goes round the smaller ring."""
         if self._closed:
             return
         self._check_head()
         await self._drain()
-        if self.world_size > 1:
-            await self._send(self._sent, {"stop": True}, None)
-            await asyncio.wait_for(self._receive(self._sent), self.timeout)
+        while self.world_size > 1:
+            try:
+                await self._send(self._sent, {"stop": True}, None)
+                await asyncio.wait_for(self._receive(self._sent), self.timeout)
+                await self.ring.barrier(timeout=self.timeout)
+                break
+            except PeerLost as exc:
+                await self._reform(exc)
         self._finish()
 
     # --- the other ranks --------------------------------------------------------------
@@ -264,6 +273,8 @@ class Pipeline:
         while True:
             try:
                 stop = await self._serve_one()
+                if stop:  # stay until every rank has the word, so that a loss now is
+                    await self.ring.barrier(timeout=self.timeout)  # met by them all
             except PeerLost as exc:
                 await self._reform(exc)
                 continue

@@ -14,6 +14,9 @@ lost     the same without build: the survivors get PeerLost naming the stage.
 serve    rank 0 serves requests that 4 threads submit at random times through the
          blocking facade, each checked against the whole model in float64.
 serve-lose  the same on 4 ranks, with build, and rank 2 SIGKILLs itself midway.
+close-lose  4 ranks, with build: rank 2's process is SIGKILLed 0.2 s after its stage
+         returned the last micro-batch's output; rank 0 waits 0.6 s after run() and calls
+         close(), which meets the loss; then every survivor all-reduces a one.
 stall    2 ranks: rank 1's stage is fast (so it runs on the event loop's thread) until
          one micro-batch takes twice the peer timeout; rank 0 checks every output, and
          rank 1 prints the thread the slow call ran on.
@@ -163,6 +166,33 @@ def check_run(pipe: Pipeline, seed: int) -> None:
                                        rtol=1e-4, atol=1e-4)
 
 
+def close_lose(ring, seed: int) -> None:
+    last = sum(-(-len(b) // 16) for b in batches_of(seed))
+    calls = []
+
+    def build(rank: int, world_size: int):
+        stage = TorchStage(split_sequential(mlp(seed), world_size)[rank])
+        if ring.rank != 2:
+            return stage
+
+        def victim(x: torch.Tensor) -> torch.Tensor:
+            calls.append(1)
+            if len(calls) == last:
+                threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            return stage(x)
+        return victim
+    pipe = Pipeline(ring, build=build, micro_batch=16, max_in_flight=4, timeout=30)
+    if ring.rank == 0:
+        check_run(pipe, seed)
+        time.sleep(0.6)
+        pipe.close()
+        print(f"closed; world {ring.world_size}, generation {ring.generation}", flush=True)
+    else:
+        pipe.serve()
+    total = ring.all_reduce(np.ones(1, np.float32))
+    print(f"all-reduced {total[0]:g} on rank {ring.rank} of {ring.world_size}", flush=True)
+
+
 def stall(ring) -> None:
     """A long call on the loop's thread: the heartbeats come from a thread of their own,
     so nobody takes this rank for lost."""
@@ -295,6 +325,8 @@ def main(mode: str, seed: int) -> None:
             equal(ring, seed, mode == "equal-onnx")
         elif mode == "abandon":
             abandon(ring, seed)
+        elif mode == "close-lose":
+            close_lose(ring, seed)
         elif mode == "stall":
             stall(ring)
         elif mode == "regrow":

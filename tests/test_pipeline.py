@@ -266,6 +266,15 @@ def test_a_stage_killed_mid_run_is_re_split_over_the_survivors_and_run_completes
     assert "served to the end as rank 2 of 3" in finished[3].stdout, log
 
 
+def test_a_stage_lost_while_the_pipeline_closes_is_met_by_every_survivor():
+    """Without the barrier at the end, rank 1 would have left serve() with the word to
+    stop, and ranks 0 and 3 would wait in vain for it to re-form."""
+    finished, log = run_survivors("close-lose")
+    assert "closed; world 3, generation 1" in finished[0].stdout, log
+    for rank, process in enumerate((0, 1, 3)):
+        assert f"all-reduced 3 on rank {rank} of 3" in finished[process].stdout, log
+
+
 def test_a_stage_lost_while_an_abandoned_run_drains_leaves_the_next_run_whole():
     finished, log = run_survivors("abandon")
     assert "outputs equal; world 3, generation 1" in finished[0].stdout, log
