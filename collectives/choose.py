@@ -52,7 +52,7 @@ class Plan(NamedTuple):
 
     algorithm: str       # "doubling", "pairwise", "ring", "hierarchical", "flat",
                          # "dissemination", or, over the shared arena, "compiled" or
-                         # "compiled-split", or over the mesh, "mesh"
+                         # "compiled-split", or over the mesh, "mesh" or "mesh-ring"
     latency_bound: bool  # its receives poll for their messages before they yield
     tag: str             # what its signature carries of the choice ("" if the size says it)
 
@@ -65,12 +65,13 @@ _HIERARCHICAL = Plan("hierarchical", False, "hierarchical")
 _COMPILED = Plan("compiled", True, "compiled")
 _SPLIT = Plan("compiled-split", True, "compiled-split")
 _MESH = Plan("mesh", True, "mesh")
+_MESH_RING = Plan("mesh-ring", False, "mesh-ring")
 EMPTY_PLAN = _DISSEMINATION  # an empty collective: its ranks meet as a barrier's do
 
 
 def plan(collective: str, nbytes: int, world_size: int, small_bytes: int,
          reaches_peer: Callable[[], bool], compiled_bytes: int = 0,
-         hosts: Hosts | None = None, mesh_bytes: int = 0) -> Plan:
+         hosts: Hosts | None = None, mesh_bytes: int = 0, mesh_ring: bool = False) -> Plan:
     """The plan of `collective` ("all_reduce", "reduce_scatter", "all_gather",
     "broadcast" or "barrier") over `nbytes`. reaches_peer(), asked only where the choice
     depends on it: whether the 2 ranks of a ring of two can read and write each other's
@@ -80,13 +81,17 @@ def plan(collective: str, nbytes: int, world_size: int, small_bytes: int,
     hosts: the ranks of each host where a hierarchical all-reduce may run (several
     hosts of several ranks each: hierarchical_allreduce.host_groups), else None; in the
     tag as well, for the same reason. mesh_bytes: the largest all-reduce the ring's mesh
-    takes (0: it has none); tagged too."""
+    takes all to all (0: it has none); mesh_ring: whether larger ones stream round the
+    ring over the mesh (mesh_ring_allreduce.py), where no hierarchy applies; both tagged
+    too."""
     slot = nbytes // world_size if collective == "all_gather" else nbytes
     if compiled_bytes and slot <= compiled_bytes:
         return _SPLIT if collective == "all_reduce" and nbytes > SPLIT_BYTES else _COMPILED
     if mesh_bytes and collective in ("all_reduce", "barrier") and nbytes <= mesh_bytes:
         return _MESH
     if collective == "all_reduce":
+        if mesh_ring and hosts is None:
+            return _MESH_RING
         if nbytes <= small_bytes:
             return _DOUBLING
         if hosts is not None:

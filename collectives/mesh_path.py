@@ -1,11 +1,11 @@
-"""The mesh path: small all-reduces and barriers of a ring without a shared arena (ranks on
+"""The mesh path: all-reduces and barriers of a ring without a shared arena (ranks on
 several hosts, or shared memory off) run over the mesh (transport/mesh.py) by the thread
 that calls them, with no message through ZeroMQ, no Channel and no hop between threads.
 
-Every rank writes its buffer to every peer, waits for theirs, and reduces the ranks'
-buffers in rank order, so every rank gets bit-identical results. A MeshPath numbers its
-collectives with the ring's Sessions, in call order with the collectives that take
-messages, and runs its own one at a time in that order.
+Small ones are exchanged all to all (mesh_all_to_all.py), large all-reduces streamed
+round the ring (mesh_ring_allreduce.py); MeshPending runs either to its end. A MeshPath
+numbers its collectives with the ring's Sessions, in call order with the collectives
+that take messages, and runs its own one at a time in that order.
 
 Off the event loop's thread (a blocking ring's caller) a collective waits in poll(2) on
 the mesh's sockets, in slices between which it checks what ends a wait early: a lost
@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -31,10 +31,27 @@ from ringlib.transport import Endpoint
 from ringlib.transport.mesh import Link, LinkBroken, Mesh, wait_here, wait_on_loop
 
 from .compiled import signature_hash
+from .mesh_all_to_all import AllToAll
+from .mesh_ring_allreduce import PIECE_BYTES, RingStream
 from .ring_reduce_scatter import Reducer
 from .session import THREADS, Sessions, tell_everyone
 
 SLICE_S = 0.01  # how long a wait sleeps at most before it looks at what may end it
+
+
+class Exchange(Protocol):
+    """How one mesh collective moves and reduces its data (mesh_all_to_all.py,
+    mesh_ring_allreduce.py)."""
+
+    def begin(self, seq: int, sig_hash: int) -> None: ...
+    def progress(self, seq: int) -> bool: ...
+    def waits(self) -> list[tuple[Link, bool, bool]]: ...
+    def waiting_on(self) -> int | None: ...
+    def abandon(self) -> None: ...  # it failed: leave the links in step for the next one
+
+
+# exchange(buf, reducers, check): check(peer, sig_hash, sized) refuses a peer's frame
+MakeExchange = Callable[[np.ndarray, Any, Callable[[int, int, bool], None]], Exchange]
 
 
 class MeshPrepared(NamedTuple):
@@ -45,6 +62,7 @@ class MeshPrepared(NamedTuple):
     sig_hash: int
     storage: np.dtype          # the type the buffer is seen as
     reducers: tuple[Reducer, Reducer] | None  # (partial, final); None: a barrier
+    exchange: MakeExchange
 
 
 class MeshPath:
@@ -56,18 +74,30 @@ class MeshPath:
         self._tail: MeshPending | None = None  # the last one started, while it runs
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        self._staging = np.empty(PIECE_BYTES, np.uint8)  # for one streamed at a time
 
     @property
     def idle(self) -> bool:
         """Whether none of this path's collectives is running."""
         return self._tail is None or self._tail.done
 
-    def prepare(self, sig: str, dtype: DType | None, reducers: tuple[Reducer, Reducer] | None
-                ) -> MeshPrepared:
+    def prepare(self, sig: str, dtype: DType | None, reducers: tuple[Reducer, Reducer] | None,
+                streamed: bool = False) -> MeshPrepared:
         """The MeshPrepared of `sig` over buffers of `dtype`, reduced with `reducers`
-        ((partial, final): collectives.step_reducers); None and None: a barrier."""
+        ((partial, final): collectives.step_reducers); None and None: a barrier.
+        `streamed`: an all-reduce streamed round the ring, else exchanged all to all."""
         storage = np.dtype(np.uint8) if dtype is None else dtype.storage
-        return MeshPrepared(sig, sig.split()[0], signature_hash(sig), storage, reducers)
+        return MeshPrepared(sig, sig.split()[0], signature_hash(sig), storage, reducers,
+                            self._ring_stream if streamed else self._all_to_all)
+
+    def _all_to_all(self, buf: np.ndarray, reducers: Any,
+                    check: Callable[[int, int, bool], None]) -> AllToAll:
+        return AllToAll(self.mesh, self.endpoint.rank, buf, reducers, check)
+
+    def _ring_stream(self, buf: np.ndarray, reducers: Any,
+                     check: Callable[[int, int, bool], None]) -> RingStream:
+        return RingStream(self.mesh, self.endpoint.rank, len(self.mesh.links) + 1, buf,
+                          reducers, self._staging, check)
 
     def start(self, prepared: MeshPrepared, buf: np.ndarray, timeout: float, spin_us: int,
               then: Callable[[], Any]) -> MeshPending:
@@ -113,7 +143,7 @@ class MeshPending:
         self.seq, self._then = seq, then
         self._deadline = time.monotonic() + timeout
         self._timeout = timeout
-        self._got: dict[int, bytes] = {}
+        self._exchange = prepared.exchange(buf, prepared.reducers, self._check_frame)
         self.before: MeshPending | None = None  # the one that must finish first
         self.done = False
         self._finished: asyncio.Future | None = None  # for the one after, if it waits
@@ -123,15 +153,13 @@ class MeshPending:
         return self._then()
 
     def waiting_on(self) -> int | None:
-        """The lowest rank whose frame has not come yet, if any."""
-        return next((r for r in self._path.mesh.links if r not in self._got), None)
+        """The rank whose data this rank waits for, if any."""
+        return self._exchange.waiting_on()
 
     def begin(self) -> None:
-        """Send this rank's buffer to every peer."""
-        payload = memoryview(self._buf).cast("B")
+        """Start sending this rank's data."""
         try:
-            for link in self._path.mesh.links.values():
-                link.send(self.seq, self._prepared.sig_hash, payload)
+            self._exchange.begin(self.seq, self._prepared.sig_hash)
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -141,16 +169,8 @@ class MeshPending:
         try:
             if self._path.closed:
                 raise RingClosed(f"{self._prepared.name} #{self.seq}: the ring was closed")
-            for peer, link in self._path.mesh.links.items():
-                link.flush()
-                if peer not in self._got:
-                    frame = link.take(self.seq)
-                    if frame is not None:
-                        self._file(peer, *frame)
-            if len(self._got) < len(self._path.mesh.links) or \
-                    any(link.unsent for link in self._path.mesh.links.values()):
+            if not self._exchange.progress(self.seq):
                 return False
-            self._reduce()
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -202,14 +222,12 @@ class MeshPending:
 
     def _waits(self) -> list[tuple[Link, bool, bool]]:
         """(link, to read, to write) of every link this collective waits on."""
-        links = self._path.mesh.links
-        return [(link, peer not in self._got, link.unsent) for peer, link in links.items()
-                if link.unsent or peer not in self._got]
+        return self._exchange.waits()
 
-    def _file(self, peer: int, sig_hash: int, payload: bytes) -> None:
-        """Keep `peer`'s frame, or raise MismatchError (every rank told, as one whose
-        frame is not all out yet leaves its peers waiting) where it called another
-        collective."""
+    def _check_frame(self, peer: int, sig_hash: int, sized: bool) -> None:
+        """Raise MismatchError (every rank told, as one whose frame is not all out yet
+        leaves its peers waiting) where `peer` called another collective, ProtocolError
+        where its frame is not `sized` as this rank's."""
         prepared, roster = self._prepared, self._path.endpoint.roster
         if sig_hash != prepared.sig_hash:
             exc = MismatchError(
@@ -219,29 +237,16 @@ class MeshPending:
                 (THREADS if "thread=" in prepared.sig else ""))
             self._path.later(tell_everyone, self._path.endpoint, self.seq, str(exc))
             raise exc
-        if len(payload) != self._buf.nbytes:
+        if not sized:
             raise ProtocolError(f"{prepared.name} #{self.seq} on {roster.me}: {roster.name(peer)} "
-                                f"sent {len(payload)} bytes where {self._buf.nbytes} were expected")
-        self._got[peer] = payload
-
-    def _reduce(self) -> None:
-        """Reduce the ranks' buffers in rank order into this rank's."""
-        if self._prepared.reducers is None:
-            return
-        partial, final = self._prepared.reducers
-        me, buf = self._path.endpoint.rank, self._buf
-        parts = [buf if r == me else np.frombuffer(self._got[r], buf.dtype)
-                 for r in range(len(self._got) + 1)]
-        acc = parts[0].copy()
-        for part in parts[1:-1]:
-            partial(acc, part)
-        final(acc, parts[-1])
-        buf[:] = acc
+                                f"sent a frame of another size than {self._buf.nbytes} bytes")
 
     def _fail(self, exc: BaseException) -> None:
         """The collective failed with `exc`. A mesh link that broke loses its peer to the
         whole ring, every rank told, as a silent one would be: later collectives, on
         whatever path, raise PeerLost too."""
+        if not self.done:
+            self._exchange.abandon()
         self._settle(exc)
         if isinstance(exc, LinkBroken):
             self._path.later(self._path.endpoint.lose, exc.rank,
@@ -270,8 +275,9 @@ class MeshPending:
         if notice is not None:
             raise notice
         if time.monotonic() > self._deadline:
-            missing = [r for r in self._path.mesh.links if r not in self._got]
-            waited = endpoint.roster.name(missing[0]) if missing else "its peers to take its frame"
+            missing = self._exchange.waiting_on()
+            waited = endpoint.roster.name(missing) if missing is not None else \
+                "its peers to take its frame"
             raise CollectiveTimeout(f"{self._prepared.name} #{self.seq} on {endpoint.roster.me} "
                                     f"timed out after {self._timeout:g} s waiting for {waited} "
                                     "on the mesh")

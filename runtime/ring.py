@@ -99,6 +99,7 @@ class Ring:
     direct_bytes = _Tunable()
     compiled_bytes = _Tunable()
     mesh_bytes = _Tunable()
+    mesh_ring = _Tunable()
 
     def __init__(self, where: Placement, endpoint: Endpoint | None, peers: list[str],
                  executor: ThreadPoolExecutor, settings: Settings) -> None:
@@ -180,7 +181,8 @@ class Ring:
         hosts = self._hosts if self.settings.hierarchical else None
         mesh = 0 if self._mesh is None else self.settings.mesh_bytes
         return collectives.plan(collective, nbytes, self.world_size, self.settings.small_bytes,
-                                self._reaches_peer, limit, hosts, mesh)
+                                self._reaches_peer, limit, hosts, mesh,
+                                self._mesh is not None and self.settings.mesh_ring)
 
     def _reaches_peer(self) -> bool:
         """Whether this rank and the other of a ring of two reach each other's memory."""
@@ -348,8 +350,9 @@ class Ring:
         sig = signature(collective, dtype.name, tuple(x.shape), op.value if reduces else "",
                         root=root if collective == "broadcast" else None,
                         algorithm=plan.tag, caller=caller)
-        if plan.algorithm == "mesh":
-            return self._mesh.prepare(sig, dtype, step_reducers(dtype, op, self.world_size))
+        if plan.algorithm.startswith("mesh"):
+            return self._mesh.prepare(sig, dtype, step_reducers(dtype, op, self.world_size),
+                                      streamed=plan.algorithm == "mesh-ring")
         kind = "split_all_reduce" if plan.algorithm == "compiled-split" else collective
         paired = collective == "all_reduce" and dtype.pair_storage is not None and \
             buf.size % 2 == 0
@@ -726,7 +729,7 @@ def connect(rank: int | None = None, world_size: int | None = None,
         RendezvousTimeout after `timeout`.
     settings: any of the ring's tunables, the fields of Settings (collective_timeout,
         segment_bytes, small_bytes, spin_us, direct_bytes, heartbeat_s, peer_timeout,
-        curve_key, shm_bytes, compiled_bytes, mesh_bytes, hierarchical, ifname, timeline,
+        curve_key, shm_bytes, compiled_bytes, mesh_bytes, mesh_ring, hierarchical, ifname, timeline,
         flight_dir, flight_kept), each defaulting to its `RINGLIB_*` variable; see
         Settings.
     """

@@ -63,6 +63,10 @@ class Settings:
         run over a plain TCP connection between every two ranks, driven by the calling
         thread (collectives/mesh_path.py); 0 turns it off (RINGLIB_MESH_BYTES, default
         collectives.MESH_BYTES, 64 KiB).
+    mesh_ring: where the mesh runs (see mesh_bytes), larger all-reduces stream round the
+        ring over it, driven by the calling thread, each piece reduced as it comes
+        (collectives/mesh_ring_allreduce.py); False sends them through ZeroMQ
+        (RINGLIB_MESH_RING, default 1).
     hierarchical: on rings of several hosts with the same number of ranks on each (by
         their addresses), all-reduces above small_bytes reduce within each host first,
         then across the hosts, each local rank carrying its slice, then gather within
@@ -101,6 +105,7 @@ class Settings:
         "RINGLIB_COMPILED_BYTES", collectives.COMPILED_BYTES))
     mesh_bytes: int = field(default_factory=lambda: _env_number(
         "RINGLIB_MESH_BYTES", collectives.MESH_BYTES))
+    mesh_ring: bool = field(default_factory=lambda: bool(_env_number("RINGLIB_MESH_RING", 1)))
     hierarchical: bool = field(default_factory=lambda: bool(_env_number(
         "RINGLIB_HIERARCHICAL", 1)))
     ifname: str | None = field(default_factory=lambda: os.environ.get("RINGLIB_IFNAME") or None)
@@ -126,8 +131,9 @@ class Settings:
                                   f"peer_timeout={self.peer_timeout}")
         if self.curve_key is not None and not isinstance(self.curve_key, (str, os.PathLike)):
             raise InvalidArgument(f"curve_key={self.curve_key!r} must be a path")
-        if not isinstance(self.hierarchical, bool):
-            raise InvalidArgument(f"hierarchical={self.hierarchical!r} must be True or False")
+        for name in ("mesh_ring", "hierarchical"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgument(f"{name}={getattr(self, name)!r} must be True or False")
         if self.ifname is not None and (not isinstance(self.ifname, str) or not self.ifname):
             raise InvalidArgument(f"ifname={self.ifname!r} must be an interface's name")
         for name in ("timeline", "flight_dir"):

@@ -211,7 +211,8 @@ def test_the_two_host_benchmark_compares_hierarchical_flat_and_gloo_and_counts_b
                  "--timeline", str(tmp_path / "tl"))
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()
             if line.split()[:1] and line.split()[0] in ("hierarchical", "flat", "gloo")}
-    assert [rows[s][1] for s in ("hierarchical", "flat")] == ["hierarchical", "ring"], done.stdout
+    assert [rows[s][1] for s in ("hierarchical", "flat")] == ["hierarchical", "mesh-ring"], \
+        done.stdout
     # 2 hosts of 2: the flat ring carries 1.5x S across, the hierarchical one S (its least)
     assert float(rows["hierarchical"][-2]) < float(rows["flat"][-2]), done.stdout
     assert all(re.fullmatch(r"[\d.]+|-", rows[s][-1]) for s in rows), done.stdout  # +mem MiB
@@ -220,7 +221,6 @@ def test_the_two_host_benchmark_compares_hierarchical_flat_and_gloo_and_counts_b
             events = json.loads((tmp_path / "tl" / system / f"trace-{rank}.json").read_text())
             names = {e["name"] for e in events["traceEvents"]}
             assert "ringlib:all_reduce" in names, (system, rank, names)
-            assert any(n.startswith("wait for rank") for n in names), (system, rank, names)
     hierarchical = json.loads((tmp_path / "tl" / "hierarchical" / "trace-0.json").read_text())
     waited = {e["name"] for e in hierarchical["traceEvents"] if e["name"].startswith("wait")}
     assert waited == {"wait for rank 1", "wait for rank 2"}, waited  # its host's, its slice's

@@ -11,7 +11,10 @@ collective waits with add_reader. Either way one thread runs it, start to end.
 
 A frame is [seq u64][signature hash u64][payload bytes u32] and the payload. Frames on a
 connection come in the order their collectives were numbered; one of an earlier
-collective (one that failed here) is skipped, one of a later collective kept for it.
+collective (one that failed here) is skipped, one of a later collective kept for it. A
+large all-reduce streams its frame's payload (collectives/mesh_ring_allreduce.py): the
+sender writes it piece by piece as pieces become ready (write()), the receiver reads it
+straight where it goes (header(), then read_into()), with no copy in between.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class Link:
         self._out: collections.deque[memoryview] = collections.deque()  # not taken yet
         self._in = bytearray()
         self._kept: dict[int, tuple[int, bytes]] = {}  # seq -> (hash, payload) come early
+        self._stream, self._unread = memoryview(b""), 0  # a streamed payload: read, to read
+        self._skip = 0  # bytes still to come of a streamed payload given up on
 
     def send(self, seq: int, sig_hash: int, payload: memoryview) -> None:
         """Write one frame, keeping what the socket does not take now (flush())."""
@@ -67,6 +72,88 @@ class Link:
             self._out.append(memoryview(b"".join(parts))[sent:])
         else:
             self._out.append(memoryview(b"".join(parts)))
+
+    def send_header(self, seq: int, sig_hash: int, nbytes: int) -> None:
+        """Begin a frame whose `nbytes` of payload follow by write()."""
+        self._out.append(memoryview(FRAME.pack(seq, sig_hash, nbytes)))
+        self.flush()
+
+    def write(self, data: memoryview) -> int:
+        """Write what the socket takes now of `data`, a streamed frame's payload, once all
+        kept before it is out; how many bytes it took."""
+        self.flush()
+        if self._out:
+            return 0
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            raise self._broken(exc) from None
+
+    def pad(self, nbytes: int) -> None:
+        """End a streamed payload that will not be written whole with `nbytes` zeros, so
+        that the frames after it are read as frames."""
+        if nbytes:
+            self._out.append(memoryview(bytes(nbytes)))
+            self.flush()
+
+    def abandon(self) -> None:
+        """Skip the rest of a streamed payload this rank stops reading."""
+        self._skip += self._unread
+        self._stream, self._unread = memoryview(b""), 0
+
+    def header(self, seq: int) -> tuple[int, int] | None:
+        """(hash, payload bytes) of the peer's frame of `seq` once its header is here, its
+        payload to be read with read_into(); None until then. PeerLost once the link
+        broke and all that came before is taken."""
+        self._kept = {s: frame for s, frame in self._kept.items() if s >= seq}
+        found = self._kept.pop(seq, None)
+        while found is None:
+            held = len(self._in)
+            if held >= FRAME.size:
+                theirs, sig_hash, nbytes = FRAME.unpack_from(self._in)
+                if theirs == seq:
+                    head = self._in[FRAME.size:FRAME.size + nbytes]
+                    self._stream, self._unread = memoryview(bytes(head)), nbytes - len(head)
+                    del self._in[:FRAME.size + len(head)]
+                    return sig_hash, nbytes
+                found = self._parse(seq)  # other collectives' frames, skipped or kept
+                if found is not None or len(self._in) < held:
+                    continue
+                broken = self._read()  # the rest of such a frame
+            elif self._skip:
+                broken = self._read()
+            else:  # no further than the header: the payload is read where it goes
+                broken = self._read(FRAME.size - held, once=True)
+            if len(self._in) == held:
+                if broken is not None:
+                    raise self._broken(broken)
+                return None
+        sig_hash, payload = found  # it came whole while an earlier collective read the link
+        self._stream, self._unread = memoryview(payload), 0
+        return sig_hash, len(payload)
+
+    def read_into(self, into: memoryview) -> int:
+        """Read what is here now of the streamed payload into `into`: how many bytes."""
+        if self._stream.nbytes:
+            n = min(self._stream.nbytes, into.nbytes)
+            into[:n] = self._stream[:n]
+            self._stream = self._stream[n:]
+            return n
+        want = min(into.nbytes, self._unread)
+        if not want:
+            return 0
+        try:
+            n = self.sock.recv_into(into, want)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            raise self._broken(exc) from None
+        if n == 0:
+            raise self._broken("it closed the connection")
+        self._unread -= n
+        return n
 
     @property
     def unsent(self) -> bool:
@@ -116,11 +203,12 @@ class Link:
                 self._kept[theirs] = (sig_hash, payload)
         return None
 
-    def _read(self) -> str | None:
-        """Read what the socket holds; why the link broke, if it did."""
+    def _read(self, most: int = READ_BYTES, once: bool = False) -> str | None:
+        """Read what the socket holds (only `most` bytes, with `once`); why the link
+        broke, if it did."""
         while True:
             try:
-                chunk = self.sock.recv(READ_BYTES)
+                chunk = self.sock.recv(most)
             except (BlockingIOError, InterruptedError):
                 return None
             except OSError as exc:
@@ -128,7 +216,11 @@ class Link:
             if not chunk:
                 return "it closed the connection"
             self._in += chunk
-            if len(chunk) < READ_BYTES:
+            if self._skip:
+                dropped = min(self._skip, len(self._in))
+                del self._in[:dropped]
+                self._skip -= dropped
+            if once or len(chunk) < most:
                 return None
 
     def _broken(self, why: Any) -> LinkBroken:
