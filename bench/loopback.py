@@ -218,8 +218,11 @@ def measure(plan: dict, hosts: bool) -> list[dict]:
 
 
 def _sockets(text: str) -> list[int]:
-    counts = [int(n) for n in text.split(",")]
-    if not counts or min(counts) < 1:
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give connection counts, as 1,2,4") from None
+    if min(counts) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: connection counts must be 1 or more")
     return counts
 
