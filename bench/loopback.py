@@ -40,7 +40,7 @@ from pathlib import Path
 
 from ringlib.runtime import processes
 
-from .timing import format_size, parse_size_list
+from .timing import format_size, parse_int_list, parse_size_list
 
 
 INLINE_BYTES = 64 << 10     # fits the socket buffer: send, then receive, in one thread
@@ -218,10 +218,7 @@ def measure(plan: dict, hosts: bool) -> list[dict]:
 
 
 def _sockets(text: str) -> list[int]:
-    try:
-        counts = [int(n) for n in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give connection counts, as 1,2,4") from None
+    counts = parse_int_list(text)
     if min(counts) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: connection counts must be 1 or more")
     return counts
