@@ -39,7 +39,7 @@ class RingStream:
 
     def __init__(self, mesh: Mesh, rank: int, world_size: int, buf: np.ndarray,
                  reducers: tuple[Reducer, Reducer], staging: np.ndarray,
-                 check: Callable[[int, int, int], None]) -> None:
+                 check: Callable[[int, int, bool], None]) -> None:
         n = world_size
         self.left_rank = (rank - 1) % n
         self.left, self.right = mesh.links[self.left_rank], mesh.links[(rank + 1) % n]
@@ -117,22 +117,22 @@ class RingStream:
                 self.got, moved = self.got + 1, True
                 continue
             reducer = self.reducers[self.got]
-            if reducer is None:
+            if reducer is None:  # all-gather: straight into place
                 n = self.left.read_into(self.bytes[a + self.got_in:b])
-            else:
+                if n == 0:
+                    return moved
+            else:  # reduce-scatter: a piece into staging, then reduced into place
                 want = min(self.staging.nbytes, b - a - self.got_in)
                 n = self.left.read_into(memoryview(self.staging)[self.filled:want])
+                if n == 0:
+                    return moved
                 self.filled += n
-                if self.filled == want:
-                    self._reduce(reducer, a + self.got_in, want)
-                    n, self.filled = want, 0
-                else:
-                    n = 0 if n == 0 else -1  # moved, but nothing is done yet
-            if n == 0:
-                return moved
-            moved = True
-            if n > 0:
-                self.got_in += n
+                if self.filled < want:
+                    moved = True
+                    continue
+                self._reduce(reducer, a + self.got_in, want)
+                n, self.filled = want, 0
+            moved, self.got_in = True, self.got_in + n
             if self.got_in == b - a:
                 self.got, self.got_in = self.got + 1, 0
         return moved
