@@ -16,12 +16,12 @@ from .ring_reduce_scatter import Reducer
 
 class AllToAll:
     """One rank's part of an all-to-all mesh collective over `buf` (a storage view);
-    `reducers` None: a barrier. `check(peer, sig_hash, sized)` raises where a peer's
-    frame is not the one this rank expects."""
+    `reducers` None: a barrier. `check(peer, sig_hash, nbytes, expected)` raises where a
+    peer's frame is not the one this rank expects."""
 
     def __init__(self, mesh: Mesh, rank: int, buf: np.ndarray,
                  reducers: tuple[Reducer, Reducer] | None,
-                 check: Callable[[int, int, bool], None]) -> None:
+                 check: Callable[[int, int, int, int], None]) -> None:
         self.links, self.rank, self.buf = mesh.links, rank, buf
         self.reducers, self.check = reducers, check
         self.got: dict[int, bytes] = {}
@@ -40,7 +40,7 @@ class AllToAll:
             if peer not in self.got:
                 frame = link.take(seq)
                 if frame is not None:
-                    self.check(peer, frame[0], len(frame[1]) == self.buf.nbytes)
+                    self.check(peer, frame[0], len(frame[1]), self.buf.nbytes)
                     self.got[peer] = frame[1]
         if len(self.got) < len(self.links) or any(link.unsent for link in self.links.values()):
             return False

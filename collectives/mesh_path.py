@@ -50,8 +50,8 @@ class Exchange(Protocol):
     def abandon(self) -> None: ...  # it failed: leave the links in step for the next one
 
 
-# exchange(buf, reducers, check): check(peer, sig_hash, sized) refuses a peer's frame
-MakeExchange = Callable[[np.ndarray, Any, Callable[[int, int, bool], None]], Exchange]
+# exchange(buf, reducers, check); check(peer, sig_hash, nbytes, expected) refuses a frame
+MakeExchange = Callable[[np.ndarray, Any, Callable[[int, int, int, int], None]], Exchange]
 
 
 class MeshPrepared(NamedTuple):
@@ -91,11 +91,11 @@ class MeshPath:
                             self._ring_stream if streamed else self._all_to_all)
 
     def _all_to_all(self, buf: np.ndarray, reducers: Any,
-                    check: Callable[[int, int, bool], None]) -> AllToAll:
+                    check: Callable[[int, int, int, int], None]) -> AllToAll:
         return AllToAll(self.mesh, self.endpoint.rank, buf, reducers, check)
 
     def _ring_stream(self, buf: np.ndarray, reducers: Any,
-                     check: Callable[[int, int, bool], None]) -> RingStream:
+                     check: Callable[[int, int, int, int], None]) -> RingStream:
         return RingStream(self.mesh, self.endpoint.rank, len(self.mesh.links) + 1, buf,
                           reducers, self._staging, check)
 
@@ -224,10 +224,10 @@ class MeshPending:
         """(link, to read, to write) of every link this collective waits on."""
         return self._exchange.waits()
 
-    def _check_frame(self, peer: int, sig_hash: int, sized: bool) -> None:
+    def _check_frame(self, peer: int, sig_hash: int, nbytes: int, expected: int) -> None:
         """Raise MismatchError (every rank told, as one whose frame is not all out yet
         leaves its peers waiting) where `peer` called another collective, ProtocolError
-        where its frame is not `sized` as this rank's."""
+        where its frame holds `nbytes` where this rank expects `expected`."""
         prepared, roster = self._prepared, self._path.endpoint.roster
         if sig_hash != prepared.sig_hash:
             exc = MismatchError(
@@ -237,9 +237,9 @@ class MeshPending:
                 (THREADS if "thread=" in prepared.sig else ""))
             self._path.later(tell_everyone, self._path.endpoint, self.seq, str(exc))
             raise exc
-        if not sized:
+        if nbytes != expected:
             raise ProtocolError(f"{prepared.name} #{self.seq} on {roster.me}: {roster.name(peer)} "
-                                f"sent a frame of another size than {self._buf.nbytes} bytes")
+                                f"sent {nbytes} bytes where {expected} were expected")
 
     def _fail(self, exc: BaseException) -> None:
         """The collective failed with `exc`. A mesh link that broke loses its peer to the

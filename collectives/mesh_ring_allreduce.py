@@ -34,12 +34,12 @@ PIECE_BYTES = 256 << 10  # a reduction's share of a received chunk: it stays in 
 
 class RingStream:
     """One rank's part of a streamed ring all-reduce over `mesh`, of `buf` (a storage
-    view) in place. `check(peer, sig_hash, sized)` raises where the left peer's frame is
-    not the one this rank expects (another signature, or not of this size)."""
+    view) in place. `check(peer, sig_hash, nbytes, expected)` raises where the left peer's
+    frame is not the one this rank expects (another signature, or not `expected` bytes)."""
 
     def __init__(self, mesh: Mesh, rank: int, world_size: int, buf: np.ndarray,
                  reducers: tuple[Reducer, Reducer], staging: np.ndarray,
-                 check: Callable[[int, int, bool], None]) -> None:
+                 check: Callable[[int, int, int, int], None]) -> None:
         n = world_size
         self.left_rank = (rank - 1) % n
         self.left, self.right = mesh.links[self.left_rank], mesh.links[(rank + 1) % n]
@@ -109,7 +109,7 @@ class RingStream:
             if frame is None:
                 return False
             self.heard = True  # its payload is this rank's to read, or to skip (abandon())
-            self.check(self.left_rank, frame[0], frame[1] == self.incoming)
+            self.check(self.left_rank, frame[0], frame[1], self.incoming)
         moved = False
         while self.got < len(self.receives):
             a, b = self.receives[self.got]
