@@ -83,7 +83,8 @@ class ZeroCopySender:
 
     def _reap(self) -> None:
         try:
-            _, ancillary, _, _ = self.sock.recvmsg(0, 256, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+            flags = socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT
+            _, ancillary, _, _ = self.sock.recvmsg(0, 256, flags)
         except BlockingIOError:
             poller = select.poll()
             poller.register(self.sock, 0)  # the error queue wakes it as POLLERR

@@ -4,7 +4,8 @@ Each stage is the run of the model's nodes from one split point to the next, ext
 as onnx.utils.Extractor would (_Extractor says why not with it). A stage's inputs are
 the values that cross the cut before it (cuts.py) and its outputs those that cross the
 cut after it, in the same order and under the same names, so OnnxStage(stage k)'s
-output tuple is OnnxStage(stage k+1)'s input tuple. The first stage takes the model's inputs and the last returns its outputs.
+output tuple is OnnxStage(stage k+1)'s input tuple. The first stage takes the model's
+inputs and the last returns its outputs.
 Values made from constants alone (weights, Constant nodes) cross no cut: the extractor
 copies the nodes that make them into every stage that uses them. What the bodies of If,
 Loop and Scan nodes read from the graph around them counts as an input of their node,
