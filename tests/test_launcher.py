@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -16,6 +18,8 @@ from leftovers import assert_none_left, tagged_env
 from netns import ip, veth
 from ringlib import RendezvousError
 from ringlib.runtime.hosts import Host, parse_hosts, read_hostfile, seat
+from ringlib.transport import addresses
+from ringlib.transport.addresses import free_tcp_ports
 from ringlib.transport.security import generate
 
 pytestmark = pytest.mark.timeout(120)
@@ -147,6 +151,17 @@ def test_two_launchers_at_once_pick_different_ports(tmp_path):
         out, err = run.communicate(timeout=90)
         assert run.returncode == 0, err
         assert out.count(" sum 6 ") == 3
+
+
+def test_free_ports_for_local_peers_lie_below_the_ports_the_kernel_hands_out():
+    """A peer binds its port a second after it was picked: one from the ephemeral range may
+    meanwhile be any connect()'s source port (CI once lost a run so)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = free_tcp_ports(8)
+    assert len(set(ports)) == 8 and all(addresses.EXPLICIT_PORTS <= p < low for p in ports)
+    with contextlib.ExitStack() as stack:
+        for port in ports:
+            stack.enter_context(socket.create_server(("127.0.0.1", port)))
 
 
 def test_nothing_to_launch_or_too_few_slots_is_a_clear_error(tmp_path):

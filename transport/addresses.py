@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import random
 import re
 import socket
 
 from ringlib.errors import RendezvousError
 
 SCHEMES = ("tcp", "ipc", "inproc")
+# Ports from here up to the ephemeral range are given out by free_tcp_ports (below are
+# services' customary ones; Ray's workers take 10002-19999).
+EXPLICIT_PORTS = 20000
 
 
 def check(address: str, bind: bool = False) -> str:
@@ -73,12 +77,31 @@ def route_to(host: str) -> str:
 
 
 def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct ports that the kernel just handed out as free on `host`."""
+    """`count` distinct ports free on `host` now, drawn from below the kernel's ephemeral
+    range where it leaves room: a port that bind(0) hands out can go to anyone's connect()
+    or bind(0) before its peer binds it; one from below the range only to an explicit bind."""
+    low = _ephemeral_low()
+    pool = random.sample(range(EXPLICIT_PORTS, low), k=min(low - EXPLICIT_PORTS, 64 * count)) \
+        if low - EXPLICIT_PORTS >= 1000 else []
     with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for probe in probes:
-            probe.bind((host, 0))
-        return [probe.getsockname()[1] for probe in probes]
+        ports: list[int] = []
+        for port in [*pool, *[0] * count]:
+            probe = stack.enter_context(socket.socket())
+            with contextlib.suppress(OSError):
+                probe.bind((host, port))
+                ports.append(probe.getsockname()[1])
+                if len(ports) == count:
+                    return ports
+        raise RendezvousError(f"no {count} free tcp ports on {host}")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel picks for bind(0) and connect() (Linux; else IANA's)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
 
 
 def local_addresses(count: int, transport: str, directory: str) -> list[str]:
