@@ -130,8 +130,11 @@ def assert_ctrl_c_ends_it_at_once(tmp_path: Path, script: str, waiting: Callable
     from ringlib.runtime import processes
 
     tag, env = tagged_env(tmp_path / "tmp", **env)
-    proc = processes.start([sys.executable, "-c", script], env, stderr=subprocess.PIPE,
-                           text=True)
+    # as from a terminal, whatever this process inherited (a shell's background job
+    # ignores SIGINT, and its children with it)
+    interruptible = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    proc = processes.start([sys.executable, "-c", interruptible + script], env,
+                           stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not waiting() and time.monotonic() < deadline:
