@@ -201,7 +201,9 @@ def in_place(finished: list, log: str) -> list[bool]:
 
 
 @pytest.mark.parametrize("ranks,link,env", [
-    (2, "shared", {}), (3, "shared", {}), (3, "tcp", {"RINGLIB_SHM_BYTES": "0"}),
+    # 3 torch stages (make test-long): the ONNX ones below have torch stages beside theirs
+    (2, "shared", {}), pytest.param(3, "shared", {}, marks=pytest.mark.long),
+    pytest.param(3, "tcp", {"RINGLIB_SHM_BYTES": "0"}, marks=pytest.mark.long),
     # a ring of 256 KiB holds 16 micro-batches: one never released would fill it
     (3, "small ring", {"RINGLIB_SHM_BYTES": str(256 << 10)}),
     (3, "shared, rank 1 ONNX", {}), (3, "tcp, rank 1 ONNX", {"RINGLIB_SHM_BYTES": "0"})])

@@ -1,5 +1,5 @@
 """Rings of real processes over real sockets: every op and dtype against a float64
-reference, world sizes 1 to 5, tcp and ipc, numpy and torch, the blocking facade, and
+reference, world sizes 1 to 4 (and 5: make test-long), tcp and ipc, numpy and torch, the blocking facade, and
 the environment conventions of torchrun, mpirun and srun."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from ringlib.transport.addresses import free_tcp_ports
 from ringlib.runtime.environment import JOB_PORTS
 
 pytestmark = pytest.mark.timeout(300)
+LONG = pytest.mark.long
 
 # Pieces of 8 KiB and the small-message algorithms only up to 256 B, so that the ipc runs
 # take the pipelined multi-piece ring path even on the grid's small sizes; and no polling
@@ -26,13 +27,14 @@ SHRUNK = {"RINGLIB_SEGMENT_BYTES": "8192", "RINGLIB_SMALL_BYTES": "256", "RINGLI
 MESSAGES = {**SHRUNK, "RINGLIB_COMPILED_BYTES": "0"}
 
 
-# Every world size from 2 to 5 on every path: compiled over the shared arena (tcp), with
-# messages (ipc, whose small pieces take the pipelined ring), and over the mesh where shared
-# memory is off (the small sizes all to all, the rest streamed round the ring); 1 has no
-# sockets at all.
-@pytest.mark.parametrize("transport, world", [("tcp", 1), ("tcp", 2), ("tcp", 3), ("tcp", 4),
-                                              ("tcp", 5), ("ipc", 2), ("ipc", 3), ("ipc", 4),
-                                              ("ipc", 5), ("mesh", 2), ("mesh", 3)])
+# Every world size from 2 to 4 on every path (5 too: make test-long): compiled over the
+# shared arena (tcp), with messages (ipc, whose small pieces take the pipelined ring), and
+# over the mesh where shared memory is off (the small sizes all to all, the rest streamed
+# round the ring); 1 has no sockets at all.
+@pytest.mark.parametrize("transport, world", [
+    ("tcp", 1), ("tcp", 2), ("tcp", 3), ("tcp", 4), pytest.param("tcp", 5, marks=LONG),
+    ("ipc", 2), ("ipc", 3), ("ipc", 4), pytest.param("ipc", 5, marks=LONG),
+    ("mesh", 2), ("mesh", 3)])
 def test_every_op_and_dtype_matches_a_float64_reference(world, transport, seed):
     extra = {"ipc": MESSAGES, "mesh": {"RINGLIB_SHM_BYTES": "0"}}.get(transport, {})
     finished = run_ring("all", world, "tcp" if transport == "mesh" else transport, seed,
@@ -43,7 +45,8 @@ def test_every_op_and_dtype_matches_a_float64_reference(world, transport, seed):
             [f.stdout for f in finished]
 
 
-@pytest.mark.parametrize("world, hosts, scenario", [(4, 2, "grid"), (6, 3, "quick")])
+@pytest.mark.parametrize("world, hosts, scenario", [(4, 2, "grid"),
+                                                    pytest.param(6, 3, "quick", marks=LONG)])
 def test_several_hosts_of_several_ranks_take_the_hierarchical_all_reduce(world, hosts,
                                                                         scenario, seed):
     """Ranks whose table puts them on `hosts` hosts, as many on each, reduce within each
