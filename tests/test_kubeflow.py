@@ -89,7 +89,8 @@ def run_pods(names: list[str], *flags: str) -> list[subprocess.CompletedProcess]
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("flags", [["--backend", "ringlib"], []],
+@pytest.mark.parametrize("flags", [["--backend", "ringlib"],
+                                   pytest.param([], marks=pytest.mark.long)],
                          ids=["ddp-on-the-ringlib-backend", "ringlib-init"])
 def test_a_pytorchjob_trains_with_the_master_known_only_by_name(pods, flags):
     with pytest.raises(OSError):

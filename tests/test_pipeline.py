@@ -261,6 +261,7 @@ def run_survivors(mode: str) -> tuple[list, str]:
     return finished, log
 
 
+@pytest.mark.long  # the abandon test below ends the same way, and so does the example's
 def test_a_stage_killed_mid_run_is_re_split_over_the_survivors_and_run_completes():
     finished, log = run_survivors("survive")
     assert "outputs equal; world 3, generation 1" in finished[0].stdout, log

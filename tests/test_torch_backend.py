@@ -58,14 +58,16 @@ def test_dist_call(tmp_path_factory, world, name):
     assert_ok(results, name, seed, output, range(world))
 
 
+# DDP on 2 ranks (one torchrun for both tests): make test-long; tests/test_examples.py
+# trains with DDP on 2 ranks under torchrun
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.long), 3])
 def test_unmodified_ddp_trains_like_one_process(tmp_path_factory, world, variant):
     seed, results, output = recorded(tmp_path_factory, "torch_train_peer.py", ["ddp"], world)
     assert_ok(results, variant, seed, output, range(world))
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.long), 3])
 def test_gradient_averager_on_a_ringlib_group_trains_like_one_process(tmp_path_factory, world):
     seed, results, output = recorded(tmp_path_factory, "torch_train_peer.py", ["ddp"], world)
     assert_ok(results, AVERAGER, seed, output, range(world))

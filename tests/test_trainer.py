@@ -35,9 +35,11 @@ def assert_identical_across_ranks(per_rank: list[list[torch.Tensor]]) -> None:
             assert torch.equal(a, b), f"rank {rank} differs from rank 0"
 
 
-# 2 ranks train in the compressed tests below; here too with make test-long
-@pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.long), 3])
-@pytest.mark.parametrize("mode", ["plain", "accumulate"])
+# 2 ranks train in the compressed tests below (plain steps, compressed); the rest with
+# make test-long
+@pytest.mark.parametrize("world, mode", [
+    (3, "accumulate"), *(pytest.param(w, m, marks=pytest.mark.long)
+                         for w, m in ((2, "plain"), (2, "accumulate"), (3, "plain")))])
 def test_shards_on_peers_train_like_one_process_on_the_whole_batch(tmp_path, world, mode, seed):
     per_rank = train(tmp_path, world, mode, seed)
     assert_identical_across_ranks(per_rank)

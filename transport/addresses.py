@@ -81,7 +81,9 @@ def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     range where it leaves room: a port that bind(0) hands out can go to anyone's connect()
     or bind(0) before its peer binds it; one from below the range only to an explicit bind."""
     low = _ephemeral_low()
-    pool = random.sample(range(EXPLICIT_PORTS, low), k=min(low - EXPLICIT_PORTS, 64 * count)) \
+    # the system's randomness: a process that seeded `random` must not draw the same ports
+    pool = random.SystemRandom().sample(range(EXPLICIT_PORTS, low),
+                                        k=min(low - EXPLICIT_PORTS, 64 * count)) \
         if low - EXPLICIT_PORTS >= 1000 else []
     with contextlib.ExitStack() as stack:
         ports: list[int] = []
