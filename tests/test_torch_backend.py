@@ -1,6 +1,7 @@
-"""ringlib as a torch.distributed backend, under a real torchrun: every dist.* call on 2
-and 3 ranks against a float64 reference (sync and async_op, every dtype), subgroups,
-unmodified DDP in each of its modes, FSDP2, and a rank SIGKILLed mid-backward.
+"""ringlib as a torch.distributed backend, under a real torchrun: every dist.* call on 3
+ranks (and 2: make test-long) against a float64 reference (sync and async_op, every
+dtype), subgroups, unmodified DDP in each of its modes, FSDP2, and a rank SIGKILLed
+mid-backward.
 
 Each run of torchrun does many checks (starting torch in every rank costs seconds); the
 tests below read what each rank recorded for theirs.
@@ -52,7 +53,7 @@ def assert_ok(results: dict[int, dict], name: str, seed: int, output: str,
 
 
 @pytest.mark.parametrize("name", check_names())
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.long), 3])
 def test_dist_call(tmp_path_factory, world, name):
     seed, results, output = recorded(tmp_path_factory, "torch_ops_peer.py", [], world)
     assert_ok(results, name, seed, output, range(world))
