@@ -167,7 +167,7 @@ def test_bench_help_lists_every_benchmark_and_each_shows_its_own_options(tmp_pat
     assert listing.returncode == 0, listing.stderr
     # every benchmark's -h in one process (a process each costs the suite seconds), each
     # through the CLI's own main, its output cut apart by a marker line
-    helps = ("import contextlib, sys\nfrom ringlib.cli import main\n"
+    helps = ("import contextlib\nfrom ringlib.cli import main\n"
              f"for name in {list(BENCHMARKS)!r}:\n"
              "    print('=== ' + name, flush=True)\n"
              "    with contextlib.suppress(SystemExit):\n"
